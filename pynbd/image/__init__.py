@@ -1,0 +1,53 @@
+"""Image drivers behind one interface (see :mod:`pynbd.image.base`).
+
+:func:`open_image` probes the format (unless told) and returns an
+:class:`~pynbd.image.base.Image`. Drivers register themselves in
+:data:`DRIVERS`; the probe order is the order of :data:`PROBES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pynbd.image.base import Image, ImageError
+from pynbd.image.raw import RawImage
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+#: format name -> opener(path, read_only) -> Image
+DRIVERS: dict[str, Callable[[str, bool], Image]] = {
+    "raw": RawImage,
+}
+
+
+def _register_optional_drivers() -> None:
+    try:
+        from pynbd.image.qcow2 import open_qcow2
+    except ImportError:  # qcow2 driver not built in this tree yet
+        return
+    DRIVERS["qcow2"] = open_qcow2
+
+
+_register_optional_drivers()
+
+
+def probe_format(path: str) -> str:
+    """Guess an image's format from its first bytes, as qemu-img does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open: {exc.strerror}") from None
+    if head == QCOW2_MAGIC:
+        return "qcow2"
+    return "raw"
+
+
+def open_image(path: str, fmt: str | None = None, read_only: bool = False) -> Image:
+    """Open ``path`` as ``fmt`` (probed when None); raises ImageError."""
+    fmt = fmt or probe_format(path)
+    try:
+        opener = DRIVERS[fmt]
+    except KeyError:
+        raise ImageError(f"{path}: unsupported image format {fmt!r}") from None
+    return opener(path, read_only)

@@ -1,0 +1,230 @@
+"""The one small interface every image driver implements.
+
+The server never knows whether it serves a raw file, a qcow2 image or a backing
+chain: it asks an :class:`Image` for its size, for the *segments* a guest range
+reads from (so that data that sits 1:1 in a host file can go out with
+sendfile), for allocation extents, and for its persistent dirty bitmaps.
+
+Drivers raise :class:`ImageError` (with the image path and the offending field
+or offset in the message) for anything wrong with the image itself.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+
+class ImageError(Exception):
+    """A problem with an image file: unreadable, malformed, unsupported.
+
+    The message always names the file and, where it applies, the field or the
+    offset that is wrong, so that it can be shown to a user as one line.
+    """
+
+
+class FastZeroUnsupported(ImageError):
+    """WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO cannot be done fast; nothing was changed."""
+
+
+class ImageIOError(ImageError):
+    """An I/O error while serving one request; maps to NBD_EIO."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+# --- read segments -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HostSegment:
+    """``length`` guest bytes stored contiguously in ``fd`` at ``host_offset``.
+
+    The file descriptor belongs to the image; callers must not close it. This
+    is what the zero-copy path hands to ``os.sendfile``. ``file_size`` lets
+    the caller notice that a host file is shorter than the segment (then the
+    tail reads as zeros, as the image driver already guarantees for pread).
+    """
+
+    length: int
+    fd: int
+    host_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroSegment:
+    """``length`` guest bytes that read as zeros (hole, zero cluster, past a short backing file)."""
+
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class BytesSegment:
+    """``length`` guest bytes the driver had to produce in memory (compressed cluster, ...)."""
+
+    data: bytes | memoryview
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+
+ReadSegment = HostSegment | ZeroSegment | BytesSegment
+
+
+# --- allocation extents --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of guest bytes with one allocation state.
+
+    ``data``: backed by allocated data somewhere in the chain (clear means
+    NBD_STATE_HOLE in ``base:allocation``). ``zero``: reads as zeros
+    (NBD_STATE_ZERO). ``depth``: the ``qemu:allocation-depth`` value, 0 when
+    no layer allocates the range, 1 for the top image, N for the (N-1)-th
+    backing file (nbd-protocol.md §5.5).
+    """
+
+    offset: int
+    length: int
+    data: bool
+    zero: bool
+    depth: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+# --- dirty bitmaps -----------------------------------------------------------------
+
+
+class Bitmap(abc.ABC):
+    """A persistent dirty bitmap, exported as ``qemu:dirty-bitmap:NAME``."""
+
+    name: str
+    granularity: int
+
+    @abc.abstractmethod
+    def dirty_runs(self, offset: int, length: int) -> Iterator[tuple[int, bool]]:
+        """Yield ``(run_length, dirty)`` covering exactly ``[offset, offset+length)``.
+
+        Runs are contiguous from ``offset``; neighbouring runs may share a
+        state (callers merge).
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapInfo:
+    """What ``pynbd bitmap --list`` shows for one bitmap in an image file."""
+
+    name: str
+    granularity: int
+    enabled: bool
+    in_use: bool
+    consistent: bool
+    dirty_bytes: int | None  # None when the bitmap could not be read
+
+
+# --- the image ---------------------------------------------------------------------
+
+
+class Image(abc.ABC):
+    """An opened image. One object per export, shared by all its connections."""
+
+    #: Path of the image, for messages.
+    path: str
+    #: Virtual size in bytes.
+    size: int
+    #: True when the image was opened read-only (or the driver cannot write).
+    read_only: bool
+    #: Short driver name ("raw", "qcow2"), for logs and ``nbdinfo`` descriptions.
+    format_name: str
+
+    # -- reading --
+
+    @abc.abstractmethod
+    def read_segments(self, offset: int, length: int) -> Sequence[ReadSegment]:
+        """Describe how to produce guest bytes ``[offset, offset+length)``.
+
+        The segments are in guest order and their lengths add up to
+        ``length``. The caller validated the range against :attr:`size`.
+        """
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read guest bytes into memory (the copy path, and tests)."""
+        out = bytearray(length)
+        view = memoryview(out)
+        pos = 0
+        for seg in self.read_segments(offset, length):
+            n = seg.length
+            if isinstance(seg, HostSegment):
+                got = os.preadv(seg.fd, [view[pos:pos + n]], seg.host_offset)
+                # A host file shorter than the mapping reads as zeros (bytearray
+                # is zero-filled already); qemu does the same for raw files.
+                del got
+            elif isinstance(seg, BytesSegment):
+                view[pos:pos + n] = seg.data
+            pos += n
+        return bytes(out)
+
+    # -- allocation --
+
+    @abc.abstractmethod
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        """Yield extents covering ``[offset, offset+length)`` (or a prefix of it).
+
+        Extents are contiguous starting at ``offset``. A driver may stop early
+        (e.g. after many extents); callers re-query from where it stopped.
+        Neighbouring extents may be equal (callers merge per context).
+        """
+
+    # -- bitmaps --
+
+    def bitmaps(self) -> Mapping[str, Bitmap]:
+        """The persistent dirty bitmaps of the top image that may be exported."""
+        return {}
+
+    def bitmap_infos(self) -> Sequence[BitmapInfo]:
+        """Every bitmap in the top image, including ones that cannot be exported."""
+        return ()
+
+    # -- writing (drivers that cannot write raise ImageError) --
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        raise ImageError(f"{self.path}: {self.format_name} image is read-only in pynbd")
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
+        """Make the range read as zeros; ``may_trim`` allows punching holes.
+
+        With ``fast`` the driver raises :class:`FastZeroUnsupported` *before
+        touching anything* when it cannot do better than writing zeros.
+        """
+        raise ImageError(f"{self.path}: {self.format_name} image is read-only in pynbd")
+
+    def trim(self, offset: int, length: int) -> None:
+        raise ImageError(f"{self.path}: {self.format_name} image is read-only in pynbd")
+
+    def flush(self) -> None:
+        """Make completed writes durable. A no-op for read-only images."""
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch hint (NBD_CMD_CACHE); never changes semantics."""
+
+    #: WRITE_ZEROES can be done faster than writing zeros (NBD FAST_ZERO).
+    fast_zero: bool = False
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush (if writable) and release file descriptors."""
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
