@@ -1,0 +1,235 @@
+"""The ``pynbd`` command line: parses arguments, builds exports, starts the server.
+
+Every user error (bad option, missing image, busy port) is one line on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from pynbd import __version__
+from pynbd.image import open_image
+from pynbd.image.base import ImageError
+from pynbd.protocol.constants import DEFAULT_PORT
+from pynbd.server.connection import ConnectionSettings
+from pynbd.server.exports import ExportConfig, open_exports
+from pynbd.server.server import ListenAddress, ListenError, NbdServer, listen, systemd_sockets
+
+log = logging.getLogger("pynbd")
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# --- serve -------------------------------------------------------------------------
+
+
+def _export_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"--export wants NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve", help="serve images over NBD",
+        description="Serve one or more images over NBD. Stops cleanly on SIGTERM/SIGINT.",
+    )
+    p.add_argument("image", nargs="?", help="image to serve (raw or qcow2, probed)")
+    p.add_argument("-x", "--name", default="", help='export name (default "", as qemu-nbd)')
+    p.add_argument("-D", "--description", default="", help="export description shown by nbdinfo")
+    p.add_argument("--export", action="append", type=_export_spec, default=[], metavar="NAME=PATH",
+                   help="serve PATH as export NAME; repeatable, for several exports in one process")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket")
+    where.add_argument("-b", "--bind", metavar="HOST", default=None, help="TCP address (default 127.0.0.1)")
+    p.add_argument("-p", "--port", type=int, default=None, help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    p.add_argument("-f", "--format", choices=["raw", "qcow2"], help="image format (default: probe)")
+    p.add_argument("-B", "--bitmap", action="append", metavar="NAME",
+                   help="export only these persistent bitmaps (default: all valid ones)")
+    p.add_argument("-e", "--shared", type=int, default=0, metavar="N",
+                   help="at most N simultaneous connections (0 = unlimited, the default)")
+    p.add_argument("--handshake-timeout", type=_positive_float, default=10.0, metavar="S",
+                   help="drop clients that do not finish the handshake in S seconds (default 10)")
+    p.add_argument("--loop", choices=["uvloop", "asyncio"], default=None,
+                   help="event loop (default uvloop when installed)")
+    p.add_argument("--zero-copy", choices=["auto", "on", "off"], default="auto",
+                   help="send READ data with sendfile (on), by copying (off), or as measured best (auto)")
+    p.add_argument("--max-requests", type=int, default=32, metavar="N",
+                   help="requests in flight per connection before reading stops (default 32)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for protocol detail)")
+    p.set_defaults(func=cmd_serve)
+
+
+def export_configs(args: argparse.Namespace) -> list[ExportConfig]:
+    bitmaps = tuple(args.bitmap) if args.bitmap else None
+    configs = []
+    if args.image:
+        configs.append(ExportConfig(args.name, args.image, args.description, args.read_only,
+                                    args.format, bitmaps))
+    for name, path in args.export:
+        configs.append(ExportConfig(name, path, "", args.read_only, args.format, bitmaps))
+    if not configs:
+        raise UsageError("nothing to serve: give an IMAGE or --export NAME=PATH")
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"export names must be unique, got {names}")
+    return configs
+
+
+def listen_sockets(args: argparse.Namespace) -> list:
+    activated = systemd_sockets()
+    if activated:
+        return activated
+    if args.socket:
+        if args.port is not None:
+            raise UsageError("--port does not go with --socket")
+        return [listen(ListenAddress(unix_path=args.socket))]
+    port = DEFAULT_PORT if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port} is out of range")
+    return [listen(ListenAddress(host=args.bind or "127.0.0.1", port=port))]
+
+
+def event_loop_factory(choice: str | None) -> Callable[[], asyncio.AbstractEventLoop]:
+    if choice in (None, "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise UsageError("--loop uvloop: uvloop is not installed") from None
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    configs = export_configs(args)
+    factory = event_loop_factory(args.loop)
+    exports = open_exports(configs)
+    try:
+        sockets = listen_sockets(args)
+        settings = ConnectionSettings(
+            handshake_timeout=args.handshake_timeout,
+            zero_copy={"on": True, "off": False, "auto": None}[args.zero_copy],
+            max_requests=max(1, args.max_requests),
+        )
+
+        async def main() -> None:
+            server = NbdServer(exports, sockets, settings, max_connections=args.shared)
+            await server.serve()
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            log.info("pynbd %s on %s", __version__, type(runner.get_loop()).__module__.split(".")[0])
+            runner.run(main())
+    finally:
+        for export in exports:
+            export.close()
+    log.info("stopped")
+    return 0
+
+
+# --- offline tools --------------------------------------------------------------------
+
+
+def add_map_parser(sub: Any) -> None:
+    p = sub.add_parser("map", help="print an image's allocation map, like qemu-img map")
+    p.add_argument("image")
+    p.add_argument("-f", "--format", choices=["raw", "qcow2"])
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.set_defaults(func=cmd_map)
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from pynbd.image.mapping import format_map_human, image_map
+
+    with open_image(args.image, args.format, read_only=True) as image:
+        records = image_map(image)
+    if args.output == "json":
+        print(json.dumps(records, indent=None))
+    else:
+        print(format_map_human(records, args.image), end="")
+    return 0
+
+
+def add_bitmap_parser(sub: Any) -> None:
+    p = sub.add_parser("bitmap", help="inspect an image's persistent dirty bitmaps")
+    p.add_argument("image")
+    p.add_argument("--list", action="store_true", default=True, help="list bitmaps (the default)")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.set_defaults(func=cmd_bitmap)
+
+
+def cmd_bitmap(args: argparse.Namespace) -> int:
+    from pynbd.image.mapping import format_bitmap_list
+
+    with open_image(args.image, None, read_only=True) as image:
+        infos = list(image.bitmap_infos())
+    if args.output == "json":
+        print(json.dumps([info.__dict__ if hasattr(info, "__dict__") else _slots_dict(info)
+                          for info in infos], indent=2))
+    else:
+        print(format_bitmap_list(infos), end="")
+    return 0
+
+
+def _slots_dict(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__slots__}
+
+
+# --- entry point ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="pynbd", description="An NBD server for raw and qcow2 images.")
+    parser.add_argument("--version", action="version", version=f"pynbd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    add_serve_parser(sub)
+    add_map_parser(sub)
+    add_bitmap_parser(sub)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.DEBUG if verbosity > 0 else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbosity < 2:
+        logging.getLogger("pynbd.protocol").setLevel(max(level, logging.INFO))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", 0))
+    try:
+        return args.func(args)
+    except (UsageError, ImageError, ListenError) as exc:
+        print(f"pynbd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,162 @@
+"""Transmission phase, pure parts: request validation and block-status descriptors.
+
+The I/O layer reads a 28-byte header, unpacks it with :class:`wire.Request`,
+reads a WRITE payload when there is one (always, before rejecting, so the
+stream stays in step: nbd-protocol.md §3.4 step 4), then asks
+:meth:`TransmissionState.validate` whether to serve it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from pynbd.protocol.constants import (
+    MAX_EXTENTS_PER_CHUNK,
+    MAX_PAYLOAD,
+    REQUEST_MAGIC,
+    Command,
+    CommandFlag,
+    Error,
+    TransmissionFlag,
+)
+from pynbd.protocol.handshake import ExportDescription, HandshakeComplete
+from pynbd.protocol.wire import Request
+
+#: Flags each command accepts (§0 command flags table); anything else is EINVAL.
+ALLOWED_FLAGS: dict[int, int] = {
+    Command.READ: CommandFlag.FUA | CommandFlag.DF,
+    Command.WRITE: CommandFlag.FUA,
+    Command.DISC: 0xFFFF,  # qemu ignores flags on DISC
+    Command.FLUSH: CommandFlag.FUA,
+    Command.TRIM: CommandFlag.FUA,
+    Command.CACHE: CommandFlag.FUA,
+    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+    Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
+}
+
+#: Commands that change the image: EPERM on a read-only export (§3.4 step 5).
+WRITING_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+#: Commands whose range past EOF means "no space" rather than "invalid" (§3.4 step 6).
+ENOSPC_COMMANDS = frozenset({Command.WRITE, Command.WRITE_ZEROES})
+#: Commands gated by a transmission flag (§0 commands table).
+GATING_FLAG: dict[int, int] = {
+    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Command.TRIM: TransmissionFlag.SEND_TRIM,
+    Command.CACHE: TransmissionFlag.SEND_CACHE,
+    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+}
+
+#: Largest descriptor length in compact mode, kept 512-aligned.
+MAX_DESCRIPTOR_LENGTH = 0xFFFFFE00
+
+
+class RequestError(Exception):
+    """A request the server answers with an error value (the connection stays)."""
+
+    def __init__(self, error: Error, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
+class ProtocolViolation(Exception):
+    """A request after which the stream cannot be trusted: hard disconnect (§3.4 step 1)."""
+
+
+@dataclass(slots=True)
+class TransmissionState:
+    """What one connection negotiated, and the rules that follow from it."""
+
+    export: ExportDescription
+    structured: bool
+    contexts: Mapping[int, str]
+    flags: int
+
+    @classmethod
+    def from_handshake(cls, done: HandshakeComplete) -> "TransmissionState":
+        return cls(export=done.export, structured=done.structured, contexts=done.contexts, flags=done.flags)
+
+    @staticmethod
+    def check_magic(request: Request) -> None:
+        if request.magic != REQUEST_MAGIC:
+            raise ProtocolViolation(f"bad request magic {request.magic:#x}")
+
+    @staticmethod
+    def write_payload_length(request: Request) -> int:
+        """Bytes of payload that follow this header on the wire (WRITE only in compact mode)."""
+        return request.length if request.type == Command.WRITE else 0
+
+    def validate(self, request: Request) -> None:
+        """Raise RequestError if the request must be refused (§3.4, in its order)."""
+        command = request.type
+        if command not in ALLOWED_FLAGS:
+            raise RequestError(Error.EINVAL, f"unsupported command {command}")
+        if command in (Command.READ, Command.WRITE) and request.length > MAX_PAYLOAD:
+            raise RequestError(Error.EINVAL, f"request length {request.length} exceeds the maximum "
+                                             f"payload {MAX_PAYLOAD}")
+        if command in WRITING_COMMANDS and self.flags & TransmissionFlag.READ_ONLY:
+            raise RequestError(Error.EPERM, "export is read-only")
+        size = self.export.size
+        if command not in (Command.FLUSH, Command.DISC):
+            if request.offset > size or request.length > size - request.offset:
+                error = Error.ENOSPC if command in ENOSPC_COMMANDS else Error.EINVAL
+                raise RequestError(error, f"operation past EOF; From: {request.offset}, "
+                                          f"Len: {request.length}, Size: {size}")
+        bad_flags = request.flags & ~ALLOWED_FLAGS[command]
+        if bad_flags:
+            raise RequestError(Error.EINVAL, f"invalid flags {bad_flags:#x} for command {Command(command).name}")
+        if request.flags & CommandFlag.DF and not self.flags & TransmissionFlag.SEND_DF:
+            raise RequestError(Error.EINVAL, "DF flag needs structured replies")
+        if request.flags & CommandFlag.FAST_ZERO and not self.flags & TransmissionFlag.SEND_FAST_ZERO:
+            raise RequestError(Error.EINVAL, "FAST_ZERO flag not negotiated")
+        gate = GATING_FLAG.get(command)
+        if gate is not None and not self.flags & gate:
+            raise RequestError(Error.EINVAL, f"command {Command(command).name} not negotiated")
+        if command == Command.BLOCK_STATUS:
+            if not self.structured or not self.contexts:
+                raise RequestError(Error.EINVAL, "CMD_BLOCK_STATUS not negotiated")
+            if request.length == 0:
+                raise RequestError(Error.EINVAL, "need non-zero length")
+
+
+def build_descriptors(runs: Iterable[tuple[int, int]], length: int, req_one: bool,
+                      max_count: int = MAX_EXTENTS_PER_CHUNK) -> list[tuple[int, int]]:
+    """Turn ``(run_length, status)`` runs from the request offset into descriptors.
+
+    Merges equal neighbours (§5.3 item 6), clips at the request end so no
+    descriptor runs past what was asked, keeps each length within compact
+    mode's u32, honours REQ_ONE (one descriptor, §5.3 item 4), and stops at
+    ``max_count`` descriptors (a shorter answer is allowed; clients re-query).
+    The result is never empty when ``length`` > 0 and the runs cover at
+    least one byte.
+    """
+    out: list[tuple[int, int]] = []
+    covered = 0
+    cur_len = 0
+    cur_status = -1
+    limit = max_count
+    for run_length, status in runs:
+        if covered >= length:
+            break
+        run_length = min(run_length, length - covered)
+        if run_length <= 0:
+            continue
+        covered += run_length
+        if status == cur_status and cur_len + run_length <= MAX_DESCRIPTOR_LENGTH:
+            cur_len += run_length
+            continue
+        if cur_len:
+            out.append((cur_len, cur_status))
+            if len(out) >= limit or req_one:
+                return out
+        # A single run longer than a descriptor can hold is split.
+        while run_length > MAX_DESCRIPTOR_LENGTH:
+            out.append((MAX_DESCRIPTOR_LENGTH, status))
+            run_length -= MAX_DESCRIPTOR_LENGTH
+            if len(out) >= limit or req_one:
+                return out
+        cur_len, cur_status = run_length, status
+    if cur_len:
+        out.append((cur_len, cur_status))
+    return out

@@ -1,0 +1,364 @@
+"""One client connection: the handshake, then the transmission request pipeline.
+
+The protocol rules live in :mod:`pynbd.protocol`; this module moves bytes
+between a :class:`Channel` and those state machines, runs requests
+concurrently (replies may go out of order, §3.2), and bounds what one client
+can make the server hold: requests in flight and their bytes (§3.2, qemu
+stops reading at 16 requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pynbd.image.base import FastZeroUnsupported, ImageError, ImageIOError
+from pynbd.protocol import wire
+from pynbd.protocol.constants import MAX_PAYLOAD, Command, CommandFlag, Error
+from pynbd.protocol.handshake import (
+    Close,
+    ExportCatalog,
+    HandshakeComplete,
+    ServerHandshake,
+    StartTls,
+    TlsMode,
+)
+from pynbd.protocol.transmission import (
+    ProtocolViolation,
+    RequestError,
+    TransmissionState,
+    build_descriptors,
+)
+from pynbd.server.channel import BufferedReader, Channel, ChannelClosed
+from pynbd.server.contexts import ExtentQuery
+from pynbd.server.exports import Export
+from pynbd.server.replies import ReplyWriter
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+#: Host errno -> NBD error, the table qemu uses (nbd-protocol.md §0, error values).
+ERRNO_TO_NBD: dict[int, Error] = {
+    errno.EPERM: Error.EPERM,
+    errno.EROFS: Error.EPERM,
+    errno.EIO: Error.EIO,
+    errno.ENOMEM: Error.ENOMEM,
+    errno.ENOSPC: Error.ENOSPC,
+    errno.EDQUOT: Error.ENOSPC,
+    errno.EFBIG: Error.ENOSPC,
+    errno.EOVERFLOW: Error.EOVERFLOW,
+    errno.ENOTSUP: Error.ENOTSUP,
+    errno.ESHUTDOWN: Error.ESHUTDOWN,
+}
+
+
+def nbd_error_for(exc: BaseException) -> Error:
+    if isinstance(exc, FastZeroUnsupported):
+        return Error.ENOTSUP
+    if isinstance(exc, ImageIOError):
+        return ERRNO_TO_NBD.get(exc.errno or errno.EIO, Error.EIO)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return ERRNO_TO_NBD.get(exc.errno, Error.EINVAL)
+    return Error.EIO
+
+
+class ConnectionLogger(logging.LoggerAdapter):
+    """Prefixes every line with the connection id (and peer)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[conn {self.extra['conn']}] {msg}", kwargs
+
+
+class InflightLimiter:
+    """Bounds requests in flight and their buffered bytes; the reader waits when full.
+
+    One request larger than the byte budget is still admitted when nothing
+    else is in flight, so every legal request can be served.
+    """
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.requests = 0
+        self.bytes = 0
+        self._changed = asyncio.Event()
+
+    def _fits(self, cost: int) -> bool:
+        if self.requests == 0:
+            return True
+        return self.requests < self.max_requests and self.bytes + cost <= self.max_bytes
+
+    async def acquire(self, cost: int) -> None:
+        while not self._fits(cost):
+            self._changed.clear()
+            await self._changed.wait()
+        self.requests += 1
+        self.bytes += cost
+
+    def release(self, cost: int) -> None:
+        self.requests -= 1
+        self.bytes -= cost
+        self._changed.set()
+
+    async def drained(self) -> None:
+        while self.requests:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class ConnectionSettings:
+    """Per-server knobs every connection reads."""
+
+    def __init__(self, *, handshake_timeout: float = 10.0, zero_copy: bool | None = None,
+                 max_requests: int = 32, max_inflight_bytes: int = 64 * 1024 * 1024,
+                 tls_mode: TlsMode = TlsMode.OFF,
+                 tls_upgrade: Callable[[Channel, BufferedReader], Any] | None = None) -> None:
+        self.handshake_timeout = handshake_timeout
+        #: True: sendfile, False: copy, None: what the channel's kind measured best.
+        self.zero_copy = zero_copy
+        self.max_requests = max_requests
+        self.max_inflight_bytes = max_inflight_bytes
+        self.tls_mode = tls_mode
+        self.tls_upgrade = tls_upgrade
+
+
+class Connection:
+    def __init__(self, channel: Channel, peer: str, exports: Mapping[str, Export],
+                 catalog: ExportCatalog, settings: ConnectionSettings) -> None:
+        self.id = next(_ids)
+        self.channel = channel
+        self.peer = peer
+        self.exports = exports
+        self.catalog = catalog
+        self.settings = settings
+        self.log = ConnectionLogger(log, {"conn": self.id})
+        self.shutting_down = False
+        self.in_transmission = False
+        self.export: Export | None = None
+        self._limiter: InflightLimiter | None = None
+        self._loop = asyncio.get_running_loop()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.log.info("connected from %s", self.peer)
+        try:
+            try:
+                async with asyncio.timeout(self.settings.handshake_timeout):
+                    done, reader = await self._handshake()
+            except TimeoutError:
+                self.log.warning("handshake not finished within %ss, dropping",
+                                 self.settings.handshake_timeout)
+                return
+            if done is None:
+                return
+            await self._transmission(done, reader)
+        except ChannelClosed:
+            self.log.info("client closed the connection")
+        except ConnectionError as exc:
+            self.log.info("connection lost: %s", exc)
+        except ProtocolViolation as exc:
+            self.log.warning("protocol violation, disconnecting: %s", exc)
+        except asyncio.CancelledError:
+            self.log.info("connection cancelled (server stopping)")
+            raise
+        except Exception:
+            self.log.exception("unexpected error; closing this connection")
+        finally:
+            self.channel.close()
+            self.log.info("closed")
+
+    async def idle(self) -> None:
+        """Wait until no request is in flight (used by a graceful shutdown)."""
+        if self._limiter is not None:
+            await self._limiter.drained()
+
+    # -- handshake ----------------------------------------------------------------------
+
+    async def _handshake(self) -> tuple[HandshakeComplete | None, BufferedReader]:
+        hs = ServerHandshake(self.catalog, tls=self.settings.tls_mode)
+        reader = BufferedReader(self.channel, size=64 * 1024)
+        while True:
+            if self.shutting_down:
+                hs.begin_shutdown()
+            event = hs.next_event()
+            out = hs.data_to_send()
+            if out:
+                await self.channel.sendall(out)
+            if event is None:
+                hs.receive_data(await reader.read_some())
+            elif isinstance(event, Close):
+                if event.hard:
+                    self.log.warning("handshake ended: %s", event.reason)
+                else:
+                    self.log.info("handshake ended: %s", event.reason)
+                return None, reader
+            elif isinstance(event, StartTls):
+                upgrade = self.settings.tls_upgrade
+                assert upgrade is not None, "StartTls without TLS configured"
+                self.channel = await upgrade(self.channel, self.log)
+                reader = BufferedReader(self.channel, size=64 * 1024)
+                hs.tls_established()
+                self.log.info("TLS established")
+            elif isinstance(event, HandshakeComplete):
+                self.log.info("export %r: structured=%s contexts=%s flags=%#x", event.export.name,
+                              event.structured, sorted(event.contexts.values()), event.flags)
+                return event, BufferedReader(self.channel, initial=hs.trailing_data)
+
+    # -- transmission -------------------------------------------------------------------
+
+    async def _transmission(self, done: HandshakeComplete, reader: BufferedReader) -> None:
+        self.in_transmission = True
+        state = TransmissionState.from_handshake(done)
+        export = self.exports[done.export.name]
+        self.export = export
+        zero_copy = self.settings.zero_copy
+        if zero_copy is None:
+            zero_copy = self.channel.auto_zero_copy
+        writer = ReplyWriter(self.channel, state.structured, zero_copy)
+        limiter = self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
+        tasks: set[asyncio.Task[None]] = set()
+        header_size = wire.REQUEST.size
+        try:
+            while not self.shutting_down:
+                header = await reader.read_exactly(header_size)
+                request = wire.Request.unpack(header)
+                state.check_magic(request)
+                if request.type == Command.DISC:
+                    self.log.info("client sent DISC")
+                    break
+                payload_length = state.write_payload_length(request)
+                if payload_length > MAX_PAYLOAD:
+                    # Keep the stream in step (§3.4 step 3) without holding the payload.
+                    await reader.discard(payload_length)
+                    payload_length = 0
+                cost = request.length if request.type == Command.READ else payload_length
+                await limiter.acquire(cost)
+                try:
+                    payload = None
+                    if payload_length:
+                        payload = bytearray(payload_length)
+                        await reader.readinto(memoryview(payload))
+                    if self.shutting_down:
+                        raise RequestError(Error.ESHUTDOWN, "server is shutting down")
+                    state.validate(request)
+                except RequestError as exc:
+                    limiter.release(cost)
+                    self.log.debug("request %s rejected: %s", request, exc.message)
+                    await writer.error(request.cookie, exc.error, exc.message)
+                    continue
+                except BaseException:
+                    limiter.release(cost)
+                    raise
+                task = asyncio.create_task(self._serve(request, payload, export, state, writer))
+                tasks.add(task)
+                task.add_done_callback(lambda t, c=cost: (tasks.discard(t), limiter.release(c)))
+        finally:
+            # Finish (and answer) what is in flight before closing (§3.3 DISC, X23).
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, request: wire.Request, payload: bytearray | None, export: Export,
+                     state: TransmissionState, writer: ReplyWriter) -> None:
+        handler = self._handlers[request.type]
+        try:
+            await handler(self, request, payload, export, state, writer)
+        except (ImageError, OSError) as exc:
+            if isinstance(exc, ConnectionError):
+                raise
+            error = nbd_error_for(exc)
+            self.log.error("%s at offset %d length %d failed: %s", Command(request.type).name,
+                           request.offset, request.length, exc)
+            try:
+                await writer.error(request.cookie, error, str(exc), None)
+            except ConnectionError:
+                pass
+        except ConnectionError:
+            pass  # the reader notices and closes
+        except Exception:
+            self.log.exception("%s failed unexpectedly; disconnecting", Command(request.type).name)
+            self.channel.close()
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self._loop.run_in_executor(None, fn, *args)
+
+    async def _flush(self, export: Export) -> None:
+        await self._in_thread(export.image.flush)
+
+    # -- command handlers (one per command, §3.3) -----------------------------------------
+
+    async def _cmd_read(self, request, payload, export, state, writer) -> None:
+        if request.flags & CommandFlag.FUA:
+            await self._flush(export)  # as qemu: FUA on READ flushes first (§8.3)
+        segments = export.image.read_segments(request.offset, request.length) if request.length else ()
+        await writer.read(request.cookie, request.offset, segments, request.length,
+                          bool(request.flags & CommandFlag.DF))
+
+    async def _cmd_write(self, request, payload, export, state, writer) -> None:
+        if request.length:
+            await self._in_thread(export.image.write, request.offset, payload)
+            if request.flags & CommandFlag.FUA:
+                await self._flush(export)
+        await writer.ok(request.cookie)
+
+    async def _cmd_flush(self, request, payload, export, state, writer) -> None:
+        await self._flush(export)
+        await writer.ok(request.cookie)
+
+    async def _cmd_trim(self, request, payload, export, state, writer) -> None:
+        if request.length:
+            await self._in_thread(export.image.trim, request.offset, request.length)
+            if request.flags & CommandFlag.FUA:
+                await self._flush(export)
+        await writer.ok(request.cookie)
+
+    async def _cmd_write_zeroes(self, request, payload, export, state, writer) -> None:
+        if request.length:
+            may_trim = not request.flags & CommandFlag.NO_HOLE
+            fast = bool(request.flags & CommandFlag.FAST_ZERO)
+            await self._in_thread(export.image.write_zeroes, request.offset, request.length, may_trim, fast)
+            if request.flags & CommandFlag.FUA:
+                await self._flush(export)
+        await writer.ok(request.cookie)
+
+    async def _cmd_cache(self, request, payload, export, state, writer) -> None:
+        if request.length:
+            export.image.cache(request.offset, request.length)
+        await writer.ok(request.cookie)
+
+    async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
+        query = ExtentQuery(export.image, request.offset, request.length)
+        req_one = bool(request.flags & CommandFlag.REQ_ONE)
+        items = sorted(state.contexts.items())
+        out = bytearray()
+        for index, (context_id, name) in enumerate(items):
+            provider = export.contexts.providers[name]
+            try:
+                descriptors = build_descriptors(provider.runs(name, query, export.bitmaps),
+                                                request.length, req_one)
+                if not descriptors:
+                    raise ImageIOError(f"{export.image.path}: no extents at offset {request.offset}")
+            except ImageError as exc:
+                if provider.safe_status is None:
+                    raise
+                self.log.error("block status for %s at %d failed, reporting safe status: %s",
+                               name, request.offset, exc)
+                descriptors = [(request.length, provider.safe_status)]
+            out += wire.chunk_block_status(request.cookie, context_id, descriptors,
+                                           done=index == len(items) - 1)
+        await writer.chunks(bytes(out))
+
+    _handlers = {
+        Command.READ: _cmd_read,
+        Command.WRITE: _cmd_write,
+        Command.FLUSH: _cmd_flush,
+        Command.TRIM: _cmd_trim,
+        Command.WRITE_ZEROES: _cmd_write_zeroes,
+        Command.CACHE: _cmd_cache,
+        Command.BLOCK_STATUS: _cmd_block_status,
+    }

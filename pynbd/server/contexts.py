@@ -1,0 +1,113 @@
+"""The meta-context registry: which contexts an export offers and how each answers.
+
+Each provider knows one family of contexts (``base:allocation``,
+``qemu:allocation-depth``, ``qemu:dirty-bitmap:*``). Adding a context is
+adding a provider to :data:`PROVIDERS`; nothing else branches on names.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from pynbd.image.base import Bitmap, Extent, Image
+from pynbd.protocol.constants import AllocationState
+from pynbd.protocol.contexts import (
+    BASE_ALLOCATION,
+    QEMU_ALLOCATION_DEPTH,
+    QEMU_DIRTY_BITMAP_PREFIX,
+    dirty_bitmap_context,
+)
+
+
+class ExtentQuery:
+    """The image's extents for one BLOCK_STATUS request, fetched once for every context."""
+
+    def __init__(self, image: Image, offset: int, length: int) -> None:
+        self.image = image
+        self.offset = offset
+        self.length = length
+        self._extents: list[Extent] | None = None
+
+    @property
+    def extents(self) -> list[Extent]:
+        if self._extents is None:
+            self._extents = list(self.image.extents(self.offset, self.length))
+        return self._extents
+
+
+class ContextProvider(abc.ABC):
+    #: Status that is safe to report when the lookup fails (§5.3 item 7), None if there is none.
+    safe_status: int | None = None
+
+    @abc.abstractmethod
+    def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
+        """The context names this provider offers for an export."""
+
+    @abc.abstractmethod
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Iterable[tuple[int, int]]:
+        """``(length, status)`` runs from the query offset (may cover a prefix of the range)."""
+
+
+class BaseAllocation(ContextProvider):
+    """``base:allocation``: HOLE when not data, ZERO when it reads as zeros (§5.4)."""
+
+    safe_status = 0  # allocated, contents unknown
+
+    def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
+        return [BASE_ALLOCATION]
+
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Iterator[tuple[int, int]]:
+        hole, zero = int(AllocationState.HOLE), int(AllocationState.ZERO)
+        for e in query.extents:
+            yield e.length, (0 if e.data else hole) | (zero if e.zero else 0)
+
+
+class AllocationDepth(ContextProvider):
+    """``qemu:allocation-depth``: which layer of the chain owns the range (§5.5).
+
+    Offered always (qemu-nbd needs ``-A``). No safe status exists for it.
+    """
+
+    def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
+        return [QEMU_ALLOCATION_DEPTH]
+
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Iterator[tuple[int, int]]:
+        for e in query.extents:
+            yield e.length, e.depth
+
+
+class DirtyBitmaps(ContextProvider):
+    """``qemu:dirty-bitmap:NAME`` for every exportable persistent bitmap (§5.6)."""
+
+    safe_status = 1  # dirty: reporting clean could make a backup skip data
+
+    def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
+        return [dirty_bitmap_context(name) for name in bitmaps]
+
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Iterator[tuple[int, int]]:
+        bitmap = bitmaps[name[len(QEMU_DIRTY_BITMAP_PREFIX):]]
+        for length, dirty in bitmap.dirty_runs(query.offset, query.length):
+            yield length, 1 if dirty else 0
+
+
+PROVIDERS: Sequence[ContextProvider] = (BaseAllocation(), AllocationDepth(), DirtyBitmaps())
+
+
+@dataclass(frozen=True, slots=True)
+class ContextTable:
+    """The contexts one export offers, in listing order (the index is the context id)."""
+
+    names: tuple[str, ...]
+    providers: Mapping[str, ContextProvider]
+
+    @classmethod
+    def for_image(cls, image: Image, bitmaps: Mapping[str, Bitmap]) -> "ContextTable":
+        names: list[str] = []
+        providers: dict[str, ContextProvider] = {}
+        for provider in PROVIDERS:
+            for name in provider.names(image, bitmaps):
+                names.append(name)
+                providers[name] = provider
+        return cls(tuple(names), providers)

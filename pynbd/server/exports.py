@@ -1,0 +1,96 @@
+"""An export: one opened image shared by every connection to it, plus its metadata."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pynbd.image import open_image
+from pynbd.image.base import Bitmap, Image, ImageError
+from pynbd.protocol.handshake import ExportDescription
+from pynbd.server.contexts import ContextTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    """What the command line says about one export."""
+
+    name: str
+    path: str
+    description: str = ""
+    read_only: bool = False
+    fmt: str | None = None
+    #: Restrict exported bitmaps to these names (None: every exportable bitmap).
+    bitmaps: tuple[str, ...] | None = None
+
+
+@dataclass(eq=False)
+class Export:
+    name: str
+    image: Image
+    description: str
+    read_only: bool
+    bitmaps: Mapping[str, Bitmap]
+    contexts: ContextTable
+    #: Serialises flushes so concurrent FLUSH requests share one fdatasync.
+    flush_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, config: ExportConfig) -> "Export":
+        """Open the image; raises ImageError with a one-line message."""
+        image = open_image(config.path, config.fmt, read_only=config.read_only)
+        try:
+            bitmaps = dict(image.bitmaps())
+            if config.bitmaps is not None:
+                missing = [b for b in config.bitmaps if b not in bitmaps]
+                if missing:
+                    raise ImageError(f"{config.path}: bitmap {missing[0]!r} not found or not exportable")
+                bitmaps = {name: bitmaps[name] for name in config.bitmaps}
+        except BaseException:
+            image.close()
+            raise
+        read_only = config.read_only or image.read_only
+        return cls(
+            name=config.name,
+            image=image,
+            description=config.description,
+            read_only=read_only,
+            bitmaps=bitmaps,
+            contexts=ContextTable.for_image(image, bitmaps),
+        )
+
+    def describe(self) -> ExportDescription:
+        return ExportDescription(
+            name=self.name,
+            size=self.image.size,
+            read_only=self.read_only,
+            description=self.description,
+            contexts=self.contexts.names,
+            can_fast_zero=self.image.fast_zero,
+            # One image object per export, shared by all connections: a FLUSH on
+            # one connection covers writes completed on any (§7).
+            can_multi_conn=True,
+        )
+
+    def close(self) -> None:
+        try:
+            self.image.close()
+        except OSError as exc:
+            log.error("export %r: closing %s failed: %s", self.name, self.image.path, exc)
+
+
+def open_exports(configs: Sequence[ExportConfig]) -> list[Export]:
+    """Open every export or none (closing what was opened when one fails)."""
+    opened: list[Export] = []
+    try:
+        for config in configs:
+            opened.append(Export.open(config))
+    except BaseException:
+        for export in opened:
+            export.close()
+        raise
+    return opened

@@ -1,0 +1,211 @@
+"""The reply writer: the one place that puts transmission replies on a channel.
+
+Every reply (header plus payload) goes out under one lock so replies never
+interleave (nbd-protocol.md §3.2). READ data leaves either through sendfile
+(zero-copy: header with MSG_MORE, then ``os.sendfile`` from the image's host
+file) or through a copy into one buffer; which one is a per-connection
+setting, and both sit behind :meth:`ReplyWriter.read`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+
+from pynbd.image.base import BytesSegment, HostSegment, ReadSegment, ZeroSegment
+from pynbd.protocol import wire
+from pynbd.protocol.constants import Error
+from pynbd.server.channel import Channel
+
+log = logging.getLogger(__name__)
+
+_ZEROS = memoryview(bytes(1024 * 1024))
+
+
+def group_chunks(segments: Sequence[ReadSegment], df: bool) -> list[tuple[bool, int, list[ReadSegment]]]:
+    """Group read segments into ``(is_hole, length, segments)`` chunks.
+
+    Neighbouring data segments share one OFFSET_DATA chunk; zero segments
+    become OFFSET_HOLE chunks unless DF asks for a single data chunk (§4.2).
+    """
+    chunks: list[tuple[bool, int, list[ReadSegment]]] = []
+    for seg in segments:
+        if seg.length == 0:
+            continue
+        hole = isinstance(seg, ZeroSegment) and not df
+        if chunks and chunks[-1][0] == hole:
+            prev_hole, prev_len, prev_segs = chunks[-1]
+            prev_segs.append(seg)
+            chunks[-1] = (prev_hole, prev_len + seg.length, prev_segs)
+        else:
+            chunks.append((hole, seg.length, [seg]))
+    return chunks
+
+
+def copy_segments(segments: Sequence[ReadSegment], out: memoryview) -> None:
+    """Fill ``out`` from segments (the copy path). ``out`` must be zero-filled already."""
+    pos = 0
+    for seg in segments:
+        n = seg.length
+        if isinstance(seg, HostSegment):
+            os.preadv(seg.fd, [out[pos:pos + n]], seg.host_offset)  # short = zeros past EOF
+        elif isinstance(seg, BytesSegment):
+            out[pos:pos + n] = seg.data
+        pos += n
+
+
+class ReplyWriter:
+    def __init__(self, channel: Channel, structured: bool, zero_copy: bool) -> None:
+        self.channel = channel
+        self.structured = structured
+        self.zero_copy = zero_copy and channel.supports_sendfile
+        self.lock = asyncio.Lock()
+
+    async def _send(self, data: bytes | bytearray | memoryview) -> None:
+        async with self.lock:
+            await self.channel.sendall(data)
+
+    # -- replies without data --
+
+    async def ok(self, cookie: int) -> None:
+        # qemu answers successes without payload with a simple reply even in structured mode.
+        await self._send(wire.simple_reply(cookie))
+
+    async def error(self, cookie: int, error: int, message: str, offset: int | None = None) -> None:
+        if self.structured:
+            await self._send(wire.chunk_error(cookie, error, message, offset))
+        else:
+            await self._send(wire.simple_reply(cookie, error))
+
+    async def chunks(self, data: bytes) -> None:
+        """Pre-encoded structured chunks of one reply (block status)."""
+        await self._send(data)
+
+    # -- READ --
+
+    async def read(self, cookie: int, offset: int, segments: Sequence[ReadSegment], length: int,
+                   df: bool) -> None:
+        """Send a successful READ reply for ``segments`` covering ``length`` bytes from ``offset``."""
+        if self.structured:
+            await self._read_structured(cookie, offset, segments, length, df)
+        else:
+            await self._read_simple(cookie, segments, length)
+
+    async def _read_simple(self, cookie: int, segments: Sequence[ReadSegment], length: int) -> None:
+        header = wire.simple_reply(cookie)
+        if self.zero_copy and length:
+            ops: list[_Op] = [header]
+            _segment_ops(segments, ops)
+            async with self.lock:
+                # An I/O error after the header went out cannot be expressed in a
+                # simple reply: the exception ends the connection (§4.5, X27).
+                await self._run_ops(ops)
+            return
+        buf = bytearray(len(header) + length)
+        buf[:len(header)] = header
+        copy_segments(segments, memoryview(buf)[len(header):])
+        await self._send(buf)
+
+    async def _read_structured(self, cookie: int, offset: int, segments: Sequence[ReadSegment],
+                               length: int, df: bool) -> None:
+        if length == 0:
+            await self._send(wire.chunk_none(cookie))
+            return
+        chunks = group_chunks(segments, df)
+        if self.zero_copy:
+            ops: list[_Op] = []
+            pos = offset
+            for index, (hole, size, segs) in enumerate(chunks):
+                done = index == len(chunks) - 1
+                if hole:
+                    ops.append(wire.chunk_offset_hole(cookie, pos, size, done))
+                else:
+                    ops.append(wire.chunk_offset_data_header(cookie, pos, size, done))
+                    _segment_ops(segs, ops)
+                pos += size
+            async with self.lock:
+                try:
+                    await self._run_ops(ops)
+                except _OpFailed as exc:
+                    # The data chunk in progress was padded with zeros; the
+                    # spec-blessed recovery is an error chunk after it (§4.2, X28).
+                    # If it was not the last chunk, later chunks were not sent, so
+                    # a plain ERROR invalidates the whole read.
+                    await self.channel.sendall(wire.chunk_error(
+                        cookie, Error.EIO, f"read failed: {exc.cause}", done=True))
+            return
+        # Copy path: encode every chunk into one buffer, then one send.
+        parts: list[bytes | bytearray] = []
+        pos = offset
+        for index, (hole, size, segs) in enumerate(chunks):
+            done = index == len(chunks) - 1
+            if hole:
+                parts.append(wire.chunk_offset_hole(cookie, pos, size, done))
+            else:
+                header = wire.chunk_offset_data_header(cookie, pos, size, done)
+                buf = bytearray(len(header) + size)
+                buf[:len(header)] = header
+                copy_segments(segs, memoryview(buf)[len(header):])
+                parts.append(buf)
+            pos += size
+        await self._send(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    async def _run_ops(self, ops: Sequence["_Op"]) -> None:
+        """Send ops in order with the lock held: bytes corked (MSG_MORE) until the last op.
+
+        If sendfile fails, the rest of that file range is padded with zeros so
+        the chunk stays well-formed, and _OpFailed is raised.
+        """
+        channel = self.channel
+        last = len(ops) - 1
+        for index, op in enumerate(ops):
+            if isinstance(op, tuple):
+                fd, host_offset, count = op
+                try:
+                    sent = await channel.sendfile(fd, host_offset, count)
+                except OSError as exc:
+                    log.error("sendfile from fd %d at %d failed: %s", fd, host_offset, exc)
+                    await self._send_zeros(count, more=index < last)
+                    raise _OpFailed(exc) from exc
+                if sent < count:
+                    # Host file ended early: like pread, the rest reads as zeros.
+                    await self._send_zeros(count - sent, more=index < last)
+            elif index < last:
+                await channel.sendall_more(op)
+            else:
+                await channel.sendall(op)
+
+    async def _send_zeros(self, n: int, more: bool) -> None:
+        while n:
+            take = min(n, len(_ZEROS))
+            n -= take
+            if more or n:
+                await self.channel.sendall_more(_ZEROS[:take])
+            else:
+                await self.channel.sendall(_ZEROS[:take])
+
+
+#: One step of a zero-copy reply: bytes to send, or (fd, host_offset, count) to sendfile.
+_Op = bytes | memoryview | tuple[int, int, int]
+
+
+class _OpFailed(Exception):
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _segment_ops(segments: Sequence[ReadSegment], ops: list[_Op]) -> None:
+    for seg in segments:
+        if isinstance(seg, HostSegment):
+            ops.append((seg.fd, seg.host_offset, seg.length))
+        elif isinstance(seg, BytesSegment):
+            ops.append(seg.data)
+        else:
+            n = seg.length
+            while n:
+                take = min(n, len(_ZEROS))
+                ops.append(_ZEROS[:take])
+                n -= take

@@ -1,0 +1,196 @@
+"""The server: listeners, the connection limit, signals and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pynbd.protocol.handshake import ExportCatalog
+from pynbd.server.channel import SocketChannel
+from pynbd.server.connection import Connection, ConnectionSettings
+from pynbd.server.exports import Export
+
+log = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3)
+
+
+class ListenError(Exception):
+    """A listening socket could not be set up (busy port, bad path, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """Where to listen: a unix socket path, or a TCP host and port."""
+
+    unix_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 10809
+
+
+def _uri_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def export_uris(sock: socket.socket, names: Sequence[str]) -> list[str]:
+    """The URIs clients use for each export on this listener (logged at start)."""
+    uris = []
+    for name in names:
+        quoted = urllib.parse.quote(name)
+        if sock.family == socket.AF_UNIX:
+            uris.append(f"nbd+unix:///{quoted}?socket={sock.getsockname()}")
+        else:
+            host, port = sock.getsockname()[:2]
+            uris.append(f"nbd://{_uri_host(host)}:{port}/{quoted}")
+    return uris
+
+
+def listen(address: ListenAddress, backlog: int = 128) -> socket.socket:
+    """Open a listening socket; raises ListenError with a one-line reason."""
+    try:
+        if address.unix_path is not None:
+            path = address.unix_path
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)  # a stale socket from an earlier run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+        else:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, type_, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, type_, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        where = address.unix_path or f"{address.host}:{address.port}"
+        raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+class NbdServer:
+    def __init__(self, exports: Sequence[Export], listeners: Sequence[socket.socket],
+                 settings: ConnectionSettings, max_connections: int = 0,
+                 shutdown_grace: float = 10.0) -> None:
+        self.exports = {e.name: e for e in exports}
+        self.catalog = ExportCatalog([e.describe() for e in exports])
+        self.listeners = list(listeners)
+        self.settings = settings
+        self.max_connections = max_connections
+        self.shutdown_grace = shutdown_grace
+        self.connections: dict[asyncio.Task[None], Connection] = {}
+        self._stop = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_connections) if max_connections > 0 else None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Accept until stop(); then finish in-flight requests and close everything."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        names = list(self.exports)
+        for sock in self.listeners:
+            for uri in export_uris(sock, names):
+                log.info("serving %s", uri)
+        accepters = [asyncio.create_task(self._accept_loop(sock)) for sock in self.listeners]
+        await self._stop.wait()
+        log.info("stopping: no new connections; finishing requests in flight")
+        for task in accepters:
+            task.cancel()
+        await asyncio.gather(*accepters, return_exceptions=True)
+        for sock in self.listeners:
+            self._close_listener(sock)
+        await self._shutdown_connections()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("received %s", signal.Signals(sig).name)
+        self.stop()
+
+    @staticmethod
+    def _close_listener(sock: socket.socket) -> None:
+        path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+        sock.close()
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._slots is not None:
+                # At the connection limit, stop accepting: clients wait in the backlog (qemu -e).
+                await self._slots.acquire()
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                if self._slots is not None:
+                    self._slots.release()
+                log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.1)  # e.g. EMFILE: do not spin
+                continue
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # spec SHOULD (§3.2)
+                peer = f"{_uri_host(addr[0])}:{addr[1]}"
+            else:
+                peer = "unix socket"
+            channel = SocketChannel(sock, loop)
+            conn = Connection(channel, peer, self.exports, self.catalog, self.settings)
+            task = asyncio.create_task(conn.run())
+            self.connections[task] = conn
+            task.add_done_callback(self._connection_done)
+
+    def _connection_done(self, task: asyncio.Task[None]) -> None:
+        self.connections.pop(task, None)
+        if self._slots is not None:
+            self._slots.release()
+
+    async def _shutdown_connections(self) -> None:
+        if not self.connections:
+            return
+        for conn in self.connections.values():
+            conn.shutting_down = True
+        busy = [c.idle() for c in self.connections.values() if c.in_transmission]
+        if busy:
+            await asyncio.wait([asyncio.create_task(b) for b in busy], timeout=self.shutdown_grace)
+        tasks = list(self.connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=self.shutdown_grace)
+
+    def close_exports(self) -> None:
+        for export in self.exports.values():
+            export.close()
