@@ -24,15 +24,16 @@ from pynbd.protocol.handshake import ExportDescription, HandshakeComplete
 from pynbd.protocol.wire import Request
 
 #: Flags each command accepts (§0 command flags table); anything else is EINVAL.
+#: Plain ints: ``~`` of an IntFlag only complements the defined bits.
 ALLOWED_FLAGS: dict[int, int] = {
-    Command.READ: CommandFlag.FUA | CommandFlag.DF,
-    Command.WRITE: CommandFlag.FUA,
+    Command.READ: int(CommandFlag.FUA | CommandFlag.DF),
+    Command.WRITE: int(CommandFlag.FUA),
     Command.DISC: 0xFFFF,  # qemu ignores flags on DISC
-    Command.FLUSH: CommandFlag.FUA,
-    Command.TRIM: CommandFlag.FUA,
-    Command.CACHE: CommandFlag.FUA,
-    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
-    Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
+    Command.FLUSH: int(CommandFlag.FUA),
+    Command.TRIM: int(CommandFlag.FUA),
+    Command.CACHE: int(CommandFlag.FUA),
+    Command.WRITE_ZEROES: int(CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO),
+    Command.BLOCK_STATUS: int(CommandFlag.FUA | CommandFlag.REQ_ONE),
 }
 
 #: Commands that change the image: EPERM on a read-only export (§3.4 step 5).
