@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -20,7 +21,17 @@ from pynbd.image.base import ImageError
 from pynbd.protocol.constants import DEFAULT_PORT
 from pynbd.server.connection import ConnectionSettings
 from pynbd.server.exports import ExportConfig, open_exports
-from pynbd.server.server import ListenAddress, ListenError, NbdServer, listen, systemd_sockets
+from pynbd.certs import ensure_default_creds
+from pynbd.protocol.handshake import TlsMode
+from pynbd.server.server import (
+    ListenAddress,
+    ListenError,
+    NbdServer,
+    export_uris,
+    listen,
+    systemd_sockets,
+)
+from pynbd.server.tls import TlsConfig, TlsSetupError, read_authz, read_psk_file
 
 log = logging.getLogger("pynbd")
 
@@ -81,6 +92,20 @@ def add_serve_parser(sub: Any) -> None:
                    help="send READ data with sendfile (on), by copying (off), or as measured best (auto)")
     p.add_argument("--max-requests", type=int, default=32, metavar="N",
                    help="requests in flight per connection before reading stops (default 32)")
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls", action="store_true",
+                     help="require TLS; without --tls-creds, credentials are generated on first use")
+    tls.add_argument("--tls-optional", action="store_true",
+                     help="offer TLS but also accept plain clients (for migrations); implies --tls")
+    tls.add_argument("--tls-creds", metavar="DIR",
+                     help="ca-cert.pem, server-cert.pem, server-key.pem (qemu tls-creds-x509 layout)")
+    tls.add_argument("--tls-state-dir", metavar="DIR",
+                     help="where --tls keeps generated credentials (default $XDG_STATE_HOME/pynbd/tls)")
+    tls.add_argument("--tls-verify-peer", action="store_true",
+                     help="require a client certificate signed by the CA")
+    tls.add_argument("--tls-authz", action="append", default=[], metavar="DN|@FILE",
+                     help="allowed client subject (e.g. 'O=pynbd,CN=backup'); repeatable; @FILE: one per line")
+    tls.add_argument("--tls-psk", metavar="FILE", help="TLS-PSK keys, username:hexkey per line (Python >= 3.13)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for protocol detail)")
     p.set_defaults(func=cmd_serve)
 
@@ -115,6 +140,45 @@ def listen_sockets(args: argparse.Namespace) -> list:
     return [listen(ListenAddress(host=args.bind or "127.0.0.1", port=port))]
 
 
+def tls_settings(args: argparse.Namespace, sockets: Sequence[Any]) -> tuple[TlsMode, Any]:
+    """TLS mode and the STARTTLS upgrade function the connections use."""
+    wanted = args.tls or args.tls_optional or args.tls_creds or args.tls_psk
+    if not wanted:
+        if args.tls_verify_peer or args.tls_authz:
+            raise UsageError("--tls-verify-peer/--tls-authz need --tls")
+        return TlsMode.OFF, None
+    creds_dir = Path(args.tls_creds) if args.tls_creds else None
+    if creds_dir is None and not args.tls_psk:
+        generated = ensure_default_creds(Path(args.tls_state_dir) if args.tls_state_dir else None)
+        creds_dir = generated.server_dir
+        log.info("TLS credentials %s in %s", "created" if generated.created else "reused", generated.server_dir)
+        for sock in sockets:
+            for uri in export_uris(sock, [""], tls=True):
+                log.info("connect with: nbdinfo '%s%stls-certificates=%s'", uri,
+                         "&" if "?" in uri else "?", generated.client_dir)
+        log.info("or: qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir=%s "
+                 "--image-opts driver=nbd,%s,tls-creds=tls0", generated.client_dir,
+                 _qemu_server_opts(sockets[0]) if sockets else "...")
+    config = TlsConfig(
+        creds_dir=creds_dir,
+        verify_peer=args.tls_verify_peer,
+        authz=read_authz(args.tls_authz),
+        psk=read_psk_file(args.tls_psk) if args.tls_psk else {},
+    )
+    mode = TlsMode.OPTIONAL if args.tls_optional else TlsMode.REQUIRED
+    return mode, config.upgrader()
+
+
+def _qemu_server_opts(sock: Any) -> str:
+    import socket as socket_mod
+
+    if sock.family == socket_mod.AF_UNIX:
+        # No host name to check the certificate against on a unix socket.
+        return f"server.type=unix,server.path={sock.getsockname()},tls-hostname=localhost"
+    host, port = sock.getsockname()[:2]
+    return f"server.type=inet,server.host={host},server.port={port}"
+
+
 def event_loop_factory(choice: str | None) -> Callable[[], asyncio.AbstractEventLoop]:
     if choice in (None, "uvloop"):
         try:
@@ -133,7 +197,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     exports = open_exports(configs)
     try:
         sockets = listen_sockets(args)
+        tls_mode, tls_upgrade = tls_settings(args, sockets)
         settings = ConnectionSettings(
+            tls_mode=tls_mode,
+            tls_upgrade=tls_upgrade,
             handshake_timeout=args.handshake_timeout,
             zero_copy={"on": True, "off": False, "auto": None}[args.zero_copy],
             max_requests=max(1, args.max_requests),
@@ -228,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(args, "verbose", 0))
     try:
         return args.func(args)
-    except (UsageError, ImageError, ListenError) as exc:
+    except (UsageError, ImageError, ListenError, TlsSetupError) as exc:
         print(f"pynbd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pynbd.protocol.handshake import ExportCatalog
+from pynbd.protocol.handshake import ExportCatalog, TlsMode
 from pynbd.server.channel import SocketChannel
 from pynbd.server.connection import Connection, ConnectionSettings
 from pynbd.server.exports import Export
@@ -40,16 +40,17 @@ def _uri_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def export_uris(sock: socket.socket, names: Sequence[str]) -> list[str]:
+def export_uris(sock: socket.socket, names: Sequence[str], tls: bool = False) -> list[str]:
     """The URIs clients use for each export on this listener (logged at start)."""
+    scheme = "nbds" if tls else "nbd"
     uris = []
     for name in names:
         quoted = urllib.parse.quote(name)
         if sock.family == socket.AF_UNIX:
-            uris.append(f"nbd+unix:///{quoted}?socket={sock.getsockname()}")
+            uris.append(f"{scheme}+unix:///{quoted}?socket={sock.getsockname()}")
         else:
             host, port = sock.getsockname()[:2]
-            uris.append(f"nbd://{_uri_host(host)}:{port}/{quoted}")
+            uris.append(f"{scheme}://{_uri_host(host)}:{port}/{quoted}")
     return uris
 
 
@@ -120,8 +121,9 @@ class NbdServer:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         names = list(self.exports)
+        tls = self.settings.tls_mode is TlsMode.REQUIRED
         for sock in self.listeners:
-            for uri in export_uris(sock, names):
+            for uri in export_uris(sock, names, tls):
                 log.info("serving %s", uri)
         accepters = [asyncio.create_task(self._accept_loop(sock)) for sock in self.listeners]
         await self._stop.wait()

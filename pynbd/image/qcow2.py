@@ -1,0 +1,479 @@
+"""Read-only qcow2 driver (v2 and v3), with backing chains and dirty bitmaps.
+
+:class:`Qcow2Layer` maps the guest ranges of one qcow2 file (L1 → L2 →
+clusters, qcow2-format.md §3); :class:`Qcow2Image` stacks layers into a
+backing chain (:mod:`pynbd.image.chain`) and implements the
+:class:`~pynbd.image.base.Image` interface on top of the chain walk.
+:func:`open_qcow2` is the entry point used by :func:`pynbd.image.open_image`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+
+from pynbd.image.base import (
+    Bitmap,
+    BitmapInfo,
+    BytesSegment,
+    Extent,
+    HostSegment,
+    Image,
+    ImageError,
+    ImageIOError,
+    ReadSegment,
+    ZeroSegment,
+)
+from pynbd.image.bitmaps import Qcow2Bitmap, load_bitmaps
+from pynbd.image.chain import (
+    KIND_COMPRESSED,
+    KIND_DATA,
+    KIND_EOF,
+    KIND_UNALLOC,
+    KIND_ZERO,
+    RESOLVED_ABSENT,
+    Layer,
+    RawLayer,
+    Run,
+    file_identity,
+    merge_runs,
+    resolve,
+    resolve_backing_path,
+)
+from pynbd.image.compression import ClusterCache, DecompressError, compressed_range, decompress_cluster
+from pynbd.image.l2cache import TableCache
+from pynbd.image.qcow2_header import (
+    INCOMPAT_DIRTY,
+    MAGIC,
+    Qcow2Header,
+    Snapshot,
+    parse_header,
+    pread_exact,
+    read_snapshot_table,
+)
+
+log = logging.getLogger(__name__)
+
+# §3.2 / §3.3 / §10 masks
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+#: §3.4: 32 subclusters per cluster with extended L2 entries.
+SUBCLUSTERS = 32
+_ALL_SC = (1 << SUBCLUSTERS) - 1
+
+#: Upper bound of extents one ``extents()`` call yields; the caller re-queries.
+MAX_EXTENTS_PER_CALL = 65536
+#: Backing chains deeper than this are refused (each layer holds open fds).
+MAX_CHAIN_LENGTH = 1000
+
+_layer_ids = itertools.count(1)
+
+
+def split_clusters(offset: int, length: int, unit_bits: int) -> Iterator[tuple[int, int, int]]:
+    """Split a guest range at ``1 << unit_bits`` boundaries.
+
+    Yields ``(unit_index, offset_in_unit, piece_length)``; the pieces are
+    contiguous and cover ``[offset, offset+length)`` exactly. This is the
+    cluster (or subcluster) arithmetic of §3.1 in one place.
+    """
+    unit = 1 << unit_bits
+    end = offset + length
+    pos = offset
+    while pos < end:
+        index = pos >> unit_bits
+        in_unit = pos & (unit - 1)
+        n = min(unit - in_unit, end - pos)
+        yield index, in_unit, n
+        pos += n
+
+
+class Qcow2Layer:
+    """One qcow2 file of a chain: header, active L1 table, cached L2 tables, bitmaps."""
+
+    format_name = "qcow2"
+
+    def __init__(self, path: str, cache: TableCache, compressed_cache: ClusterCache) -> None:
+        self.path = path
+        self._cache = cache
+        self._compressed_cache = compressed_cache
+        self._id = next(_layer_ids)
+        self._fds: list[int] = []
+        try:
+            self.fd = self._open(path)
+            self.file_size = os.fstat(self.fd).st_size
+            hdr = self.header = parse_header(path, self.fd, self.file_size)
+            self.size = hdr.size
+            self.cluster_bits = hdr.cluster_bits
+            self.cluster_size = hdr.cluster_size
+            self.l2_bits = hdr.l2_entries.bit_length() - 1
+            self.extended_l2 = hdr.extended_l2
+            self.zero_flag_allowed = hdr.version >= 3
+            if hdr.incompatible_features & INCOMPAT_DIRTY:
+                log.warning("%s: dirty bit set (lazy refcounts, not closed cleanly); "
+                            "reading is safe, refcounts are not used", path)
+            self.l1 = self._load_l1()
+            self.snapshots: list[Snapshot] = read_snapshot_table(path, self.fd, self.file_size, hdr)
+            self.bitmaps: list[Qcow2Bitmap] = load_bitmaps(path, self.fd, self.file_size, hdr)
+            self._open_data_file()
+            self.has_data_file = self.data_fd != self.fd
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot open: {exc.strerror}") from None
+        self._fds.append(fd)
+        return fd
+
+    def _load_l1(self) -> array:
+        """Read and validate the active L1 entries that map the virtual size (§3.2)."""
+        hdr = self.header
+        n = hdr.l1_needed
+        raw = pread_exact(self.fd, 8 * n, hdr.l1_table_offset, self.path, "L1 table") if n else b""
+        l1 = array("Q")
+        l1.frombytes(raw)
+        if l1.itemsize != 8:  # pragma: no cover - every supported platform has 8-byte Q
+            raise ImageError(f"{self.path}: unsupported platform (array 'Q' is not 64-bit)")
+        if sys.byteorder == "little":
+            l1.byteswap()
+        cs = self.cluster_size
+        for i, entry in enumerate(l1):
+            if not entry:
+                continue
+            where = f"L1 entry {i}={entry:#x} (at {hdr.l1_table_offset + 8 * i:#x})"
+            if entry & L1E_RESERVED_MASK:
+                raise ImageError(f"{self.path}: {where} has reserved bits set")
+            off = entry & L1E_OFFSET_MASK
+            if off % cs:
+                raise ImageError(f"{self.path}: {where} is not cluster aligned")
+            if off and off + cs > self.file_size:
+                raise ImageError(f"{self.path}: {where} points past the end of the file")
+        return l1
+
+    def _open_data_file(self) -> None:
+        """§9: external data file (host offset == guest offset)."""
+        hdr = self.header
+        if not hdr.has_data_file:
+            self.data_fd = self.fd
+            self.data_file_size = self.file_size
+            self.data_file_path: str | None = None
+            return
+        if not hdr.data_file:
+            raise ImageError(f"{self.path}: external data file bit set but no data file name extension")
+        data_path = resolve_backing_path(self.path, hdr.data_file)
+        self.data_file_path = data_path
+        self.data_fd = self._open(data_path)
+        self.data_file_size = os.fstat(self.data_fd).st_size
+
+    # -- mapping --
+
+    def _l2_table(self, l1_index: int, l2_offset: int) -> array:
+        def load() -> bytes:
+            try:
+                data = os.pread(self.fd, self.cluster_size, l2_offset)
+            except OSError as exc:
+                raise ImageIOError(f"{self.path}: cannot read L2 table at {l2_offset:#x}: {exc.strerror}",
+                                   exc.errno) from None
+            if len(data) != self.cluster_size:
+                raise ImageIOError(f"{self.path}: L2 table at {l2_offset:#x} (L1 index {l1_index}) "
+                                   "is truncated")
+            return data
+        return self._cache.get(self._id, l2_offset, load)
+
+    def runs(self, offset: int, end: int) -> Iterator[Run]:
+        stop = min(end, self.size)
+        if offset < stop:
+            yield from merge_runs(self._pieces(offset, stop))
+        else:
+            stop = offset
+        if stop < end:
+            yield stop, end - stop, KIND_EOF, -1
+
+    def _pieces(self, offset: int, stop: int) -> Iterator[Run]:
+        """Unmerged per-cluster (or per-subcluster-run) classification of ``[offset, stop)``."""
+        span_bits = self.cluster_bits + self.l2_bits
+        pos = offset
+        while pos < stop:
+            l1_index = pos >> span_bits
+            table_end = min(stop, (l1_index + 1) << span_bits)
+            l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
+            table = self._l2_table(l1_index, l2_offset) if l2_offset else None
+            if table is None or table.all_zero:
+                yield pos, table_end - pos, KIND_UNALLOC, -1
+            elif self.extended_l2:
+                yield from self._extended_pieces(table.entries, pos, table_end)
+            else:
+                yield from self._standard_pieces(table.entries, pos, table_end)
+            pos = table_end
+
+    def _standard_pieces(self, entries: array, pos: int, end: int) -> Iterator[Run]:
+        """§3.3: classify standard 8-byte L2 entries in QEMU's order."""
+        cb = self.cluster_bits
+        mask = (1 << self.l2_bits) - 1
+        for index, in_cluster, n in split_clusters(pos, end - pos, cb):
+            entry = entries[index & mask]
+            if entry & OFLAG_COMPRESSED:
+                yield pos, n, KIND_COMPRESSED, entry
+            elif entry & OFLAG_ZERO:
+                if not self.zero_flag_allowed:
+                    raise self._corrupt(pos, entry, "zero cluster entry found in a pre-v3 image")
+                host = entry & L2E_OFFSET_MASK
+                yield pos, n, KIND_ZERO, self._host(pos, entry, host) + in_cluster if host else -1
+            else:
+                host = entry & L2E_OFFSET_MASK
+                if host or (self.has_data_file and entry & OFLAG_COPIED):
+                    yield pos, n, KIND_DATA, self._host(pos, entry, host) + in_cluster
+                else:
+                    yield pos, n, KIND_UNALLOC, -1
+            pos += n
+
+    def _extended_pieces(self, entries: array, pos: int, end: int) -> Iterator[Run]:
+        """§3.4: extended L2 entries, classified per subcluster."""
+        cb = self.cluster_bits
+        sc_bits = cb - 5
+        mask = (1 << self.l2_bits) - 1
+        for index, in_cluster, n in split_clusters(pos, end - pos, cb):
+            i = (index & mask) * 2
+            entry, bitmap = entries[i], entries[i + 1]
+            if entry & OFLAG_COMPRESSED:
+                yield pos, n, KIND_COMPRESSED, entry
+                pos += n
+                continue
+            alloc, zero = bitmap & _ALL_SC, bitmap >> SUBCLUSTERS
+            if alloc & zero:
+                raise self._corrupt(pos, entry, f"subcluster bitmap {bitmap:#x} marks a subcluster "
+                                    "both allocated and zero")
+            host = entry & L2E_OFFSET_MASK
+            cluster_allocated = bool(host) or (self.has_data_file and bool(entry & OFLAG_COPIED))
+            if not cluster_allocated:
+                if alloc:
+                    raise self._corrupt(pos, entry, f"subcluster bitmap {bitmap:#x} has allocated "
+                                        "subclusters but the cluster has no host offset")
+                base = -1
+            else:
+                base = self._host(pos, entry, host)
+            if (alloc == _ALL_SC or zero == _ALL_SC or not (alloc | zero)):  # uniform cluster
+                kind = KIND_DATA if alloc else KIND_ZERO if zero else KIND_UNALLOC
+                yield pos, n, kind, base + in_cluster if base >= 0 else -1
+                pos += n
+                continue
+            for sc, in_sc, m in split_clusters(in_cluster, n, sc_bits):
+                bit = 1 << sc
+                kind = KIND_DATA if alloc & bit else KIND_ZERO if zero & bit else KIND_UNALLOC
+                yield pos, m, kind, base + (sc << sc_bits) + in_sc if base >= 0 else -1
+                pos += m
+
+    def _host(self, pos: int, entry: int, host: int) -> int:
+        """Validate a host cluster offset the way QEMU does at lookup (qcow2_get_host_offset)."""
+        if host & (self.cluster_size - 1):
+            raise self._corrupt(pos, entry, f"host cluster offset {host:#x} is not cluster aligned")
+        if self.has_data_file:
+            guest_cluster = pos & ~(self.cluster_size - 1)
+            if host != guest_cluster:
+                raise self._corrupt(pos, entry, f"external data file offset {host:#x} does not match "
+                                    f"the guest cluster offset {guest_cluster:#x}")
+        return host
+
+    def _corrupt(self, pos: int, entry: int, what: str) -> ImageIOError:
+        return ImageIOError(f"{self.path}: L2 entry {entry:#x} for guest offset {pos:#x}: {what}")
+
+    def read_compressed(self, pos: int, entry: int) -> bytes:
+        """§3.5/§4: decompress the cluster described by ``entry``; ImageIOError names the guest offset."""
+        key = (self._id, entry)
+        data = self._compressed_cache.get(key)
+        if data is not None:
+            return data
+        guest = pos & ~(self.cluster_size - 1)
+        if self.has_data_file:
+            raise ImageIOError(f"{self.path}: compressed cluster at guest offset {guest:#x} "
+                               "in an image with an external data file")
+        rng = compressed_range(entry, self.cluster_bits)
+        try:
+            # The range may run past EOF (§3.5): a short read is normal.
+            buf = os.pread(self.fd, rng.length, rng.offset)
+            data = decompress_cluster(buf, self.cluster_size, self.header.compression_type)
+        except (OSError, DecompressError) as exc:
+            raise ImageIOError(f"{self.path}: compressed cluster at guest offset {guest:#x} "
+                               f"(host {rng.offset:#x}+{rng.length}) cannot be read: {exc}") from None
+        self._compressed_cache.put(key, data)
+        return data
+
+    def close(self) -> None:
+        self._cache.drop_owner(self._id)
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+class Qcow2Image(Image):
+    """A qcow2 image with its backing chain, served read-only."""
+
+    format_name = "qcow2"
+
+    def __init__(self, layers: Sequence[Layer], cache: TableCache) -> None:
+        top = layers[0]
+        assert isinstance(top, Qcow2Layer)
+        self.top = top
+        self.layers = list(layers)
+        self.cache = cache
+        self.path = top.path
+        self.size = top.size
+        self.read_only = True
+        self.header = top.header
+        self.snapshots = top.snapshots
+        self._closed = False
+        for bitmap in top.bitmaps:
+            if bitmap.problem:
+                log.warning("%s: bitmap %r %s; it is not exported", self.path, bitmap.name, bitmap.problem)
+
+    # -- reading --
+
+    def read_segments(self, offset: int, length: int) -> Sequence[ReadSegment]:
+        segments: list[ReadSegment] = []
+        layers = self.layers
+
+        def add_zero(n: int) -> None:
+            if segments and isinstance(segments[-1], ZeroSegment):
+                segments[-1] = ZeroSegment(segments[-1].length + n)
+            else:
+                segments.append(ZeroSegment(n))
+
+        for pos, n, idx, kind, host in resolve(layers, offset, offset + length):
+            if kind == KIND_DATA:
+                layer = layers[idx]
+                # A data cluster past the end of its host file reads as zeros, as in QEMU.
+                inside = max(0, min(n, layer.data_file_size - host))
+                if inside:
+                    fd = layer.data_fd
+                    last = segments[-1] if segments else None
+                    if isinstance(last, HostSegment) and last.fd == fd and last.host_offset + last.length == host:
+                        segments[-1] = HostSegment(last.length + inside, fd, last.host_offset)
+                    else:
+                        segments.append(HostSegment(inside, fd, host))
+                if inside < n:
+                    add_zero(n - inside)
+            elif kind == KIND_COMPRESSED:
+                layer = layers[idx]
+                cluster = layer.read_compressed(pos, host)
+                start = pos & (len(cluster) - 1)
+                segments.append(BytesSegment(memoryview(cluster)[start:start + n]))
+            else:
+                add_zero(n)
+        return segments
+
+    # -- allocation --
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        """§3.7: base:allocation flags and qemu:allocation-depth, merged."""
+        cur: list[int] | None = None  # [offset, length, data, zero, depth]
+        count = 0
+        for pos, n, idx, kind, _host in resolve(self.layers, offset, offset + length):
+            data = kind == KIND_DATA or kind == KIND_COMPRESSED
+            depth = 0 if kind == RESOLVED_ABSENT else idx + 1
+            zero = not data
+            if cur is not None and cur[2] == data and cur[4] == depth:
+                cur[1] += n
+                continue
+            if cur is not None:
+                yield Extent(cur[0], cur[1], bool(cur[2]), bool(cur[3]), cur[4])
+                count += 1
+                if count >= MAX_EXTENTS_PER_CALL:
+                    return
+            cur = [pos, n, data, zero, depth]
+        if cur is not None:
+            yield Extent(cur[0], cur[1], bool(cur[2]), bool(cur[3]), cur[4])
+
+    # -- bitmaps --
+
+    def bitmaps(self) -> Mapping[str, Bitmap]:
+        return {b.name: b for b in self.top.bitmaps if b.consistent}
+
+    def bitmap_infos(self) -> Sequence[BitmapInfo]:
+        return [b.info() for b in self.top.bitmaps]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for layer in self.layers:
+            layer.close()
+
+
+def _probe_is_qcow2(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open: {exc.strerror}") from None
+
+
+def _open_backing(path: str, fmt: str | None, cache: TableCache, ccache: ClusterCache,
+                  named_by: str) -> Layer:
+    if fmt is None:
+        fmt = "qcow2" if _probe_is_qcow2(path) else "raw"
+    if fmt == "qcow2":
+        return Qcow2Layer(path, cache, ccache)
+    if fmt == "raw":
+        return RawLayer(path)
+    raise ImageError(f"{named_by}: backing file {path!r} has unsupported format {fmt!r}")
+
+
+def open_chain(path: str, cache: TableCache | None = None) -> list[Layer]:
+    """Open ``path`` (qcow2) and its whole backing chain, read-only; top layer first.
+
+    Backing names are resolved relative to the naming image's directory, the
+    backing format comes from the header extension or is probed (§2), and a
+    chain that comes back to a file already in it is refused.
+    """
+    cache = cache or TableCache()
+    ccache = ClusterCache()
+    layers: list[Layer] = []
+    try:
+        top = Qcow2Layer(path, cache, ccache)
+        layers.append(top)
+        seen = {file_identity(path): path}
+        current: Layer = top
+        while isinstance(current, Qcow2Layer) and current.header.backing_file:
+            hdr = current.header
+            assert hdr.backing_file is not None
+            backing_path = resolve_backing_path(current.path, hdr.backing_file)
+            if not os.path.exists(backing_path):
+                raise ImageError(f"{current.path}: backing file {hdr.backing_file!r} "
+                                 f"({backing_path}) does not exist")
+            ident = file_identity(backing_path)
+            if ident in seen:
+                raise ImageError(f"{current.path}: backing file {hdr.backing_file!r} makes a loop in the "
+                                 f"backing chain (it is {seen[ident]!r} again)")
+            if len(layers) >= MAX_CHAIN_LENGTH:
+                raise ImageError(f"{path}: backing chain is longer than {MAX_CHAIN_LENGTH} images")
+            seen[ident] = backing_path
+            current = _open_backing(backing_path, hdr.backing_format, cache, ccache, current.path)
+            layers.append(current)
+        return layers
+    except BaseException:
+        for layer in layers:
+            layer.close()
+        raise
+
+
+def open_qcow2(path: str, read_only: bool) -> Image:
+    """Open a qcow2 image with its backing chain. The driver is read-only.
+
+    ``read_only=False`` is accepted, but the image is still opened read-only
+    and reports :attr:`Image.read_only` True, so the server can advertise it.
+    """
+    if not read_only:
+        log.info("%s: the qcow2 driver is read-only; serving the image read-only", path)
+    cache = TableCache()
+    return Qcow2Image(open_chain(path, cache), cache)
