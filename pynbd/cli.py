@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -268,6 +270,89 @@ def _slots_dict(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def _size(text: str) -> int:
+    """``512``, ``64K``, ``10M``, ``1G``, ``2TiB`` -> bytes (binary units, like qemu-img)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 512, 64K, 10M, 1G)")
+    value = int(match[1]) << _UNITS[match[2].upper()]
+    if value >= 1 << 63:
+        raise argparse.ArgumentTypeError(f"size {text!r} out of range")
+    return value
+
+
+def add_create_parser(sub: Any) -> None:
+    p = sub.add_parser("create", help="create a sparse raw image")
+    p.add_argument("image")
+    p.add_argument("size", type=_size, help="size, e.g. 1G")
+    p.set_defaults(func=cmd_create)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    try:
+        fd = os.open(args.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise UsageError(f"{args.image}: cannot create: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, args.size)
+    finally:
+        os.close(fd)
+    print(f"created {args.image}: raw, {args.size} bytes (sparse)")
+    return 0
+
+
+def add_certs_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "certs", help="create a CA, server and client certificates for TLS",
+        description="Create DIR/ca (the CA; keep ca-key.pem private), DIR/server (for --tls-creds) "
+                    "and DIR/client-NAME (for nbdinfo tls-certificates= / qemu tls-creds-x509 dir=). "
+                    "An existing CA in DIR/ca is reused.",
+    )
+    p.add_argument("dir")
+    p.add_argument("--hostname", action="append", default=[], metavar="NAME",
+                   help="server DNS name or IP address (repeatable; default localhost, this host, 127.0.0.1, ::1)")
+    p.add_argument("--client", action="append", default=[], metavar="CN",
+                   help="issue a client certificate with this common name (repeatable)")
+    p.add_argument("--organization", default="pynbd", help="O= of client certificates (default pynbd)")
+    p.add_argument("--days", type=int, default=3650)
+    p.set_defaults(func=cmd_certs)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from pynbd import certs
+
+    base = Path(args.dir)
+    ca_dir = base / "ca"
+    if (ca_dir / certs.CA_KEY).exists():
+        ca = certs.CertificateAuthority.load(ca_dir)
+    else:
+        ca = certs.CertificateAuthority.create(days=args.days)
+        ca.save(ca_dir)
+    if args.hostname:
+        dns, ips = [], []
+        for name in args.hostname:
+            try:
+                ipaddress.ip_address(name)
+                ips.append(name)
+            except ValueError:
+                dns.append(name)
+    else:
+        dns, ips = certs.default_server_names()
+    certs.write_server_creds(base / "server", ca, dns, ips, days=args.days)
+    print(f"server credentials: {base / 'server'}  (pynbd serve ... --tls-creds {base / 'server'})")
+    for cn in args.client:
+        subject = certs.write_client_creds(base / f"client-{cn}", ca, cn, args.organization, days=args.days)
+        dn = ",".join(a.rfc4514_string() for rdn in subject.rdns for a in rdn)
+        print(f"client credentials: {base / f'client-{cn}'}  (subject {dn})")
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------
 
 
@@ -278,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_map_parser(sub)
     add_bitmap_parser(sub)
+    add_create_parser(sub)
+    add_certs_parser(sub)
     return parser
 
 

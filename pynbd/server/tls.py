@@ -110,8 +110,6 @@ class TlsConfig:
             keys = self.psk
             ctx.set_psk_server_callback(lambda identity: keys.get(identity or "", b""))
             if self.creds_dir is None:
-                # PSK only: TLS 1.3 PSK in Python's ssl needs a certificate-less suite set.
-                ctx.maximum_version = ssl.TLSVersion.TLSv1_2
                 ctx.set_ciphers("PSK")
         elif self.creds_dir is None:
             raise TlsSetupError("TLS needs credentials (--tls-creds DIR) or --tls-psk FILE")
