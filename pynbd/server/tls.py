@@ -11,6 +11,7 @@ channel's ``sendfile`` copies.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import ssl
@@ -79,6 +80,19 @@ def _normalise_dn(dn: str) -> str:
     return ",".join(part.strip() for part in dn.split(","))
 
 
+def warn_if_expired(cert_path: Path) -> None:
+    """Clients refuse an expired or not yet valid certificate: say so at start, naming the file."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if cert.not_valid_after_utc < now:
+        log.warning("%s expired on %s: TLS clients will refuse this server (renew it, e.g. pynbd certs)",
+                    cert_path, cert.not_valid_after_utc.isoformat())
+    elif cert.not_valid_before_utc > now:
+        log.warning("%s is not valid before %s", cert_path, cert.not_valid_before_utc.isoformat())
+
+
 @dataclass
 class TlsConfig:
     creds_dir: Path | None = None
@@ -97,6 +111,7 @@ class TlsConfig:
                 ctx.load_cert_chain(cert, key)
             except (OSError, ssl.SSLError) as exc:
                 raise TlsSetupError(f"{self.creds_dir}: cannot load {cert.name}/{key.name}: {exc}") from None
+            warn_if_expired(cert)
             if self.verify_peer or self.authz:
                 try:
                     ctx.load_verify_locations(cafile=str(ca))
