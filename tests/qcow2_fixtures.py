@@ -294,26 +294,24 @@ def session_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 # --- reference answers from QEMU ---------------------------------------------------
 
 
-def qemu_img_map(path: Path, fmt: str | None = None) -> list[dict]:
-    args = ["qemu-img", "map", "--output=json"]
-    if fmt:
-        args += ["-f", fmt]
-    out = subprocess.run([*args, str(path)], check=True, capture_output=True, text=True, timeout=60).stdout
-    return json.loads(out)
-
-
 def qemu_img_map_text(path: Path, fmt: str | None = None) -> str:
+    """``qemu-img map --output=json`` (run in the image's directory, see :class:`QemuNbd`)."""
     args = ["qemu-img", "map", "--output=json"]
     if fmt:
         args += ["-f", fmt]
-    return subprocess.run([*args, str(path)], check=True, capture_output=True, text=True, timeout=60).stdout
+    return subprocess.run([*args, str(path)], check=True, capture_output=True, text=True, timeout=60,
+                          cwd=path.parent).stdout
+
+
+def qemu_img_map(path: Path, fmt: str | None = None) -> list[dict]:
+    return json.loads(qemu_img_map_text(path, fmt))
 
 
 def qemu_convert_raw(path: Path, out: Path, fmt: str | None = None) -> bytes:
     args = ["qemu-img", "convert", "-O", "raw"]
     if fmt:
         args += ["-f", fmt]
-    subprocess.run([*args, str(path), str(out)], check=True, capture_output=True, timeout=120)
+    subprocess.run([*args, str(path), str(out)], check=True, capture_output=True, timeout=120, cwd=path.parent)
     return out.read_bytes()
 
 
@@ -330,7 +328,9 @@ class QemuNbd:
             args.append("-A")
         for b in bitmaps:
             args += ["-B", b]
-        self.proc = subprocess.Popen([*args, str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # cwd: QEMU 7.2 opens a relative external data file name relative to the CWD.
+        self.proc = subprocess.Popen([*args, str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     cwd=image.parent)
         try:
             deadline = time.monotonic() + 10
             while not sock.exists():
