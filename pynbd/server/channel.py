@@ -57,8 +57,6 @@ class SocketChannel:
         # Loopback measurements (design-notes.md §3, bench/README.md): copying
         # beats sendfile on unix sockets; over TCP sendfile saves a copy and CPU.
         self.auto_zero_copy = sock.family != socket.AF_UNIX
-        #: Bytes that went out through os.sendfile (the zero-copy path really runs).
-        self.sendfile_bytes = 0
 
     async def recv_into(self, buf: memoryview) -> int:
         return await self.loop.sock_recv_into(self.sock, buf)
@@ -92,7 +90,6 @@ class SocketChannel:
             if n == 0:  # EOF of the source file
                 break
             sent += n
-        self.sendfile_bytes += sent
         return sent
 
     async def _writable(self) -> None:

@@ -262,6 +262,8 @@ class Connection:
             # Finish (and answer) what is in flight before closing (§3.3 DISC, X23).
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            self.log.info("read data sent: %d bytes by sendfile, %d bytes copied (zero-copy %s)",
+                          writer.sendfile_bytes, writer.copied_bytes, "on" if writer.zero_copy else "off")
 
     async def _serve(self, request: wire.Request, payload: bytearray | None, export: Export,
                      state: TransmissionState, writer: ReplyWriter) -> None:

@@ -62,6 +62,9 @@ class ReplyWriter:
         self.structured = structured
         self.zero_copy = zero_copy and channel.supports_sendfile
         self.lock = asyncio.Lock()
+        #: READ payload bytes sent by os.sendfile and by copying (shown when the connection ends).
+        self.sendfile_bytes = 0
+        self.copied_bytes = 0
 
     async def _send(self, data: bytes | bytearray | memoryview) -> None:
         async with self.lock:
@@ -106,6 +109,7 @@ class ReplyWriter:
         buf = bytearray(len(header) + length)
         buf[:len(header)] = header
         copy_segments(segments, memoryview(buf)[len(header):])
+        self.copied_bytes += length
         await self._send(buf)
 
     async def _read_structured(self, cookie: int, offset: int, segments: Sequence[ReadSegment],
@@ -148,6 +152,7 @@ class ReplyWriter:
                 buf = bytearray(len(header) + size)
                 buf[:len(header)] = header
                 copy_segments(segs, memoryview(buf)[len(header):])
+                self.copied_bytes += size
                 parts.append(buf)
             pos += size
         await self._send(parts[0] if len(parts) == 1 else b"".join(parts))
@@ -165,6 +170,7 @@ class ReplyWriter:
                 fd, host_offset, count = op
                 try:
                     sent = await channel.sendfile(fd, host_offset, count)
+                    self.sendfile_bytes += sent
                 except OSError as exc:
                     log.error("sendfile from fd %d at %d failed: %s", fd, host_offset, exc)
                     await self._send_zeros(count, more=index < last)

@@ -170,7 +170,6 @@ class TlsChannel:
         self.sslobj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self._send_lock = asyncio.Lock()
         self._recv_buf = bytearray(_RECORD)
-        self.sendfile_bytes = 0
 
     async def _flush(self) -> None:
         # Raw writes keep BIO order: whoever holds the lock sends everything pending.

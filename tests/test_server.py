@@ -1,0 +1,174 @@
+"""Server behaviour around the protocol: read paths, event loops, activation, limits, shutdown."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.servers import PynbdServer, make_raw_image, nbdcopy, nbdinfo, run
+
+pytestmark = [pytest.mark.pynbd, pytest.mark.needs("nbdinfo", "nbdcopy", "qemu-io")]
+
+MiB = 1 << 20
+WRITES = ("write -P 0xaa 0 1M", "write -P 0xbb 2M 512k", "write -P 0xcc 7M 1M")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    return make_raw_image(tmp_path / "disk.img", 8 * MiB, WRITES)
+
+
+def settled_log(server, connections: int) -> str:
+    """The server log once ``connections`` connections have logged their read counters."""
+    deadline = time.monotonic() + 10
+    while True:
+        log = server.log()
+        if log.count("read data sent:") >= connections or time.monotonic() > deadline:
+            return log
+        time.sleep(0.05)
+
+
+def read_path_counts(log: str) -> tuple[int, int]:
+    """Sum the per-connection 'N bytes by sendfile, M bytes copied' lines of a server log."""
+    sent = copied = 0
+    for m in re.finditer(r"read data sent: (\d+) bytes by sendfile, (\d+) bytes copied", log):
+        sent += int(m[1])
+        copied += int(m[2])
+    return sent, copied
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("zero_copy,tcp", [("on", False), ("off", False), ("on", True), ("auto", True),
+                                           ("auto", False)])
+def test_read_paths_really_run(image, tmp_path, loop, zero_copy, tcp):
+    """The sendfile path is proven by the server's own byte counters, not guessed."""
+    out = tmp_path / "out.img"
+    with PynbdServer(image, "--loop", loop, "--zero-copy", zero_copy, "--read-only", tcp=tcp) as server:
+        nbdcopy("--connections=2", server.uri, out)
+        log = settled_log(server, 2)
+    assert out.read_bytes() == image.read_bytes()
+    assert f"on {loop}" in log
+    sent, copied = read_path_counts(log)
+    data_bytes = 1 * MiB + 512 * 1024 + 1 * MiB  # nbdcopy reads only the data extents
+    use_sendfile = zero_copy == "on" or (zero_copy == "auto" and tcp)
+    if use_sendfile:
+        assert sent >= data_bytes and copied == 0
+    else:
+        assert copied >= data_bytes and sent == 0
+
+
+def test_simple_replies_through_sendfile(image, tmp_path):
+    """qemu-io in simple-reply mode (x-... no structured) still gets correct data via sendfile."""
+    with PynbdServer(image, "--zero-copy", "on") as server:
+        p = run(["qemu-io", "-f", "raw", "-c", "read -P 0xbb 2M 512k", "-c", "read -P 0 1M 1M",
+                 server.uri])
+        assert p.stdout.count("read ") == 2 and "verification failed" not in p.stdout
+        sent, _ = read_path_counts(settled_log(server, 1))
+    assert sent >= 512 * 1024
+
+
+def test_systemd_socket_activation(image, tmp_path):
+    path = str(tmp_path / "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    fd = listener.fileno()
+
+    def as_fd3():
+        os.dup2(fd, 3)
+        os.set_inheritable(3, True)
+
+    env = dict(os.environ, LISTEN_FDS="1", PYTHONPATH=str(REPO))
+    # LISTEN_PID must be the server's own pid: the shell sets it to $$ and execs.
+    proc = subprocess.Popen(
+        ["sh", "-c", f'LISTEN_PID=$$ exec "{sys.executable}" -m pynbd serve "{image}" -r'],
+        env=env, preexec_fn=as_fd3, pass_fds=(fd, 3), stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        listener.close()
+        deadline = time.monotonic() + 20
+        while True:
+            p = run(["nbdinfo", "--size", f"nbd+unix:///?socket={path}"], check=False)
+            if p.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert p.stdout.strip() == str(8 * MiB)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
+    assert f"socket={path}" in err.decode()
+
+
+def test_connection_limit_queues_extra_clients(image):
+    """--shared 1: a second client waits until the first leaves, then is served (qemu-nbd -e)."""
+    with PynbdServer(image, "--shared", "1", "-r") as server:
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        first.connect(server.socket)
+        assert len(first.recv(18)) == 18  # greeting: the slot is taken
+        second = subprocess.Popen(["nbdinfo", "--size", server.uri], stdout=subprocess.PIPE)
+        time.sleep(1.0)
+        assert second.poll() is None, "second client must wait while the limit is reached"
+        first.close()
+        out, _ = second.communicate(timeout=20)
+        assert out.decode().strip() == str(8 * MiB)
+
+
+def test_sigterm_finishes_requests_in_flight(image, tmp_path):
+    """SIGTERM during a long copy: requests already received are answered, then exit 0."""
+    big = make_raw_image(tmp_path / "big.img", 256 * MiB, ("write -P 0x42 0 256M",))
+    with PynbdServer(big, "-r") as server:
+        copier = subprocess.Popen(["nbdcopy", server.uri, "null:"], stderr=subprocess.PIPE)
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=30)
+        copier.wait(timeout=30)
+        assert code == 0
+        assert "stopping" in server.log()
+
+
+def test_start_logs_uris(image):
+    with PynbdServer(image, tcp=True) as server:
+        time.sleep(0.2)
+        assert f"serving nbd://127.0.0.1:{server.port}/" in server.log()
+    with PynbdServer(image, name="disk") as server:
+        time.sleep(0.2)
+        assert f"serving nbd+unix:///disk?socket={server.socket}" in server.log()
+
+
+def test_bad_image_and_busy_port_are_one_line_errors(tmp_path, image):
+    def serve(*args):
+        return run([sys.executable, "-m", "pynbd", "serve", *args], check=False, timeout=30)
+
+    p = serve(tmp_path / "missing.img", "--socket", tmp_path / "s")
+    assert p.returncode == 2 and "missing.img" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        p = serve(image, "--port", str(port))
+        assert p.returncode == 2 and f"127.0.0.1:{port}" in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+    p = serve(image, "--no-such-option")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    p = serve(image, "--loop", "tokio")
+    assert p.returncode == 2 and "--loop" in p.stderr
+
+
+def test_several_exports_and_default_export(tmp_path, image):
+    other = make_raw_image(tmp_path / "other.img", 1 * MiB, ("write -P 0x11 0 4k",))
+    with PynbdServer(None, "--export", f"a={image}", "--export", f"b={other}") as server:
+        listing = nbdinfo("--list", f"nbd+unix:///?socket={server.socket}")
+        assert 'export="a"' in listing and 'export="b"' in listing
+        assert nbdinfo("--size", f"nbd+unix:///b?socket={server.socket}").strip() == str(1 * MiB)
+    with PynbdServer(image, name="only") as server:
+        # One export: the default name "" reaches it (as nbdkit does).
+        assert nbdinfo("--size", f"nbd+unix:///?socket={server.socket}").strip() == str(8 * MiB)
