@@ -286,7 +286,8 @@ class Qcow2Layer:
         return host
 
     def _corrupt(self, pos: int, entry: int, what: str) -> ImageIOError:
-        return ImageIOError(f"{self.path}: L2 entry {entry:#x} for guest offset {pos:#x}: {what}")
+        guest = pos & ~(self.cluster_size - 1)
+        return ImageIOError(f"{self.path}: L2 entry {entry:#x} for guest offset {guest:#x}: {what}")
 
     def read_compressed(self, pos: int, entry: int) -> bytes:
         """§3.5/§4: decompress the cluster described by ``entry``; ImageIOError names the guest offset."""

@@ -54,6 +54,9 @@ class Export:
             image.close()
             raise
         read_only = config.read_only or image.read_only
+        if read_only and not config.read_only:
+            log.warning("export %r: %s is served read-only (pynbd cannot write %s images yet)",
+                        config.name, config.path, image.format_name)
         return cls(
             name=config.name,
             image=image,
