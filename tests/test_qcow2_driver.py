@@ -326,3 +326,14 @@ def test_l2_cache_is_bounded(fx: dict[str, Path], tmp_path: Path) -> None:
     with image:
         assert image.read(0, image.size) == ref
         assert cache.size_bytes <= 1024 and cache.misses > 2
+
+
+def test_extents_work_per_call_is_bounded(fx: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import pynbd.image.qcow2 as q
+
+    with open_fixture(fx, "cs2m.qcow2") as image:
+        full = depth_rows(image)
+        monkeypatch.setattr(q, "MAX_CLUSTERS_PER_CALL", 3)
+        first = list(image.extents(0, image.size))
+        assert first[-1].end == 3 * 2 * MiB
+        assert depth_rows(image) == full

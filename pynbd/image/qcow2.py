@@ -71,6 +71,9 @@ _ALL_SC = (1 << SUBCLUSTERS) - 1
 
 #: Upper bound of extents one ``extents()`` call yields; the caller re-queries.
 MAX_EXTENTS_PER_CALL = 65536
+#: One ``extents()`` call looks at no more than this many top-layer clusters,
+#: so the work per block-status request stays bounded on huge allocated images.
+MAX_CLUSTERS_PER_CALL = 1 << 18
 #: Backing chains deeper than this are refused (each layer holds open fds).
 MAX_CHAIN_LENGTH = 1000
 
@@ -172,6 +175,12 @@ class Qcow2Layer:
         if not hdr.data_file:
             raise ImageError(f"{self.path}: external data file bit set but no data file name extension")
         data_path = resolve_backing_path(self.path, hdr.data_file)
+        if not os.path.exists(data_path) and os.path.exists(hdr.data_file):
+            # QEMU 7.2 opens a relative data file name relative to the CWD (later
+            # versions use the image's directory, like backing files): accept both.
+            log.warning("%s: external data file %r found relative to the current directory, "
+                        "not the image's directory", self.path, hdr.data_file)
+            data_path = hdr.data_file
         self.data_file_path = data_path
         self.data_fd = self._open(data_path)
         self.data_file_size = os.fstat(self.data_fd).st_size
@@ -376,24 +385,29 @@ class Qcow2Image(Image):
     # -- allocation --
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        """§3.7: base:allocation flags and qemu:allocation-depth, merged."""
-        cur: list[int] | None = None  # [offset, length, data, zero, depth]
+        """§3.7: base:allocation flags and qemu:allocation-depth, merged.
+
+        Data (normal or compressed, in any layer) is never zero; everything
+        else (zero clusters, raw holes, short backing files, unallocated
+        everywhere) is a zero hole. Depth is 1-based, 0 when no layer owns the range.
+        """
+        end = offset + min(length, MAX_CLUSTERS_PER_CALL << self.top.cluster_bits)
+        start = offset
+        state: tuple[bool, int] | None = None  # (data, depth) of the run being merged
         count = 0
-        for pos, n, idx, kind, _host in resolve(self.layers, offset, offset + length):
+        for pos, _n, idx, kind, _host in resolve(self.layers, offset, end):
             data = kind == KIND_DATA or kind == KIND_COMPRESSED
-            depth = 0 if kind == RESOLVED_ABSENT else idx + 1
-            zero = not data
-            if cur is not None and cur[2] == data and cur[4] == depth:
-                cur[1] += n
+            here = (data, 0 if kind == RESOLVED_ABSENT else idx + 1)
+            if here == state:
                 continue
-            if cur is not None:
-                yield Extent(cur[0], cur[1], bool(cur[2]), bool(cur[3]), cur[4])
+            if state is not None:
+                yield Extent(start, pos - start, state[0], not state[0], state[1])
                 count += 1
                 if count >= MAX_EXTENTS_PER_CALL:
                     return
-            cur = [pos, n, data, zero, depth]
-        if cur is not None:
-            yield Extent(cur[0], cur[1], bool(cur[2]), bool(cur[3]), cur[4])
+            start, state = pos, here
+        if state is not None:
+            yield Extent(start, end - start, state[0], not state[0], state[1])
 
     # -- bitmaps --
 
