@@ -1,0 +1,191 @@
+"""Shared fixtures: small raw images, server launchers, binary/pynbd availability checks.
+
+Markers:
+* ``@pytest.mark.needs("qemu-nbd", "nbdinfo", ...)`` skips (with the reason) when a
+  binary is missing; ``"libnbd-python"`` stands for /usr/bin/python3 + ``import nbd``.
+* ``@pytest.mark.pynbd`` skips while ``python -m pynbd serve --help`` fails (the server
+  is being written concurrently); once it works these tests run for real.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Make "tests.support" importable however pytest is started (pytest, python -m pytest).
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from tests.support.servers import (
+    PynbdServer,
+    QemuNbdServer,
+    have_libnbd_python,
+    make_raw_image,
+    pynbd_available,
+)
+
+MiB = 1024 * 1024
+KiB = 1024
+
+# A 4 MiB sparse image with a few data runs (offsets chosen to give qemu-nbd and pynbd
+# a map with several data/hole alternations, one of them not 64 KiB aligned).
+SPARSE_SIZE = 4 * MiB
+SPARSE_WRITES = (
+    "write -P 0xaa 0 64k",
+    "write -P 0xbb 1M 4k",
+    "write -P 0xcc 1052672 8k",  # 1M+4k..1M+12k: adjacent to the previous run
+    "write -P 0xdd 2M 192k",
+    "write -P 0xee 4128768 64k",  # last 64 KiB
+)
+# A size that is not a multiple of 512 (qemu-nbd rounds it up, pynbd must not).
+ODD_SIZE = 3 * MiB + 1000
+ODD_WRITES = (
+    "write -P 0x11 0 4k",
+    "write -P 0x22 3145728 1000",  # the last 1000 bytes
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*binaries): skip unless these binaries exist")
+    config.addinivalue_line("markers", "pynbd: needs a working 'python -m pynbd serve'")
+
+
+_binary_cache: dict[str, bool] = {}
+
+
+def _have(binary: str) -> bool:
+    if binary not in _binary_cache:
+        if binary == "libnbd-python":
+            _binary_cache[binary] = have_libnbd_python()
+        else:
+            _binary_cache[binary] = shutil.which(binary) is not None
+    return _binary_cache[binary]
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs"):
+        missing = [b for b in mark.args if not _have(b)]
+        if missing:
+            pytest.skip(f"missing binaries: {', '.join(missing)}")
+    if item.get_closest_marker("pynbd") and not pynbd_available():
+        pytest.skip("pynbd server not available yet ('python -m pynbd serve --help' fails)")
+
+
+# --------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sparse_image(tmp_path) -> Path:
+    return make_raw_image(tmp_path / "sparse.img", SPARSE_SIZE, SPARSE_WRITES)
+
+
+@pytest.fixture
+def odd_image(tmp_path) -> Path:
+    return make_raw_image(tmp_path / "odd.img", ODD_SIZE, ODD_WRITES)
+
+
+@pytest.fixture
+def image_factory(tmp_path):
+    """make(name, size, writes) -> Path of a fresh sparse raw image."""
+    def make(name: str, size: int = SPARSE_SIZE, writes=()) -> Path:
+        return make_raw_image(tmp_path / name, size, writes)
+    return make
+
+
+def copy_sparse(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    return dst
+
+
+# --------------------------------------------------------------------------
+# Servers
+# --------------------------------------------------------------------------
+
+
+class _Launcher:
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.servers = []
+
+    def _track(self, s):
+        self.servers.append(s)
+        return s
+
+    def pynbd(self, image=None, *args, **kw) -> PynbdServer:
+        kw.setdefault("workdir", self.tmp_path)
+        return self._track(PynbdServer(image, *args, **kw))
+
+    def qemu(self, image, *args, **kw) -> QemuNbdServer:
+        kw.setdefault("workdir", self.tmp_path)
+        return self._track(QemuNbdServer(image, *args, **kw))
+
+    def stop_all(self):
+        errors = []
+        for s in reversed(self.servers):
+            try:
+                s.stop()
+            except AssertionError as e:
+                errors.append(str(e))
+        if errors:
+            raise AssertionError("\n".join(errors))
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """launch.pynbd(image, *args, name=..., tcp=...) / launch.qemu(image, *args, fmt=...).
+
+    Every server is stopped at teardown; a pynbd server that does not exit 0 on
+    SIGTERM fails the test.
+    """
+    launcher = _Launcher(tmp_path)
+    yield launcher
+    launcher.stop_all()
+
+
+@pytest.fixture
+def pynbd_server(launch, sparse_image):
+    """pynbd serving the sparse image, writable, export name ""."""
+    if not pynbd_available():
+        pytest.skip("pynbd server not available yet")
+    return launch.pynbd(sparse_image)
+
+
+@pytest.fixture
+def qemu_server(launch, sparse_image):
+    """qemu-nbd serving the sparse image, writable, -A, export name ""."""
+    if not shutil.which("qemu-nbd"):
+        pytest.skip("missing binaries: qemu-nbd")
+    return launch.qemu(sparse_image, "-A", "-e", "0")
+
+
+@pytest.fixture(params=["pynbd", "qemu-nbd"])
+def any_server_kind(request):
+    """Parametrize a test over both servers (pynbd skipped while unavailable)."""
+    if request.param == "pynbd" and not pynbd_available():
+        pytest.skip("pynbd server not available yet")
+    if request.param == "qemu-nbd" and not shutil.which("qemu-nbd"):
+        pytest.skip("missing binaries: qemu-nbd")
+    return request.param
+
+
+@pytest.fixture
+def start_server(launch, any_server_kind):
+    """start(image, *, read_only=False, name="", extra=()) with the parametrized server kind.
+
+    qemu-nbd gets ``-A -e 0`` so both offer the same contexts and multi-conn.
+    """
+    def start(image, *, read_only=False, name="", pynbd_args=(), qemu_args=(), **kw):
+        if any_server_kind == "pynbd":
+            args = list(pynbd_args) + (["--read-only"] if read_only else [])
+            return launch.pynbd(image, *args, name=name, **kw)
+        args = ["-A", "-e", "0", *qemu_args] + (["-r"] if read_only else [])
+        return launch.qemu(image, *args, name=name, **kw)
+    start.kind = any_server_kind
+    return start

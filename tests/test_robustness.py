@@ -1,0 +1,339 @@
+"""Robustness of pynbd against misbehaving clients, over raw sockets.
+
+Every abuse runs while a *bystander* connection (opened and used before the abuse)
+sits in the transmission phase.  Afterwards the bystander must still get correct
+answers and a fresh client (nbdinfo) must still be served.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from tests.conftest import KiB, MiB, SPARSE_SIZE
+from tests.support.nbdclient import (
+    CMD_READ,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    CMD_TRIM,
+    EINVAL,
+    ENOSPC,
+    EPERM,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    NBDMAGIC,
+    OPT_GO,
+    OPT_LIST,
+    REP_ACK,
+    REP_ERR_UNSUP,
+    Disconnected,
+    NbdClient,
+)
+from tests.support.servers import nbdinfo
+
+pytestmark = [pytest.mark.pynbd, pytest.mark.needs("qemu-io", "nbdinfo"),
+              pytest.mark.timeout(120)]
+
+
+class Bystander:
+    """A well-behaved client connected before the abuse."""
+
+    def __init__(self, server):
+        self.server = server
+        self.c = NbdClient.connect(server)
+        assert self.c.read(0, 4096).data(0, 4096) == b"\xaa" * 4096
+
+    def check(self):
+        r = self.c.read(0, 64 * KiB)
+        assert r.error == 0
+        assert r.data(0, 64 * KiB) == b"\xaa" * (64 * KiB)
+        r = self.c.read(2 * MiB, 4096)
+        assert r.data(2 * MiB, 4096) == b"\xdd" * 4096
+
+
+def assert_healthy(server, bystander: Bystander | None = None, size: int = SPARSE_SIZE):
+    assert server.alive(), f"server died:\n{server.log()}"
+    if bystander:
+        bystander.check()
+    out = nbdinfo("--size", server.uri, timeout=30)
+    assert int(out.strip()) == size
+
+
+def opt_client(server, flags=FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) -> NbdClient:
+    c = NbdClient.for_server(server)
+    c.read_greeting()
+    c.send_client_flags(flags)
+    return c
+
+
+@pytest.fixture
+def server(launch, sparse_image):
+    return launch.pynbd(sparse_image)
+
+
+@pytest.fixture
+def bystander(server):
+    b = Bystander(server)
+    yield b
+    b.c.close()
+
+
+# --------------------------------------------------------------------------
+# Handshake abuse
+# --------------------------------------------------------------------------
+
+
+def test_wrong_option_magic(server, bystander):
+    c = opt_client(server)
+    c.send(struct.pack(">QII", 0x1122334455667788, OPT_LIST, 0))
+    assert c.wait_for_disconnect(5) == b""
+    assert_healthy(server, bystander)
+
+
+@pytest.mark.parametrize("length", [32 * MiB + 1, 64 * MiB, 0xFFFFFFFF])
+def test_huge_option_length_not_read(server, bystander, length):
+    c = opt_client(server)
+    c.send_option(OPT_GO, b"\x00" * 100, length=length)
+    t0 = time.monotonic()
+    assert c.wait_for_disconnect(5) == b"", "server waited for a > 32 MiB option"
+    assert time.monotonic() - t0 < 5
+    assert_healthy(server, bystander)
+
+
+@pytest.mark.parametrize("stage", ["before-greeting-read", "half-flags", "after-flags",
+                                   "half-option-header", "half-option-data",
+                                   "after-structured", "mid-go"])
+def test_truncated_handshake(server, bystander, stage):
+    c = NbdClient.for_server(server)
+    if stage != "before-greeting-read":
+        c.read_greeting()
+    if stage == "half-flags":
+        c.send(b"\x00\x00")
+    elif stage != "before-greeting-read":
+        c.send_client_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+    if stage == "half-option-header":
+        c.send(struct.pack(">Q", IHAVEOPT) + b"\x00\x00")
+    elif stage == "half-option-data":
+        c.send(NbdClient.encode_option(OPT_GO, b"\x00\x00\x00\x00", length=100))
+    elif stage == "after-structured":
+        assert c.structured_reply().type == REP_ACK
+    elif stage == "mid-go":
+        c.send_option(OPT_GO, NbdClient.info_payload("", [INFO_BLOCK_SIZE]))
+    c.close()
+    time.sleep(0.2)
+    assert_healthy(server, bystander)
+
+
+def test_unknown_option_keeps_connection(server, bystander):
+    c = opt_client(server)
+    for opt in (99, 1000, 0x7FFFFFFF):
+        replies = c.option(opt, b"x" * 1000)
+        assert [r.type for r in replies] == [REP_ERR_UNSUP]
+    assert c.go("").ok
+    assert c.read(0, 512).data(0, 512) == b"\xaa" * 512
+    assert_healthy(server, bystander)
+
+
+@pytest.mark.parametrize("flags", [0x4, 0x8000_0000, 0xFFFF_FFFF])
+def test_unknown_client_flags(server, bystander, flags):
+    c = NbdClient.for_server(server)
+    c.read_greeting()
+    c.send_client_flags(flags)
+    assert c.wait_for_disconnect(5) == b""
+    assert_healthy(server, bystander)
+
+
+def test_many_options_then_go(server, bystander):
+    """A chatty client (1000 option round trips) is served normally."""
+    c = opt_client(server)
+    for _ in range(500):
+        exports, final = c.list_exports()
+        assert final.type == REP_ACK
+        assert c.option(99)[0].type == REP_ERR_UNSUP
+    assert c.go("").ok
+    assert_healthy(server, bystander)
+
+
+def test_handshake_timeout(launch, sparse_image):
+    s = launch.pynbd(sparse_image, "--handshake-timeout", "1")
+    b = Bystander(s)
+    silent = NbdClient.for_server(s)  # connects, never reads or sends
+    flags_only = NbdClient.for_server(s)
+    flags_only.read_greeting()
+    flags_only.send_client_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+    slow = opt_client(s)
+    t0 = time.monotonic()
+    slow.list_exports()  # options do not extend the deadline indefinitely
+    got = silent.wait_for_disconnect(6)
+    assert got is not None, "silent client not dropped"
+    assert got in (b"", struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+    assert flags_only.wait_for_disconnect(6) == b""
+    elapsed = time.monotonic() - t0
+    assert 0.5 < elapsed < 6, elapsed
+    # a slow but finished handshake is not affected: the bystander idles past the timeout
+    time.sleep(1.5)
+    b.check()
+    assert_healthy(s, b)
+
+
+# --------------------------------------------------------------------------
+# Transmission abuse
+# --------------------------------------------------------------------------
+
+
+def test_read_past_end(server, bystander):
+    c = NbdClient.connect(server)
+    for off, n in [(SPARSE_SIZE, 1), (SPARSE_SIZE - 1, 2), (2**64 - 1, 1), (2**63, 2**31)]:
+        assert c.read(off, n).error == EINVAL
+    assert c.read(0, 512).error == 0
+    assert_healthy(server, bystander)
+
+
+def test_write_read_only(launch, sparse_image):
+    s = launch.pynbd(sparse_image, "--read-only")
+    b = Bystander(s)
+    c = NbdClient.connect(s)
+    assert c.write(0, b"\x01" * 65536).error == EPERM
+    assert c.request(CMD_TRIM, 0, 65536).error == EPERM
+    assert c.request(CMD_WRITE_ZEROES, 0, 65536).error == EPERM
+    assert c.write(SPARSE_SIZE, b"\x01" * 512).error in (EPERM, ENOSPC)
+    assert c.read(0, 65536).data(0, 65536) == b"\xaa" * 65536
+    assert_healthy(s, b)
+    with open(sparse_image, "rb") as f:
+        assert f.read(65536) == b"\xaa" * 65536
+
+
+def test_unknown_command(server, bystander):
+    c = NbdClient.connect(server)
+    for cmd in (9, 42, 0x7FFF, 0xFFFF):
+        assert c.request(cmd, 0, 512).error == EINVAL
+    assert c.read(0, 512).error == 0
+    assert_healthy(server, bystander)
+
+
+@pytest.mark.parametrize("length", [32 * MiB + 1, 64 * MiB, 0xFFFFFFFF])
+def test_read_over_32mib(server, bystander, length):
+    c = NbdClient.connect(server)
+    assert c.read(0, length).error == EINVAL
+    assert c.read(0, 512).error == 0
+    assert_healthy(server, bystander)
+
+
+@pytest.mark.parametrize("send_payload", [True, False])
+def test_write_over_32mib(server, bystander, send_payload):
+    c = NbdClient.connect(server)
+    n = 32 * MiB + 4096
+    c.send_request(CMD_WRITE, 0, n)
+    if send_payload:
+        try:
+            c.send(b"\x66" * n)
+        except OSError:
+            pass
+    try:
+        r = c.read_reply(timeout=10)
+        assert r.error == EINVAL
+    except (Disconnected, socket.timeout):
+        pass
+    c.close()
+    assert_healthy(server, bystander)
+    with open(server.image, "rb") as f:
+        assert f.read(4096) == b"\xaa" * 4096, "an oversize WRITE was (partly) applied"
+
+
+@pytest.mark.parametrize("magic", [0, 0x25609514, 0xFFFFFFFF])
+def test_bad_request_magic(server, bystander, magic):
+    c = NbdClient.connect(server)
+    c.send_request(CMD_READ, 0, 512, magic=magic)
+    assert c.wait_for_disconnect(5) == b""
+    assert_healthy(server, bystander)
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_vanish_mid_write(server, bystander, how):
+    c = NbdClient.connect(server)
+    c.send_request(CMD_WRITE, MiB, 1 * MiB)
+    c.send(b"\x42" * (512 * KiB))
+    if how == "reset":
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    time.sleep(0.3)
+    assert_healthy(server, bystander)
+    # the half-received write was not applied
+    r = bystander.c.read(MiB, 4096)
+    assert r.data(MiB, 4096) == b"\xbb" * 4096
+    assert "Traceback" not in server.log()
+
+
+def test_vanish_mid_header(server, bystander):
+    c = NbdClient.connect(server)
+    c.send(NbdClient.encode_request(CMD_READ, 0, 512, 0, 1)[:13])
+    c.close()
+    time.sleep(0.2)
+    assert_healthy(server, bystander)
+
+
+def test_vanish_with_reads_in_flight(server, bystander):
+    for _ in range(5):
+        c = NbdClient.connect(server)
+        for i in range(64):
+            c.send_request(CMD_READ, 0, MiB)
+        c.close()
+    time.sleep(0.3)
+    assert_healthy(server, bystander)
+    assert "Traceback" not in server.log()
+
+
+def test_client_never_reads_replies(server, bystander):
+    """2000 pipelined 1 MiB READs whose replies are never read: memory stays bounded."""
+    base_rss = server.rss_kib()
+    c = NbdClient.connect(server)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+    c.sock.settimeout(0.5)
+    sent = 0
+    max_rss = base_rss
+    t_end = time.monotonic() + 8
+    payload = b"".join(NbdClient.encode_request(CMD_READ, (i % 4) * MiB, MiB, 0, i + 1)
+                       for i in range(2000))
+    view = memoryview(payload)
+    while time.monotonic() < t_end:
+        if sent < len(payload):
+            try:
+                sent += c.sock.send(view[sent:sent + 28 * 50])
+            except socket.timeout:
+                pass
+            except BlockingIOError:
+                pass
+        else:
+            time.sleep(0.1)
+        max_rss = max(max_rss, server.rss_kib())
+    for _ in range(10):
+        time.sleep(0.1)
+        max_rss = max(max_rss, server.rss_kib())
+    assert max_rss < 200 * 1024, f"RSS grew to {max_rss} KiB (base {base_rss} KiB)"
+    # while one client is stuck, others are served
+    assert_healthy(server, bystander)
+    c.close()
+    time.sleep(0.3)
+    assert_healthy(server, bystander)
+
+
+def test_many_idle_connections(server, bystander):
+    clients = [NbdClient.connect(server) for _ in range(64)]
+    half = [opt_client(server) for _ in range(32)]
+    assert_healthy(server, bystander)
+    for c in clients + half:
+        c.close()
+    assert_healthy(server, bystander)
+
+
+def test_write_zeroes_and_trim_past_end(server, bystander):
+    c = NbdClient.connect(server)
+    assert c.write(SPARSE_SIZE - 512, b"\x01" * 1024).error == ENOSPC
+    assert c.request(CMD_WRITE_ZEROES, SPARSE_SIZE, 512).error == ENOSPC
+    assert c.request(CMD_TRIM, SPARSE_SIZE, 512).error == EINVAL
+    assert_healthy(server, bystander)
