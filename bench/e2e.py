@@ -1,0 +1,973 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: pynbd against qemu-nbd and nbdkit, same image, same run.
+
+Each round serves every image with every server in turn (A/B/C alternation,
+the order rotated each round so no server is always first after the page
+cache warm-up), runs real clients against it (nbdcopy, fio's nbd engine,
+nbdinfo --map) and records the medians over rounds plus each server's peak
+RSS (VmHWM). Only unix sockets and 127.0.0.1 are used; every server is
+killed in a ``finally`` (and on Ctrl-C / SIGTERM, and by PR_SET_PDEATHSIG if
+this process dies without cleaning up).
+
+Run ``scripts/bench --help``; bench/README.md has the results and the reasons
+for the choices below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+REPO = Path(__file__).resolve().parent.parent
+BITMAP_NAME = "bm0"
+
+
+# ---------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------
+
+
+class BenchError(Exception):
+    """One measurement (or one server start) failed; the reason is the message."""
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 64M, 1G)")
+    mult = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": GiB * KiB}[m.group(2).lower()]
+    return int(m.group(1)) * mult
+
+
+def human_size(n: int) -> str:
+    for unit, mult in (("T", GiB * KiB), ("G", GiB), ("M", MiB), ("K", KiB)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_cmd(argv: list[str], timeout: float, what: str) -> subprocess.CompletedProcess:
+    """Run a client; BenchError with its last stderr line when it fails."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what}: timed out after {timeout:.0f}s") from None
+    except FileNotFoundError:
+        raise BenchError(f"{what}: {argv[0]} not found") from None
+    if proc.returncode != 0:
+        reason = last_line(proc.stderr) or last_line(proc.stdout) or f"exit {proc.returncode}"
+        raise BenchError(f"{what}: {reason}")
+    return proc
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_vmhwm(pid: int) -> float | None:
+    """Peak resident set size of ``pid`` in MiB (VmHWM), None if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * KiB / MiB
+    except OSError:
+        return None
+    return None
+
+
+def warm_page_cache(paths: list[Path]) -> None:
+    buf = bytearray(8 * MiB)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+# ---------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Images:
+    dir: Path
+    size: int
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def _ok(self, name: str) -> Path:
+        return self.dir / f"{name}.ok"
+
+    def _fresh(self, name: str, deps: list[str]) -> bool:
+        ok = self._ok(name)
+        if not ok.exists() or not (self.dir / name).exists():
+            return False
+        return all(self._ok(d).stat().st_mtime <= ok.stat().st_mtime for d in deps)
+
+    def _done(self, name: str) -> None:
+        self._ok(name).write_text("ok\n")
+
+    def _build(self, key: str, name: str, deps: list[str], builder: Callable[[Path], None]) -> None:
+        path = self.dir / name
+        self.paths[key] = path
+        if self._fresh(name, deps):
+            return
+        self._ok(name).unlink(missing_ok=True)
+        t0 = time.monotonic()
+        print(f"  building {name} ...", end="", flush=True)
+        builder(path)
+        self._done(name)
+        print(f" {time.monotonic() - t0:.1f}s", flush=True)
+
+    def build(self, want_qcow2: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        s = self.size
+        tag = human_size(s)
+        self._build("raw-full", f"full-{tag}.raw", [], lambda p: make_full_raw(p, s))
+        self._build("raw-frag", f"frag-{tag}.raw", [], lambda p: make_frag_raw(p, s))
+        if not want_qcow2:
+            return
+        full_raw = self.paths["raw-full"]
+        self._build(
+            "qcow2-full",
+            f"full-{tag}.qcow2",
+            [full_raw.name],
+            lambda p: check_call(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(full_raw), str(p)]),
+        )
+        base = self.paths["qcow2-full"]
+        self._build("qcow2-mid", f"chain-mid-{tag}.qcow2", [base.name], lambda p: make_overlay(p, base, s, 1))
+        mid = self.paths["qcow2-mid"]
+        self._build("qcow2-chain", f"chain-top-{tag}.qcow2", [mid.name], lambda p: make_overlay(p, mid, s, 2))
+        self._build("qcow2-frag", f"frag-{tag}.qcow2", [], lambda p: make_frag_qcow2(p, s))
+        self._build("qcow2-bitmap", f"bitmap-{human_size(100 * s)}.qcow2", [], lambda p: make_bitmap_qcow2(p, 100 * s))
+
+    def files_of(self, key: str) -> list[Path]:
+        """The image and, for the chain, its backing files (for page-cache warm-up)."""
+        if key == "qcow2-chain":
+            return [self.paths["qcow2-chain"], self.paths["qcow2-mid"], self.paths["qcow2-full"]]
+        return [self.paths[key]]
+
+
+def check_call(argv: list[str], stdin_text: str | None = None) -> None:
+    proc = subprocess.run(argv, input=stdin_text, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {shlex.join(argv)}: {last_line(proc.stderr) or proc.returncode}")
+
+
+def make_full_raw(path: Path, size: int) -> None:
+    """Fully allocated, incompressible, no two 16 MiB chunks alike."""
+    chunk = bytearray(os.urandom(16 * MiB))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        off = 0
+        while off < size:
+            n = min(len(chunk), size - off)
+            chunk[:8] = off.to_bytes(8, "little")
+            f.write(memoryview(chunk)[:n])
+            off += n
+    tmp.rename(path)
+
+
+def make_frag_raw(path: Path, size: int) -> None:
+    """Sparse: 4 KiB of data every 64 KiB -> size/64K data extents, as many holes."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        data = os.urandom(4 * KiB)
+        for off in range(0, size, 64 * KiB):
+            os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+    tmp.rename(path)
+
+
+def qemu_io_script(path: Path, commands: list[str], fmt: str = "qcow2") -> None:
+    check_call(["qemu-io", "-f", fmt, str(path)], stdin_text="\n".join(commands) + "\nquit\n")
+
+
+def make_overlay(path: Path, backing: Path, size: int, layer: int) -> None:
+    """Overlay writing 1 MiB every 3 MiB at offset layer MiB (so the three layers interleave)."""
+    path.unlink(missing_ok=True)
+    check_call(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing.name, "-F", "qcow2", str(path)])
+    cmds = [f"write -P 0x{0x10 * layer:02x} {off} 1M" for off in range(layer * MiB, size - MiB + 1, 3 * MiB)]
+    qemu_io_script(path, cmds)
+
+
+def make_frag_qcow2(path: Path, size: int) -> None:
+    """64 KiB clusters, every other one allocated -> size/128K data extents, as many holes."""
+    path.unlink(missing_ok=True)
+    check_call(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", str(path), str(size)])
+    qemu_io_script(path, [f"write -P 0x5a {off} 64k" for off in range(0, size, 128 * KiB)])
+
+
+def make_bitmap_qcow2(path: Path, vsize: int) -> None:
+    """Large virtual size, persistent bitmap bm0 (64 KiB granularity) dirty 64 KiB every 4 MiB."""
+    path.unlink(missing_ok=True)
+    check_call(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(vsize)])
+    check_call(["qemu-img", "bitmap", "--add", "--granularity", "64K", str(path), BITMAP_NAME])
+    # write -z makes zero clusters: the bitmap gets dirty, the file stays small.
+    qemu_io_script(path, [f"write -z {off} 64k" for off in range(0, vsize, 4 * MiB)])
+
+
+# ---------------------------------------------------------------------------
+# servers
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    id: str  # row label and --only token: qemu-nbd, nbdkit, pynbd/uvloop/zc-on, pynbd
+    kind: str  # qemu-nbd | nbdkit | pynbd
+    pynbd_args: tuple[str, ...] = ()
+
+
+ALL_SERVERS = [
+    ServerSpec("qemu-nbd", "qemu-nbd"),
+    ServerSpec("nbdkit", "nbdkit"),
+    ServerSpec("pynbd/uvloop/zc-on", "pynbd", ("--loop", "uvloop", "--zero-copy", "on")),
+    ServerSpec("pynbd/uvloop/zc-off", "pynbd", ("--loop", "uvloop", "--zero-copy", "off")),
+    ServerSpec("pynbd/asyncio/zc-on", "pynbd", ("--loop", "asyncio", "--zero-copy", "on")),
+    ServerSpec("pynbd/asyncio/zc-off", "pynbd", ("--loop", "asyncio", "--zero-copy", "off")),
+    # The defaults, whatever they are; used for the qcow2 rows.
+    ServerSpec("pynbd", "pynbd"),
+]
+
+
+@dataclass
+class PynbdInfo:
+    available: bool
+    reason: str = ""
+    help: str = ""
+
+
+def probe_pynbd(python: str) -> PynbdInfo:
+    try:
+        proc = subprocess.run(
+            [python, "-m", "pynbd", "serve", "--help"],
+            capture_output=True, text=True, timeout=30, cwd=REPO, env=pynbd_env(),
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return PynbdInfo(False, f"pynbd serve --help: {exc}")
+    if proc.returncode != 0:
+        return PynbdInfo(False, "pynbd serve --help: " + (last_line(proc.stderr) or f"exit {proc.returncode}"))
+    return PynbdInfo(True, help=proc.stdout)
+
+
+def pynbd_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@dataclass
+class Endpoint:
+    transport: str  # unix | tcp
+    socket_path: str = ""
+    port: int = 0
+
+    @property
+    def uri(self) -> str:
+        if self.transport == "unix":
+            return f"nbd+unix:///?socket={self.socket_path}"
+        return f"nbd://127.0.0.1:{self.port}/"
+
+
+LIVE: dict[int, subprocess.Popen] = {}
+
+
+class Running:
+    """One server process; ``stop()`` always leaves it dead."""
+
+    def __init__(self, spec: ServerSpec, argv: list[str], endpoint: Endpoint, log: Path, env=None, cwd=None):
+        self.spec = spec
+        self.argv = argv
+        self.endpoint = endpoint
+        self.log = log
+        self.exit_code: int | None = None
+        with open(log, "wb") as logf:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_pdeathsig, env=env, cwd=cwd,
+            )
+        LIVE[self.proc.pid] = self.proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"exited with {self.proc.returncode} at start: {tail(self.log) or 'no output'}")
+            try:
+                if self.endpoint.transport == "unix":
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                        s.connect(self.endpoint.socket_path)
+                else:
+                    with socket.create_connection(("127.0.0.1", self.endpoint.port), timeout=1):
+                        pass
+                return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"not listening after {timeout:.0f}s: {tail(self.log) or 'no output'}")
+            time.sleep(0.02)
+
+    def peak_rss(self) -> float | None:
+        return read_vmhwm(self.proc.pid)
+
+    def stop(self) -> int | None:
+        proc = self.proc
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        LIVE.pop(proc.pid, None)
+        self.exit_code = proc.returncode
+        if self.endpoint.transport == "unix":
+            try:
+                os.unlink(self.endpoint.socket_path)
+            except OSError:
+                pass
+        return self.exit_code
+
+
+def kill_all_live() -> None:
+    for pid, proc in list(LIVE.items()):
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            except OSError:
+                pass
+        LIVE.pop(pid, None)
+
+
+def server_argv(spec: ServerSpec, image: Path, fmt: str, ep: Endpoint, python: str, extra: list[str]) -> list[str]:
+    if spec.kind == "qemu-nbd":
+        # -e 8: qemu-nbd advertises CAN_MULTI_CONN only when -e != 1 (nbdcopy then opens 4 connections).
+        argv = ["qemu-nbd", "-t", "-r", "-f", fmt, "-e", "8"]
+        argv += ["-k", ep.socket_path] if ep.transport == "unix" else ["-b", "127.0.0.1", "-p", str(ep.port)]
+        return argv + extra + [str(image)]
+    if spec.kind == "nbdkit":
+        argv = ["nbdkit", "-f", "-r"]
+        argv += ["-U", ep.socket_path] if ep.transport == "unix" else ["-i", "127.0.0.1", "-p", str(ep.port)]
+        return argv + extra + ["file", str(image)]
+    argv = [python, "-m", "pynbd", "serve", str(image), "--read-only", "--format", fmt]
+    argv += ["--socket", ep.socket_path] if ep.transport == "unix" else ["--bind", "127.0.0.1", "--port", str(ep.port)]
+    return argv + list(spec.pynbd_args) + extra
+
+
+# ---------------------------------------------------------------------------
+# workloads
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    unit: str
+    higher_better: bool = True
+    agg: str = "median"  # median | max
+
+
+@dataclass
+class Settings:
+    size: int
+    rounds: int
+    seq_reps: int
+    fio_runtime: float
+    fio_ramp: float
+    map_reps: int
+    requests: int
+    workdir: Path
+
+
+class Workloads:
+    """Clients run against a live server; each returns {metric_key: value}."""
+
+    def __init__(self, st: Settings):
+        self.st = st
+
+    def seq_read(self, uri: str, size: int, conns: int) -> float:
+        argv = ["nbdcopy", f"--connections={conns}", f"--requests={self.st.requests}", uri, "null:"]
+        best = []
+        for _ in range(self.st.seq_reps):
+            t0 = time.perf_counter()
+            run_cmd(argv, timeout=300, what="nbdcopy")
+            best.append(time.perf_counter() - t0)
+        return size / min(best) / MiB
+
+    def rand_read(self, uri: str, size: int) -> float:
+        out = self.st.workdir / "fio.json"
+        argv = [
+            "fio", "--name=randread4k", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
+            "--iodepth=16", "--numjobs=1", f"--size={size}", "--time_based", f"--runtime={self.st.fio_runtime}",
+            f"--ramp_time={self.st.fio_ramp}", "--randrepeat=0", "--output-format=json", f"--output={out}",
+        ]
+        run_cmd(argv, timeout=self.st.fio_runtime + self.st.fio_ramp + 60, what="fio")
+        try:
+            data = json.loads(out.read_text())
+            job = data["jobs"][0]
+            if job.get("error"):
+                raise BenchError(f"fio: job error {job['error']}")
+            return float(job["read"]["iops"])
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise BenchError(f"fio: cannot parse output: {exc}") from None
+
+    def block_status(self, uri: str, context: str | None) -> tuple[float, float, int]:
+        """(extents per second, ms per full map, extents) for ``nbdinfo --map``; median over reps."""
+        argv = ["nbdinfo", "--map" if context is None else f"--map={context}", uri]
+        times, counts = [], set()
+        for _ in range(self.st.map_reps):
+            t0 = time.perf_counter()
+            proc = run_cmd(argv, timeout=120, what="nbdinfo --map")
+            times.append(time.perf_counter() - t0)
+            counts.add(sum(1 for line in proc.stdout.splitlines() if line.strip()))
+        if len(counts) != 1:
+            raise BenchError(f"nbdinfo --map: extent count varies between runs: {sorted(counts)}")
+        n = counts.pop()
+        t = statistics.median(times)
+        return n / t, t * 1000, n
+
+
+@dataclass
+class Group:
+    """One image served over one transport, with the workloads run against it."""
+
+    key: str
+    title: str
+    image: str  # key in Images.paths
+    fmt: str
+    transport: str
+    servers: list[ServerSpec]
+    #: Steps run in order against one server instance; a failing step marks only its own metrics n/a.
+    steps: list[tuple[list[Metric], Callable[[Workloads, str, int], dict[str, float]]]]
+    extra: dict[str, list[str]] = field(default_factory=dict)  # server kind -> extra args
+    context: str | None = None  # meta context the steps need (checked before running them)
+
+    @property
+    def metrics(self) -> list[Metric]:
+        return [m for ms, _ in self.steps for m in ms]
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def metric(key: str, title: str, unit: str, higher_better: bool = True, agg: str = "median") -> Metric:
+    m = Metric(key, title, unit, higher_better, agg)
+    METRICS[key] = m
+    return m
+
+
+RSS = metric("rss", "peak RSS of the server (VmHWM, max over all runs)", "MiB", higher_better=False, agg="max")
+
+
+def seq_group(key: str, title: str, image: str, fmt: str, transport: str, servers, conns=(1, 4)) -> Group:
+    steps = []
+    for c in conns:
+        m = metric(f"{key}/seq{c}", f"{title}: sequential read, nbdcopy {c} conn", "MiB/s")
+        steps.append(([m], lambda w, uri, size, c=c, m=m: {m.key: w.seq_read(uri, size, c)}))
+    if image == "raw-full":
+        rr = metric(f"{key}/rand4k", f"{title}: 4 KiB random read, fio nbd QD16", "IOPS")
+        steps.append(([rr], lambda w, uri, size: {rr.key: w.rand_read(uri, size)}))
+    return Group(key, title, image, fmt, transport, servers, steps)
+
+
+def map_group(key: str, title: str, image: str, fmt: str, servers, context: str | None = None,
+              extra: dict[str, list[str]] | None = None) -> Group:
+    m_rate = metric(f"{key}/extents-per-s", f"{title}: block status, nbdinfo --map", "extents/s")
+    m_time = metric(f"{key}/map-ms", f"{title}: time per full map", "ms", higher_better=False)
+
+    def run(w: Workloads, uri: str, size: int) -> dict[str, float]:
+        rate, ms, n = w.block_status(uri, context)
+        return {m_rate.key: rate, m_time.key: ms, f"{key}/extents": n}
+
+    return Group(key, title, image, fmt, "unix", servers, [([m_rate, m_time], run)], extra or {}, context)
+
+
+# ---------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------
+
+
+class Results:
+    def __init__(self):
+        self.samples: dict[str, dict[str, list[float]]] = {}
+        self.failures: dict[str, dict[str, list[str]]] = {}
+        self.extents: dict[str, dict[str, int]] = {}
+        self.multi_conn: dict[str, dict[str, bool]] = {}
+        self.warnings: list[str] = []
+
+    def add(self, key: str, server: str, value: float) -> None:
+        self.samples.setdefault(key, {}).setdefault(server, []).append(value)
+
+    def fail(self, key: str, server: str, reason: str) -> None:
+        self.failures.setdefault(key, {}).setdefault(server, []).append(reason)
+
+    def value(self, key: str, server: str) -> float | None:
+        vals = self.samples.get(key, {}).get(server)
+        if not vals:
+            return None
+        return max(vals) if METRICS[key].agg == "max" else statistics.median(vals)
+
+
+def nbd_info(uri: str) -> dict:
+    proc = run_cmd(["nbdinfo", "--json", "--no-content", uri], timeout=30, what="nbdinfo")
+    try:
+        data = json.loads(proc.stdout)
+        return data["exports"][0]
+    except (ValueError, KeyError, IndexError) as exc:
+        raise BenchError(f"nbdinfo --json: unexpected output: {exc}") from None
+
+
+def run_bench(args, st: Settings, groups: list[Group], images: Images, python: str, res: Results) -> None:
+    rundir = Path(tempfile.mkdtemp(prefix="run-", dir=st.workdir))
+    broken: dict[tuple[str, str], str] = {}
+    counter = 0
+    t_start = time.monotonic()
+    for rnd in range(st.rounds):
+        for g in groups:
+            warm_page_cache(images.files_of(g.image))
+            order = g.servers[rnd % len(g.servers):] + g.servers[: rnd % len(g.servers)] if g.servers else []
+            for spec in order:
+                if (g.key, spec.id) in broken:
+                    continue
+                pending = list(g.steps)
+                for attempt in range(1 + MAX_RESTARTS):
+                    counter += 1
+                    t0 = time.monotonic()
+                    last = attempt == MAX_RESTARTS
+                    pending, status = run_instance(spec, g, pending, images, python, rundir, counter, st, res,
+                                                   broken, record_deaths=last)
+                    print(f"  [r{rnd + 1} {time.monotonic() - t_start:6.1f}s] {g.key:<14} {spec.id:<22} "
+                          f"{time.monotonic() - t0:5.1f}s {status}", flush=True)
+                    if not pending:
+                        break
+    if not args.keep_logs:
+        shutil.rmtree(rundir, ignore_errors=True)
+    else:
+        print(f"server logs kept in {rundir}")
+
+
+#: A server that dies in the middle of a step (crash, or a SIGTERM from outside: other people's
+#: test runs on a shared machine) is restarted this many times for the steps it did not finish.
+MAX_RESTARTS = 2
+
+
+def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str, rundir: Path, counter: int,
+                 st: Settings, res: Results, broken: dict, record_deaths: bool):
+    """Start ``spec`` on ``g``'s image, run ``steps``, stop it.
+
+    Returns (steps that failed because the server died, status line). Those
+    steps are recorded as failures only when ``record_deaths`` (last attempt).
+    """
+    image = images.paths[g.image]
+    size = nbd_size_of(g, images)
+    ep = Endpoint(g.transport)
+    if ep.transport == "unix":
+        ep.socket_path = str(rundir / f"s{counter}.sock")
+    else:
+        ep.port = free_tcp_port()
+    argv = server_argv(spec, image, g.fmt, ep, python, g.extra.get(spec.kind, []))
+    log = rundir / f"{counter:03d}-{spec.id.replace('/', '_')}-{g.key}.log"
+    srv = None
+    died: list = []
+    failed: list[str] = []
+    try:
+        try:
+            srv = Running(spec, argv, ep, log,
+                          env=pynbd_env() if spec.kind == "pynbd" else None,
+                          cwd=REPO if spec.kind == "pynbd" else None)
+            srv.wait_ready()
+            info = nbd_info(ep.uri)
+            res.multi_conn.setdefault(g.key, {})[spec.id] = bool(info.get("can_multi_conn"))
+            if info.get("export-size") != size:
+                raise BenchError(f"export size {info.get('export-size')} != {size}")
+            if g.context and g.context not in info.get("contexts", []):
+                raise BenchError(f"server does not offer {g.context} (offers {info.get('contexts')})")
+        except BenchError as exc:
+            if srv is not None and srv.proc.poll() is not None and "received SIGTERM" in tail(log, 20):
+                return steps, f"killed from outside at start: {exc}"
+            reason = str(exc)
+            for m in g.metrics:
+                res.fail(m.key, spec.id, reason)
+            broken[(g.key, spec.id)] = reason  # cannot start: don't retry each round
+            return [], f"n/a: {reason}"
+        for metrics, step in steps:
+            if srv.proc.poll() is not None:
+                died.append((metrics, step))
+                continue
+            try:
+                got = step(Workloads(st), ep.uri, size)
+            except BenchError as exc:
+                reason = str(exc)
+                if srv.proc.poll() is not None:
+                    died.append((metrics, step))
+                    failed.append(f"{reason} (server exited {srv.proc.returncode}: {tail(log, 1)})")
+                    continue
+                for m in metrics:
+                    res.fail(m.key, spec.id, reason)
+                failed.append(reason)
+                continue
+            for k, v in got.items():
+                if k.endswith("/extents"):
+                    res.extents.setdefault(g.key, {})[spec.id] = int(v)
+                else:
+                    res.add(k, spec.id, v)
+    finally:
+        if srv is not None:
+            rss = srv.peak_rss()
+            code = srv.stop()
+            if rss is not None:
+                res.add(RSS.key, spec.id, rss)
+            if spec.kind == "pynbd" and code not in (0, None) and not died:
+                w = f"{spec.id} on {g.key}: exit code {code} after SIGTERM (expected 0)"
+                if w not in res.warnings:
+                    res.warnings.append(w)
+    if died:
+        outside = "received SIGTERM" in tail(log, 30)
+        why = "SIGTERM from outside this script" if outside else f"exit code {srv.exit_code}: {tail(log, 1)}"
+        res.warnings.append(f"{spec.id} on {g.key}: server died during a run ({why})"
+                            + ("" if record_deaths else "; restarted"))
+        if record_deaths:
+            for metrics, _ in died:
+                for m in metrics:
+                    res.fail(m.key, spec.id, f"server died: {why}")
+            return [], "failed: " + "; ".join(failed)
+        return died, f"server died ({why}); restarting for {len(died)} step(s)"
+    return [], "ok" if not failed else "failed: " + "; ".join(failed)
+
+
+def nbd_size_of(g: Group, images: Images) -> int:
+    if g.image == "qcow2-bitmap":
+        return 100 * images.size
+    return images.size
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+
+
+def fmt_value(v: float, unit: str) -> str:
+    if unit == "ms":
+        return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+    if unit == "MiB":
+        return f"{v:.1f}"
+    return f"{v:,.0f}"
+
+
+def build_table(res: Results, groups: list[Group], servers: list[ServerSpec]) -> list[str]:
+    lines = [
+        "| workload | server | value | unit | × qemu-nbd | min–max |",
+        "|---|---|---:|---|---:|---|",
+    ]
+    metrics = [m for g in groups for m in g.metrics] + [RSS]
+    seen = set()
+    for m in metrics:
+        if m.key in seen:
+            continue
+        seen.add(m.key)
+        ref = res.value(m.key, "qemu-nbd")
+        for spec in servers:
+            v = res.value(m.key, spec.id)
+            fails = res.failures.get(m.key, {}).get(spec.id, [])
+            if v is None:
+                if not fails:
+                    continue
+                lines.append(f"| {m.title} | {spec.id} | n/a | | | {fails[0].replace('|', '/')} |")
+                continue
+            vals = res.samples[m.key][spec.id]
+            ratio = f"{v / ref:.2f}×" if ref else "—"
+            spread = f"{fmt_value(min(vals), m.unit)}–{fmt_value(max(vals), m.unit)}" if len(vals) > 1 else ""
+            if fails:
+                spread += f" ({len(fails)} of {len(fails) + len(vals)} runs failed: {fails[0].replace('|', '/')})"
+            unit = m.unit + (" ↑" if m.higher_better else " ↓")
+            lines.append(f"| {m.title} | {spec.id} | {fmt_value(v, m.unit)} | {unit} | {ratio} | {spread} |")
+    return lines
+
+
+def notes(res: Results, servers: list[ServerSpec]) -> list[str]:
+    out = []
+    for gkey, per in res.extents.items():
+        if len(set(per.values())) > 1:
+            out.append(f"- {gkey}: servers report different extent counts: "
+                       + ", ".join(f"{k}={v}" for k, v in per.items()))
+        elif per:
+            out.append(f"- {gkey}: {next(iter(per.values()))} extents per map (all servers agree)")
+    for gkey, per in res.multi_conn.items():
+        no = [k for k, v in per.items() if not v]
+        if no:
+            out.append(f"- {gkey}: no CAN_MULTI_CONN from {', '.join(no)} (nbdcopy then uses 1 connection)")
+    out += [f"- warning: {w}" for w in res.warnings]
+    return out
+
+
+def suggest_defaults(res: Results, groups: list[Group]) -> list[str]:
+    """Per transport, rank the pynbd loop/zero-copy variants by the geometric mean of their
+    throughput/IOPS relative to the best variant (raw image, seq 1 and 4 conns, random reads)."""
+    variants = [s.id for s in ALL_SERVERS if s.kind == "pynbd" and s.pynbd_args]
+    out = []
+    for transport in ("unix", "tcp"):
+        keys = [m.key for g in groups if g.transport == transport and g.image == "raw-full" for m in g.metrics]
+        scores = {}
+        for v in variants:
+            rel = []
+            for k in keys:
+                vals = {x: res.value(k, x) for x in variants}
+                best = max((x for x in vals.values() if x), default=None)
+                if not best or not vals[v]:
+                    rel = None
+                    break
+                rel.append(vals[v] / best)
+            if rel:
+                scores[v] = math.exp(sum(map(math.log, rel)) / len(rel))
+        if scores:
+            ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+            out.append(f"- {transport}: " + ", ".join(f"{k} {s:.3f}" for k, s in ranked)
+                       + f"  → best: {ranked[0][0]}")
+    return out
+
+
+def machine_info(python: str) -> dict[str, str]:
+    def first_line(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except Exception:
+            return "?"
+
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import uvloop  # noqa: PLC0415
+
+        uv = uvloop.__version__
+    except Exception:
+        uv = "not installed"
+    return {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uvloop": uv,
+        "qemu-nbd": first_line(["qemu-nbd", "--version"]),
+        "nbdkit": first_line(["nbdkit", "--version"]),
+        "libnbd": first_line(["nbdinfo", "--version"]).replace("nbdinfo", "libnbd"),
+        "fio": first_line(["fio", "--version"]),
+    }
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Group]:
+    raw_servers = [s for s in servers if s.kind != "pynbd" or s.pynbd_args]
+    # qcow2: nbdkit 1.32 has no qcow2 reader; pynbd runs with its defaults only.
+    q_servers = [s for s in servers if s.kind == "qemu-nbd" or (s.kind == "pynbd" and not s.pynbd_args)]
+    groups = []
+    for t in args.transports:
+        groups.append(seq_group(f"raw-{t}", f"raw {t}", "raw-full", "raw", t, raw_servers))
+    groups.append(map_group("raw-frag", "raw fragmented", "raw-frag", "raw", raw_servers))
+    if args.qcow2 and q_servers:
+        groups.append(seq_group("qcow2-unix", "qcow2 unix", "qcow2-full", "qcow2", "unix", q_servers))
+        groups.append(seq_group("chain-unix", "qcow2 3-layer chain unix", "qcow2-chain", "qcow2", "unix", q_servers))
+        groups.append(map_group("qcow2-frag", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
+        # pynbd: pass --bitmap if the CLI grows one; otherwise it is expected to expose persistent bitmaps.
+        pyextra = ["--bitmap", BITMAP_NAME] if re.search(r"--bitmap\b", pynbd.help) else []
+        groups.append(map_group(
+            "qcow2-bitmap", "dirty bitmap (qcow2, 100× virtual size)", "qcow2-bitmap", "qcow2", q_servers,
+            context=f"qemu:dirty-bitmap:{BITMAP_NAME}",
+            extra={"qemu-nbd": ["-B", BITMAP_NAME], "pynbd": pyextra},
+        ))
+    return [g for g in groups if g.servers]
+
+
+def select_servers(only: list[str] | None, pynbd: PynbdInfo) -> list[ServerSpec]:
+    out = []
+    for s in ALL_SERVERS:
+        if only and not any(tok == s.id or tok == s.kind or s.id.startswith(tok + "/") for tok in only):
+            continue
+        out.append(s)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="End-to-end NBD server benchmark: pynbd vs qemu-nbd vs nbdkit (loopback/unix only).",
+    )
+    ap.add_argument("--quick", action="store_true", help="64 MiB images, 1 round, short runs (smoke test)")
+    ap.add_argument("--rounds", type=int, help="rounds (median over rounds; default 3, quick 1)")
+    ap.add_argument("--size", type=parse_size, help="image size (default 1G, quick 64M)")
+    ap.add_argument("--only", help="comma-separated servers: qemu-nbd, nbdkit, pynbd, or a row id "
+                                   "such as pynbd/uvloop (prefix) or pynbd/asyncio/zc-off")
+    ap.add_argument("--transports", default="unix,tcp", help="sequential/random-read transports (default unix,tcp)")
+    ap.add_argument("--no-qcow2", dest="qcow2", action="store_false", help="skip the qcow2 rows")
+    ap.add_argument("--requests", type=int, default=64, help="nbdcopy --requests (default 64)")
+    ap.add_argument("--fio-runtime", type=float, help="seconds per fio run (default 3, quick 1)")
+    ap.add_argument("--json", type=Path, help="write all samples and medians to this file")
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "pynbd-bench",
+                    help="where images are built and cached (default $TMPDIR/pynbd-bench)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep server logs")
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs pynbd (default: this one)")
+    args = ap.parse_args(argv)
+
+    size = args.size or (64 * MiB if args.quick else GiB)
+    if size % (128 * KiB):
+        ap.error("--size must be a multiple of 128K")
+    st = Settings(
+        size=size,
+        rounds=args.rounds or (1 if args.quick else 3),
+        seq_reps=1 if args.quick else 2,
+        fio_runtime=args.fio_runtime or (1.0 if args.quick else 3.0),
+        fio_ramp=0.0 if args.quick else 0.5,
+        map_reps=2 if args.quick else 5,
+        requests=args.requests,
+        workdir=args.workdir,
+    )
+    args.transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    if any(t not in ("unix", "tcp") for t in args.transports):
+        ap.error("--transports: unix and/or tcp")
+    only = [t.strip() for t in args.only.split(",")] if args.only else None
+
+    for tool in ("nbdcopy", "nbdinfo", "fio", "qemu-img", "qemu-io"):
+        if not shutil.which(tool):
+            print(f"error: {tool} not found", file=sys.stderr)
+            return 2
+    pynbd = probe_pynbd(args.python)
+    servers = select_servers(only, pynbd)
+    servers = [s for s in servers if s.kind == "pynbd" or shutil.which(s.kind)]
+    if not servers:
+        ap.error("no servers selected")
+    groups = build_groups(args, servers, pynbd)
+
+    # SIGTERM/SIGHUP behave like Ctrl-C: unwind through the finally that kills servers.
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+
+    res = Results()
+    info = machine_info(args.python)
+    t0 = time.monotonic()
+    try:
+        st.workdir.mkdir(parents=True, exist_ok=True)
+        print(f"images in {st.workdir} (size {human_size(size)}):", flush=True)
+        images = Images(st.workdir, size)
+        images.build(args.qcow2 and any(g.fmt == "qcow2" for g in groups))
+        if not pynbd.available:
+            print(f"pynbd: n/a ({pynbd.reason})")
+            res.warnings.append(f"pynbd rows n/a: {pynbd.reason}")
+            for g in groups:
+                g.servers = [s for s in g.servers if s.kind != "pynbd"]
+        print(f"{st.rounds} round(s), servers: {', '.join(s.id for s in servers)}", flush=True)
+        run_bench(args, st, groups, images, args.python, res)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping servers", file=sys.stderr)
+        kill_all_live()
+        return 130
+    finally:
+        kill_all_live()
+    elapsed = time.monotonic() - t0
+
+    table = build_table(res, groups, servers)
+    extra = notes(res, servers)
+    sugg = suggest_defaults(res, groups)
+    print()
+    print(f"## pynbd end-to-end benchmark, {human_size(size)} images, {st.rounds} round(s), {elapsed:.0f}s")
+    print()
+    print("machine: " + "; ".join(f"{k} {v}" for k, v in info.items()))
+    print()
+    print("\n".join(table))
+    if extra:
+        print()
+        print("\n".join(extra))
+    if sugg:
+        print()
+        print("pynbd variants, geometric mean of throughput/IOPS relative to the best variant (raw image):")
+        print("\n".join(sugg))
+    if args.json:
+        payload = {
+            "machine": info,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(st).items()},
+            "elapsed_s": elapsed,
+            "metrics": {k: vars(m) for k, m in METRICS.items()},
+            "samples": res.samples,
+            "values": {k: {s: res.value(k, s) for s in per} for k, per in res.samples.items()},
+            "failures": res.failures,
+            "extents": res.extents,
+            "multi_conn": res.multi_conn,
+            "warnings": res.warnings,
+            "table": table,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
