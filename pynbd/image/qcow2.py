@@ -112,7 +112,8 @@ class Qcow2Layer:
         try:
             self.fd = self._open(path)
             self.file_size = os.fstat(self.fd).st_size
-            hdr = self.header = parse_header(path, self.fd, self.file_size)
+            self.header: Qcow2Header = parse_header(path, self.fd, self.file_size)
+            hdr = self.header
             self.size = hdr.size
             self.cluster_bits = hdr.cluster_bits
             self.cluster_size = hdr.cluster_size
