@@ -335,7 +335,8 @@ class QemuNbd:
             deadline = time.monotonic() + 10
             while not sock.exists():
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"qemu-nbd exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise RuntimeError(f"qemu-nbd exited: {err}")
                 if time.monotonic() > deadline:
                     raise RuntimeError("qemu-nbd did not create its socket")
                 time.sleep(0.02)

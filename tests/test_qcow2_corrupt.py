@@ -163,7 +163,8 @@ def test_unaligned_l2_entry_fails_only_that_read(fx: dict[str, Path], tmp_path: 
     at = l2_entry_offset(bad, 0)
     patch(bad, at, ">Q", read_u64(bad, at) | 0x200)
     with open_qcow2(str(bad), True) as image:
-        with pytest.raises(ImageIOError, match=r"bad-v3-64k.qcow2: L2 entry .* guest offset 0x0: .*not cluster aligned"):
+        with pytest.raises(ImageIOError,
+                           match=r"bad-v3-64k.qcow2: L2 entry .* guest offset 0x0: .*not cluster aligned"):
             image.read(100, 10)
         with pytest.raises(ImageIOError):
             list(image.extents(0, 4096))

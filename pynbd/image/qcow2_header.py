@@ -163,7 +163,8 @@ class _Checker:
         if offset >= self.file_size:
             raise self.field(name, offset, "is past the end of the file")
         if offset + length > self.file_size:
-            raise self.field(name, offset, f"+ {length} bytes extends past the end of the file ({self.file_size} bytes)")
+            raise self.field(name, offset,
+                             f"+ {length} bytes extends past the end of the file ({self.file_size} bytes)")
 
 
 def pread_exact(fd: int, length: int, offset: int, path: str, what: str) -> bytes:
