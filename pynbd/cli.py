@@ -234,14 +234,15 @@ def add_map_parser(sub: Any) -> None:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from pynbd.image.mapping import format_map_human, image_map
+    from pynbd.image.mapping import format_map_human, format_map_json, image_map, layer_paths
 
     with open_image(args.image, args.format, read_only=True) as image:
         records = image_map(image)
+        paths = layer_paths(image)
     if args.output == "json":
-        print(json.dumps(records, indent=None))
+        print(format_map_json(records), end="")
     else:
-        print(format_map_human(records, args.image), end="")
+        print(format_map_human(records, paths), end="")
     return 0
 
 

@@ -135,6 +135,26 @@ def format_map_json(records: Sequence[dict]) -> str:
     return "[" + ",\n".join(lines) + "]\n"
 
 
+def layer_paths(image: Image) -> list[str]:
+    """File names by 0-based depth (what qemu-img's human map prints in its File column)."""
+    if isinstance(image, Qcow2Image):
+        return [layer.path for layer in image.layers]
+    return [image.path]
+
+
+def format_map_human(records: Sequence[dict], paths: Sequence[str]) -> str:
+    """Text like ``qemu-img map`` without --output: data runs with a host offset only."""
+    def hx(v: int) -> str:
+        return f"{v:#x}" if v else "0"
+
+    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for r in records:
+        if r["data"] and "offset" in r:
+            path = paths[r["depth"]] if r["depth"] < len(paths) else "?"
+            lines.append(f"{hx(r['start']):<16}{hx(r['length']):<16}{hx(r['offset']):<16}{path}")
+    return "\n".join(lines) + "\n"
+
+
 def format_bitmap_list(infos: Sequence[BitmapInfo]) -> str:
     """Human text like the ``bitmaps:`` section of ``qemu-img info``, plus consistency and dirty bytes."""
     if not infos:
