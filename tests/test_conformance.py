@@ -1082,3 +1082,56 @@ def test_C1_multi_conn(srv):
         assert a.write(off, data).error == 0
         assert b.flush().error == 0
         assert cc.read(off, 64 * KiB).data(off, 64 * KiB) == data
+
+
+# ==========================================================================
+# The read paths of pynbd (sendfile / copy, uvloop / asyncio) give the same bytes
+# ==========================================================================
+
+
+@pytest.mark.pynbd
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("zero_copy", ["on", "off"])
+def test_read_paths(launch, sparse_image, loop, zero_copy):
+    s = launch.pynbd(sparse_image, "--loop", loop, "--zero-copy", zero_copy)
+    rng = random.Random(f"{loop}-{zero_copy}")
+    for structured in (True, False):
+        c = tx_client(s, structured=structured)
+        reqs = {}
+        for i in range(64):
+            offset = rng.randrange(0, SPARSE_SIZE)
+            length = rng.randrange(1, min(SPARSE_SIZE - offset, 300 * KiB) + 1)
+            flags = CMD_FLAG_DF if (structured and i % 3 == 0) else 0
+            ck = c.send_request(CMD_READ, offset, length, flags)
+            reqs[ck] = (offset, length, flags)
+        bad = c.send_request(CMD_READ, SPARSE_SIZE - 10, 20)
+        replies = c.read_replies(len(reqs) + 1)
+        assert replies.pop(bad).error == EINVAL
+        for ck, r in replies.items():
+            offset, length, flags = reqs[ck]
+            assert r.error == 0 and r.structured == structured
+            assert r.data(offset, length) == sparse_content(offset, length)
+            if flags & CMD_FLAG_DF:
+                assert len([ch for ch in r.chunks if ch.type != REPLY_TYPE_NONE]) == 1
+        # the whole image in one read
+        assert c.read(0, SPARSE_SIZE).data(0, SPARSE_SIZE) == sparse_content(0, SPARSE_SIZE)
+        c.disconnect()
+    assert "Traceback" not in s.log()
+
+
+@pytest.mark.parametrize("description", ["a disk", "ünïcödé ✓"])
+def test_H14_description(start_server, sparse_image, description):
+    s = start_server(sparse_image, pynbd_args=("-D", description),
+                     qemu_args=("-D", description))
+    c = opt_client(s)
+    res = c.go("", [INFO_DESCRIPTION, INFO_NAME])
+    assert res.ok and res.description == description
+
+
+@pytest.mark.parametrize("description", ["a disk"])
+def test_H8_list_description(start_server, sparse_image, description):
+    s = start_server(sparse_image, pynbd_args=("-D", description),
+                     qemu_args=("-D", description))
+    c = opt_client(s)
+    exports, final = c.list_exports()
+    assert final.type == REP_ACK and exports == [("", description)]

@@ -444,7 +444,7 @@ def test_signal_exits_zero(launch, sparse_image, sig):
     busy = subprocess.Popen(["nbdinfo", "--json", p.uri], stdout=subprocess.DEVNULL)
     busy.wait(30)
     p.proc.send_signal(sig)
-    assert p.proc.wait(10) == 0, p.log()
+    assert p.wait_exit(10) == 0, p.log()
     assert not os.path.exists(p.socket) or not _connectable(p.socket)
 
 
@@ -465,7 +465,7 @@ def test_sigterm_with_connected_clients(launch, sparse_image):
     negotiating.read_greeting()
     t0 = time.monotonic()
     p.proc.send_signal(signal.SIGTERM)
-    assert p.proc.wait(15) == 0, p.log()
+    assert p.wait_exit(15) == 0, p.log()
     assert time.monotonic() - t0 < 12
     assert idle.wait_for_disconnect(5) is not None
 

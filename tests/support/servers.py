@@ -153,6 +153,22 @@ class _ServerProcess:
         if log and not log.closed:
             log.close()
 
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        """Wait for the process to exit by itself (e.g. after a signal the test sent).
+
+        The exit code is recorded, so the fixture's later stop() does not check it again:
+        the test asserts on the return value itself.
+        """
+        assert self.proc is not None
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.returncode = self.proc.returncode
+            raise AssertionError(f"{self.kind} still running {timeout}s later\n{self.log()}")
+        self._close_log()
+        return self.returncode
+
     def stop(self, *, check: bool = True, timeout: float = 10.0) -> int:
         """SIGTERM, wait; kill if it hangs. With check, assert a clean exit."""
         if self.proc is None:
