@@ -270,9 +270,9 @@ class Connection:
         handler = self._handlers[request.type]
         try:
             await handler(self, request, payload, export, state, writer)
+        except ConnectionError:
+            pass  # the client is gone; the reader notices and closes
         except (ImageError, OSError) as exc:
-            if isinstance(exc, ConnectionError):
-                raise
             error = nbd_error_for(exc)
             self.log.error("%s at offset %d length %d failed: %s", Command(request.type).name,
                            request.offset, request.length, exc)
@@ -280,8 +280,6 @@ class Connection:
                 await writer.error(request.cookie, error, str(exc), None)
             except ConnectionError:
                 pass
-        except ConnectionError:
-            pass  # the reader notices and closes
         except Exception:
             self.log.exception("%s failed unexpectedly; disconnecting", Command(request.type).name)
             self.channel.close()

@@ -188,10 +188,11 @@ class NbdServer:
         busy = [c.idle() for c in self.connections.values() if c.in_transmission]
         if busy:
             await asyncio.wait([asyncio.create_task(b) for b in busy], timeout=self.shutdown_grace)
-        tasks = list(self.connections)
+        tasks = list(self.connections)  # some may have ended while we waited
         for task in tasks:
             task.cancel()
-        await asyncio.wait(tasks, timeout=self.shutdown_grace)
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.shutdown_grace)
 
     def close_exports(self) -> None:
         for export in self.exports.values():
