@@ -87,7 +87,7 @@ def full_map(c: NbdClient, ctx_id: int, size: int, *, flags: int = 0):
     out = []
     offset = 0
     while offset < size:
-        r = c.block_status(offset, size - offset, flags)
+        r = c.block_status(offset, min(size - offset, 0xFFFFFFFF), flags)
         assert r.error == 0, r
         ext = r.extents()[ctx_id]
         covered = 0
@@ -1135,3 +1135,51 @@ def test_H8_list_description(start_server, sparse_image, description):
     c = opt_client(s)
     exports, final = c.list_exports()
     assert final.type == REP_ACK and exports == [("", description)]
+
+
+@pytest.mark.parametrize("cmd,flags", [
+    (CMD_WRITE, 0x8000), (CMD_WRITE, CMD_FLAG_DF), (CMD_WRITE, CMD_FLAG_NO_HOLE),
+    (CMD_WRITE, CMD_FLAG_PAYLOAD_LEN), (CMD_WRITE_ZEROES, CMD_FLAG_REQ_ONE),
+    (CMD_FLUSH, CMD_FLAG_NO_HOLE), (CMD_TRIM, CMD_FLAG_NO_HOLE), (CMD_CACHE, CMD_FLAG_DF),
+    (CMD_BLOCK_STATUS, CMD_FLAG_NO_HOLE)])
+def test_X14_invalid_flags_other_commands(srv, cmd, flags):
+    c = tx_client(srv)
+    if cmd == CMD_WRITE:
+        r = c.request(cmd, 0, flags=flags, payload=b"\x01" * 4096)
+    else:
+        r = c.request(cmd, 0, 0 if cmd == CMD_FLUSH else 4096, flags)
+    assert r.error == EINVAL
+    # a rejected WRITE's payload was consumed and not applied
+    assert c.read(0, 4096).data(0, 4096) == b"\xaa" * 4096
+
+
+@pytest.mark.parametrize("cmd,flags", [(CMD_TRIM, CMD_FLAG_FUA),
+                                       (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA),
+                                       (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE),
+                                       (CMD_WRITE, CMD_FLAG_FUA)])
+def test_X17_valid_flag_combinations(srv, cmd, flags):
+    c = tx_client(srv)
+    if cmd == CMD_WRITE:
+        r = c.request(cmd, 4096, flags=flags, payload=b"\x02" * 4096)
+    else:
+        r = c.request(cmd, 4096, 4096, flags)
+    assert r.error == 0
+    if cmd == CMD_WRITE_ZEROES:
+        assert c.read(4096, 4096).data(4096, 4096) == bytes(4096)
+
+
+def test_B_large_export_descriptors_fit_u32(start_server, image_factory):
+    size = 5 * 1024 * MiB + 64 * KiB
+    img = image_factory("big.img", size, ["write -P 0x42 0 64k", f"write -P 0x43 {size - 65536} 64k"])
+    s = start_server(img)
+    c = tx_client(s, meta=ALL_RAW_CONTEXTS)
+    ids = ctx_ids(c)
+    r = c.block_status(0, 0xFFFFFFFF)
+    assert r.error == 0
+    for cid, ext in r.extents().items():
+        assert sum(n for n, _ in ext[:-1]) < 0xFFFFFFFF
+    hole = size - 128 * KiB
+    assert full_map(c, ids["base:allocation"], size) == [(64 * KiB, 0), (hole, 3), (64 * KiB, 0)]
+    assert full_map(c, ids["qemu:allocation-depth"], size) == [(size, 1)]
+    r = c.read(size - 65536, 65536)
+    assert r.data(size - 65536, 65536) == b"\x43" * 65536

@@ -169,7 +169,7 @@ class _ServerProcess:
         self._close_log()
         return self.returncode
 
-    def stop(self, *, check: bool = True, timeout: float = 10.0) -> int:
+    def stop(self, *, check: bool = True, timeout: float = 20.0) -> int:
         """SIGTERM, wait; kill if it hangs. With check, assert a clean exit."""
         if self.proc is None:
             return 0
