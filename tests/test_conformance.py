@@ -1183,3 +1183,35 @@ def test_B_large_export_descriptors_fit_u32(start_server, image_factory):
     assert full_map(c, ids["qemu:allocation-depth"], size) == [(size, 1)]
     r = c.read(size - 65536, 65536)
     assert r.data(size - 65536, 65536) == b"\x43" * 65536
+
+
+@pytest.mark.pynbd
+@pytest.mark.parametrize("zero_copy", ["on", "off"])
+@pytest.mark.parametrize("structured", [True, False])
+def test_X27_X28_file_shrinks_under_the_server(launch, image_factory, zero_copy, structured):
+    """The image file is truncated while served: a READ beyond the new end of file must
+    give zeroes or an error (or, in simple mode once the header is out, a hard
+    disconnect) - never short data that desynchronises the stream."""
+    img = image_factory("shrink.img", 4 * MiB, ["write -P 0x61 0 4M"])
+    s = launch.pynbd(img, "--zero-copy", zero_copy)
+    c = tx_client(s, structured=structured)
+    assert c.read(3 * MiB, 4096).data(3 * MiB, 4096) == b"\x61" * 4096
+    os.truncate(img, MiB + 1000)
+    offset, length = MiB, 256 * KiB  # straddles the new end of file
+    try:
+        r = c.read(offset, length)
+    except Disconnected:
+        assert not structured, "structured replies can always report the error"
+    else:
+        if r.error == 0:
+            got = r.data(offset, length)
+            assert got == b"\x61" * 1000 + bytes(length - 1000)
+        else:
+            assert r.error in (EIO, EINVAL, EOVERFLOW)
+            if structured:
+                assert r.chunks[-1].done
+        # still in sync
+        assert c.read(0, 4096).data(0, 4096) == b"\x61" * 4096
+    assert s.alive()
+    with tx_client(s) as c2:
+        assert c2.read(0, 512).data(0, 512) == b"\x61" * 512

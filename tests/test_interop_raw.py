@@ -178,6 +178,10 @@ def test_content(launch, image, tmp_path):
     nbdcopy(p.uri, str(out))
     assert out.stat().st_size == size
     run(["cmp", str(image), str(out)])
+    # qemu-img convert through the export to qcow2 and back gives the same content
+    qcow = tmp_path / "copy.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", p.uri, str(qcow)])
+    run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow), str(image)])
     outq = tmp_path / "copy-q.img"
     nbdcopy(q.uri, str(outq))
     assert outq.stat().st_size == round512(size)
@@ -332,6 +336,26 @@ h2.set_opt_mode(True)
 h2.connect_uri(uri)
 h2.opt_abort()
 out["abort_closed"] = h2.aio_is_closed()
+# STARTTLS offered by the client, refused by a server without TLS: carry on in clear
+h3 = nbd.NBD()
+h3.set_tls(nbd.TLS_ALLOW)
+h3.connect_uri(uri)
+out["tls_allow"] = [h3.get_tls_negotiated(), h3.pread(4, 65536 - 2).hex()]
+h3.shutdown()
+# plain newstyle (no FIXED_NEWSTYLE): EXPORT_NAME, simple replies only
+h4 = nbd.NBD()
+h4.set_handshake_flags(0)
+h4.connect_uri(uri)
+out["plain"] = [h4.get_protocol(), h4.get_structured_replies_negotiated(), h4.can_df(),
+                h4.pread(4, 65536 - 2).hex()]
+h4.shutdown()
+# fixed newstyle without structured replies
+h5 = nbd.NBD()
+h5.set_request_structured_replies(False)
+h5.connect_uri(uri)
+out["no_structured"] = [h5.get_structured_replies_negotiated(), h5.can_df(),
+                        h5.can_meta_context("base:allocation"), h5.pread(4, 65536 - 2).hex()]
+h5.shutdown()
 print(json.dumps(out, sort_keys=True))
 """
 
@@ -349,7 +373,8 @@ def test_libnbd_opt_mode(launch, sparse_image):
     assert pi["size"] == SPARSE_SIZE and pi["block_size"] == [1, 4096, 32 * MiB]
     for key in ("protocol", "structured", "handshake_flags", "unknown_info", "contexts",
                 "query base:", "query qemu:", "query qemu:allocation-depth", "query nope:x",
-                "meta", "first", "extents", "abort_closed"):
+                "meta", "first", "extents", "abort_closed", "tls_allow", "plain",
+                "no_structured"):
         assert pj[key] == qj[key], key
     assert pj["unknown_info"] == "error"
     assert pj["query base:"] == ["base:allocation"]
@@ -358,6 +383,9 @@ def test_libnbd_opt_mode(launch, sparse_image):
     assert pj["extents"] == {"base:allocation": [61440, 3],
                              "qemu:allocation-depth": [61440, 1]}
     assert pj["abort_closed"] is True
+    assert pj["tls_allow"] == [False, "aaaa0000"]
+    assert pj["plain"] == ["newstyle", False, False, "aaaa0000"]
+    assert pj["no_structured"] == [False, False, False, "aaaa0000"]
 
 
 def test_several_exports(launch, tmp_path):

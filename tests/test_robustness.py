@@ -174,6 +174,7 @@ def test_handshake_timeout(launch, sparse_image):
     assert got is not None, "silent client not dropped"
     assert got in (b"", struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
     assert flags_only.wait_for_disconnect(6) == b""
+    assert slow.wait_for_disconnect(6) == b"", "a handshake that never ends is dropped too"
     elapsed = time.monotonic() - t0
     assert 0.5 < elapsed < 6, elapsed
     # a slow but finished handshake is not affected: the bystander idles past the timeout
