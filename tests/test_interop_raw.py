@@ -523,3 +523,43 @@ def test_busy_port(sparse_image):
         port = s.getsockname()[1]
         line = one_line_error(pynbd_cmd(sparse_image, "--bind", "127.0.0.1", "--port", port))
         assert str(port) in line
+
+
+@pytest.mark.needs("fio")
+@pytest.mark.parametrize("jobs,iodepth", [(1, 32), (4, 8)])
+def test_fio_verify(launch, tmp_path, jobs, iodepth):
+    """fio's libnbd engine: random writes of 4-64 KiB with up to 32 requests in flight
+    (and 4 connections at once), then every block read back and checksummed."""
+    size = 32 * MiB
+    img = make_raw_image(tmp_path / "fio.img", size)
+    p = launch.pynbd(img)
+    per_job = size // jobs
+    r = run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={p.uri}", "--rw=randwrite",
+             "--bsrange=4k-64k", f"--iodepth={iodepth}", f"--numjobs={jobs}",
+             f"--size={per_job}", f"--offset_increment={per_job}", "--verify=crc32c",
+             "--verify_fatal=1", "--do_verify=1", "--randrepeat=0",
+             "--output-format=json"], timeout=120, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    for job in result["jobs"]:
+        assert job["error"] == 0
+        assert job["write"]["io_bytes"] >= per_job
+        assert job["read"]["io_bytes"] >= per_job  # the verify pass
+    assert "Traceback" not in p.log()
+
+
+def test_qemu_img_map_x_dirty_bitmap_allocation_depth(launch, image):
+    """qemu's client negotiating only qemu:allocation-depth (x-dirty-bitmap trick, §5.8)."""
+    p, q = both(launch, image)
+    size = image.stat().st_size
+    maps = []
+    for s in (p, q):
+        opts = (f"driver=nbd,server.type=unix,server.path={s.socket},export=,"
+                "x-dirty-bitmap=qemu:allocation-depth")
+        maps.append(json.loads(qemu_img("map", "--output=json", "--image-opts", opts)))
+    pm, qm = maps
+    assert merge_qemu_map(pm, size) == merge_qemu_map(qm, size)
+    # depth 1 everywhere reads as "HOLE" through base:allocation glasses: no data
+    # (entries past the exact size are the 512-byte padding of qemu's block layer)
+    inside = [(e["present"], e["zero"], e["data"]) for e in pm if e["start"] < size]
+    assert inside == [(False, False, False)] * len(inside) and inside
