@@ -234,7 +234,7 @@ def add_map_parser(sub: Any) -> None:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from pynbd.image.mapping import format_map_human, format_map_json, image_map, layer_paths
+    from pynbd.image.mapping import format_map_human, format_map_json, human_map_complete, image_map, layer_paths
 
     with open_image(args.image, args.format, read_only=True) as image:
         records = image_map(image)
@@ -242,7 +242,12 @@ def cmd_map(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(format_map_json(records), end="")
     else:
-        print(format_map_human(records, paths), end="")
+        print(format_map_human(records, paths), end="", flush=True)
+        if not human_map_complete(records):
+            # qemu-img map fails the same way ("File contains external, encrypted or
+            # compressed clusters."): a compressed cluster has no host offset to show.
+            raise UsageError(f"{args.image}: contains compressed clusters, which have no host offset; "
+                             "use --output json")
     return 0
 
 

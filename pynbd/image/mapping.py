@@ -138,21 +138,44 @@ def format_map_json(records: Sequence[dict]) -> str:
 def layer_paths(image: Image) -> list[str]:
     """File names by 0-based depth (what qemu-img's human map prints in its File column)."""
     if isinstance(image, Qcow2Image):
-        return [layer.path for layer in image.layers]
+        return [_data_path(layer) for layer in image.layers]
     return [image.path]
 
 
+def _data_path(layer: object) -> str:
+    """The file that holds a layer's data: its external data file if it has one.
+
+    qemu-img 7.2 names the data file as written in the header (it opens a relative
+    name relative to the current directory), so that is what is printed.
+    """
+    header = getattr(layer, "header", None)
+    if getattr(layer, "has_data_file", False) and header is not None and header.data_file:
+        return header.data_file
+    return layer.path  # type: ignore[attr-defined]
+
+
 def format_map_human(records: Sequence[dict], paths: Sequence[str]) -> str:
-    """Text like ``qemu-img map`` without --output: data runs with a host offset only."""
+    """Text like ``qemu-img map`` without --output: the data runs and their host offsets.
+
+    Like qemu-img, the listing stops before the first data run without a host
+    offset (a compressed cluster); :func:`human_map_complete` tells whether it did.
+    """
     def hx(v: int) -> str:
         return f"{v:#x}" if v else "0"
 
     lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
     for r in records:
-        if r["data"] and "offset" in r:
+        if r["data"] and "offset" not in r:
+            break
+        if r["data"]:
             path = paths[r["depth"]] if r["depth"] < len(paths) else "?"
             lines.append(f"{hx(r['start']):<16}{hx(r['length']):<16}{hx(r['offset']):<16}{path}")
     return "\n".join(lines) + "\n"
+
+
+def human_map_complete(records: Sequence[dict]) -> bool:
+    """False when :func:`format_map_human` cannot show every data run (no host offset)."""
+    return all("offset" in r for r in records if r["data"])
 
 
 def format_bitmap_list(infos: Sequence[BitmapInfo]) -> str:
