@@ -386,8 +386,9 @@ def test_H22_default_export_missing(start_server, sparse_image):
     c = opt_client(s)
     res = c.go("", [INFO_NAME])
     if s.kind == "pynbd":
-        # pynbd (like nbdkit) treats "" as "the only export" when there is just one
-        assert res.ok and res.size == SPARSE_SIZE
+        # pynbd (like nbdkit) treats "" as "the only export" when there is just one,
+        # and NBD_INFO_NAME then gives the canonical name
+        assert res.ok and res.size == SPARSE_SIZE and res.name == "named"
     else:
         assert [r.type for r in res.replies] == [REP_ERR_UNKNOWN]
         res = c.go("named", [INFO_NAME])
@@ -404,6 +405,21 @@ def test_H22_default_export_ambiguous(launch, image_factory):
     assert [r.type for r in res.replies] == [REP_ERR_UNKNOWN]
     res = c.go("b", [INFO_NAME])
     assert res.ok and res.name == "b"
+
+
+@pytest.mark.parametrize("opt", [OPT_INFO, OPT_GO, OPT_LIST_META_CONTEXT])
+def test_H23_invalid_utf8(srv, opt):
+    c = opt_client(srv)
+    c.structured_reply()
+    if opt == OPT_LIST_META_CONTEXT:
+        replies = c.option(opt, NbdClient.meta_payload(b"\xff\xfe", []))
+        replies2 = c.option(opt, NbdClient.meta_payload("", [b"base:\xff"]))
+        assert all(r.type != REP_META_CONTEXT for r in replies2)
+        assert replies2[-1].type in (REP_ACK, REP_ERR_INVALID)
+    else:
+        replies = c.option(opt, NbdClient.info_payload(b"\xc3\x28", [INFO_NAME]))
+    assert [r.type for r in replies] in ([REP_ERR_UNKNOWN], [REP_ERR_INVALID])
+    assert c.go("").ok
 
 
 def test_H23_overlong_strings(srv):
@@ -466,10 +482,11 @@ def test_M3_list_unknown_queries(srv, query):
 
 
 @pytest.mark.parametrize("opt", [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT])
-def test_M4_unknown_export(srv, opt):
+@pytest.mark.parametrize("queries", [["base:allocation"], []])
+def test_M4_unknown_export(srv, opt, queries):
     c = opt_client(srv)
     c.structured_reply()
-    replies = c.option(opt, NbdClient.meta_payload("nope", ["base:allocation"]))
+    replies = c.option(opt, NbdClient.meta_payload("nope", queries))
     assert [r.type for r in replies] == [REP_ERR_UNKNOWN]
 
 
@@ -1319,3 +1336,21 @@ def test_random_ops_against_model(start_server, image_factory, seed):
     assert len(disk) == size
     bad = [i for i in range(0, size, 512) if known[i] and disk[i] != model[i]]
     assert not bad, f"image file differs from the model at {bad[:5]}"
+
+
+def test_tcp_transport(start_server, sparse_image):
+    """The same byte-level exchange over TCP (not just unix sockets)."""
+    s = start_server(sparse_image, tcp=True)
+    assert s.port and not s.socket
+    c = tx_client(s, meta=ALL_RAW_CONTEXTS)
+    assert c.sock.family == socket.AF_INET
+    ids = ctx_ids(c)
+    assert full_map(c, ids["base:allocation"], SPARSE_SIZE) == SPARSE_MAP
+    cookies = {c.send_request(CMD_READ, i * 100 * KiB, 100 * KiB): i for i in range(32)}
+    replies = c.read_replies(len(cookies))
+    for ck, i in cookies.items():
+        off = i * 100 * KiB
+        assert replies[ck].data(off, 100 * KiB) == sparse_content(off, 100 * KiB)
+    assert c.write(5 * KiB, b"\x77" * 3000).error == 0
+    assert c.read(5 * KiB, 3000).data(5 * KiB, 3000) == b"\x77" * 3000
+    c.disconnect()
