@@ -656,6 +656,11 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
                 got = step(Workloads(st), ep.uri, size)
             except BenchError as exc:
                 reason = str(exc)
+                if srv.proc.poll() is None and "received SIGTERM" in tail(log, 30):
+                    try:  # signalled from outside (we have not sent one yet): let it finish exiting
+                        srv.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
                 if srv.proc.poll() is not None:
                     died.append((metrics, step))
                     failed.append(f"{reason} (server exited {srv.proc.returncode}: {tail(log, 1)})")
@@ -826,15 +831,18 @@ def machine_info(python: str) -> dict[str, str]:
 
 def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Group]:
     raw_servers = [s for s in servers if s.kind != "pynbd" or s.pynbd_args]
-    # qcow2: nbdkit 1.32 has no qcow2 reader; pynbd runs with its defaults only.
+    # qcow2: nbdkit 1.32 has no qcow2 reader. pynbd with its defaults everywhere, and for
+    # sequential reads also uvloop with zero-copy on and off (the qcow2 read path differs).
     q_servers = [s for s in servers if s.kind == "qemu-nbd" or (s.kind == "pynbd" and not s.pynbd_args)]
+    q_seq_servers = q_servers + [s for s in servers if s.id in ("pynbd/uvloop/zc-on", "pynbd/uvloop/zc-off")]
     groups = []
     for t in args.transports:
         groups.append(seq_group(f"raw-{t}", f"raw {t}", "raw-full", "raw", t, raw_servers))
     groups.append(map_group("raw-frag", "raw fragmented", "raw-frag", "raw", raw_servers))
-    if args.qcow2 and q_servers:
-        groups.append(seq_group("qcow2-unix", "qcow2 unix", "qcow2-full", "qcow2", "unix", q_servers))
-        groups.append(seq_group("chain-unix", "qcow2 3-layer chain unix", "qcow2-chain", "qcow2", "unix", q_servers))
+    if args.qcow2 and q_seq_servers:
+        groups.append(seq_group("qcow2-unix", "qcow2 unix", "qcow2-full", "qcow2", "unix", q_seq_servers))
+        groups.append(seq_group("chain-unix", "qcow2 3-layer chain unix", "qcow2-chain", "qcow2", "unix",
+                                q_seq_servers))
         groups.append(map_group("qcow2-frag", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
         # pynbd: pass --bitmap if the CLI grows one; otherwise it is expected to expose persistent bitmaps.
         pyextra = ["--bitmap", BITMAP_NAME] if re.search(r"--bitmap\b", pynbd.help) else []
@@ -909,6 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (background jobs)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
 
