@@ -958,7 +958,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(extra))
     if sugg:
         print()
-        print("pynbd variants, geometric mean of throughput/IOPS relative to the best variant (raw image):")
+        print("pynbd variants, geometric mean of throughput/IOPS relative to the best variant (raw image)"
+              + (" [--quick: too short and small to choose defaults from]:" if args.quick else ":"))
         print("\n".join(sugg))
     if args.json:
         payload = {
