@@ -1362,3 +1362,17 @@ def test_tcp_transport(start_server, sparse_image):
     assert c.write(5 * KiB, b"\x77" * 3000).error == 0
     assert c.read(5 * KiB, 3000).data(5 * KiB, 3000) == b"\x77" * 3000
     c.disconnect()
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_X7_X8_max_payload_exactly(start_server, image_factory, structured):
+    """READ and WRITE of exactly the advertised maximum (32 MiB) are served."""
+    img = image_factory("max.img", 40 * MiB, ["write -P 0x21 0 1M"])
+    s = start_server(img)
+    c = tx_client(s, structured=structured)
+    data = bytes(range(256)) * (32 * MiB // 256)
+    assert c.write(4 * MiB, data).error == 0
+    r = c.read(4 * MiB, 32 * MiB)
+    assert r.error == 0 and r.data(4 * MiB, 32 * MiB) == data
+    r = c.read(0, 32 * MiB)
+    assert r.data(0, 32 * MiB)[:MiB + 1] == b"\x21" * MiB + b"\x00"
