@@ -1386,8 +1386,10 @@ def test_X7_X8_max_payload_exactly(start_server, image_factory, structured):
 @pytest.mark.pynbd
 @pytest.mark.needs("qemu-nbd")
 @pytest.mark.parametrize("structured", [True, False])
-@pytest.mark.parametrize("seed", [11, 12, 13])
-def test_differential_random_requests(launch, sparse_image, tmp_path, structured, seed):
+@pytest.mark.parametrize("seed,zero_copy,loop", [(11, "on", "uvloop"), (12, "off", "uvloop"),
+                                                 (13, "on", "asyncio")])
+def test_differential_random_requests(launch, sparse_image, tmp_path, structured, seed,
+                                      zero_copy, loop):
     """READ/WRITE/WRITE_ZEROES/FLUSH/CACHE/BLOCK_STATUS/unknown commands with random flags,
     offsets and lengths (in range, at the edge, past the end, overflowing) go to both
     servers; errors must agree (modulo pynbd's ENOSPC where qemu-nbd says EINVAL) and
@@ -1396,7 +1398,7 @@ def test_differential_random_requests(launch, sparse_image, tmp_path, structured
     from tests.conftest import copy_sparse
     a = copy_sparse(sparse_image, tmp_path / "diff-p.img")
     b = copy_sparse(sparse_image, tmp_path / "diff-q.img")
-    p = launch.pynbd(a)
+    p = launch.pynbd(a, "--zero-copy", zero_copy, "--loop", loop)
     q = launch.qemu(b, "-A")
     meta = ALL_RAW_CONTEXTS if structured else ()
     cp, cq = tx_client(p, structured=structured, meta=meta), \

@@ -451,6 +451,8 @@ def test_tcp(launch, sparse_image):
     assert p.uri == f"nbd://127.0.0.1:{port}/"
     j = json.loads(nbdinfo("--json", "--no-content", p.uri))
     assert j["exports"][0]["export-size"] == SPARSE_SIZE
+    human = nbdinfo(p.uri)  # with the content probe (reads the first sectors)
+    assert "export-size: 4194304" in human and "can_multi_conn: true" in human
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(sparse_image), p.uri])
 
 
