@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -193,6 +194,16 @@ def event_loop_factory(choice: str | None) -> Callable[[], asyncio.AbstractEvent
     return asyncio.new_event_loop
 
 
+def tune_gc() -> None:
+    """Fewer full collections: block status builds tens of thousands of short-lived
+    tuples per request, and full collections over the whole heap doubled the cost
+    of merging them (measured on a 32768-extent map). Startup objects are frozen
+    out of collection altogether; the server keeps few reference cycles."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     configs = export_configs(args)
     factory = event_loop_factory(args.loop)
@@ -212,6 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server = NbdServer(exports, sockets, settings, max_connections=args.shared)
             await server.serve()
 
+        tune_gc()
         with asyncio.Runner(loop_factory=factory) as runner:
             log.info("pynbd %s on %s", __version__, type(runner.get_loop()).__module__.split(".")[0])
             runner.run(main())

@@ -150,3 +150,15 @@ class AllocationState(enum.IntFlag):
 
 
 DIRTY = 0x1  # qemu:dirty-bitmap:NAME status bit (§5.6)
+
+
+# Plain-int copies for the per-request path: ``int & IntFlag`` builds a new enum
+# object every time (measured: a third of the validation cost).
+FLAG_FUA = int(CommandFlag.FUA)
+FLAG_NO_HOLE = int(CommandFlag.NO_HOLE)
+FLAG_DF = int(CommandFlag.DF)
+FLAG_REQ_ONE = int(CommandFlag.REQ_ONE)
+FLAG_FAST_ZERO = int(CommandFlag.FAST_ZERO)
+TFLAG_READ_ONLY = int(TransmissionFlag.READ_ONLY)
+TFLAG_SEND_DF = int(TransmissionFlag.SEND_DF)
+TFLAG_SEND_FAST_ZERO = int(TransmissionFlag.SEND_FAST_ZERO)

@@ -13,8 +13,13 @@ from dataclasses import dataclass
 
 from pynbd.protocol.constants import (
     MAX_EXTENTS_PER_CHUNK,
+    FLAG_DF,
+    FLAG_FAST_ZERO,
     MAX_PAYLOAD,
     REQUEST_MAGIC,
+    TFLAG_READ_ONLY,
+    TFLAG_SEND_DF,
+    TFLAG_SEND_FAST_ZERO,
     Command,
     CommandFlag,
     Error,
@@ -42,10 +47,10 @@ WRITING_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES}
 ENOSPC_COMMANDS = frozenset({Command.WRITE, Command.WRITE_ZEROES})
 #: Commands gated by a transmission flag (§0 commands table).
 GATING_FLAG: dict[int, int] = {
-    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
-    Command.TRIM: TransmissionFlag.SEND_TRIM,
-    Command.CACHE: TransmissionFlag.SEND_CACHE,
-    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+    Command.FLUSH: int(TransmissionFlag.SEND_FLUSH),
+    Command.TRIM: int(TransmissionFlag.SEND_TRIM),
+    Command.CACHE: int(TransmissionFlag.SEND_CACHE),
+    Command.WRITE_ZEROES: int(TransmissionFlag.SEND_WRITE_ZEROES),
 }
 
 #: Largest descriptor length in compact mode, kept 512-aligned.
@@ -96,7 +101,7 @@ class TransmissionState:
         if command in (Command.READ, Command.WRITE) and request.length > MAX_PAYLOAD:
             raise RequestError(Error.EINVAL, f"request length {request.length} exceeds the maximum "
                                              f"payload {MAX_PAYLOAD}")
-        if command in WRITING_COMMANDS and self.flags & TransmissionFlag.READ_ONLY:
+        if command in WRITING_COMMANDS and self.flags & TFLAG_READ_ONLY:
             raise RequestError(Error.EPERM, "export is read-only")
         size = self.export.size
         if command not in (Command.FLUSH, Command.DISC):
@@ -107,9 +112,9 @@ class TransmissionState:
         bad_flags = request.flags & ~ALLOWED_FLAGS[command]
         if bad_flags:
             raise RequestError(Error.EINVAL, f"invalid flags {bad_flags:#x} for command {Command(command).name}")
-        if request.flags & CommandFlag.DF and not self.flags & TransmissionFlag.SEND_DF:
+        if request.flags & FLAG_DF and not self.flags & TFLAG_SEND_DF:
             raise RequestError(Error.EINVAL, "DF flag needs structured replies")
-        if request.flags & CommandFlag.FAST_ZERO and not self.flags & TransmissionFlag.SEND_FAST_ZERO:
+        if request.flags & FLAG_FAST_ZERO and not self.flags & TFLAG_SEND_FAST_ZERO:
             raise RequestError(Error.EINVAL, "FAST_ZERO flag not negotiated")
         gate = GATING_FLAG.get(command)
         if gate is not None and not self.flags & gate:

@@ -200,10 +200,8 @@ def chunk_error(cookie: int, error: int, message: str, offset: int | None = None
 
 def chunk_block_status(cookie: int, context_id: int, descriptors: Iterable[tuple[int, int]], done: bool) -> bytes:
     """BLOCK_STATUS chunk: context id then (length, status) descriptors (§5.3)."""
-    body = bytearray(U32.pack(context_id))
-    for length, status in descriptors:
-        body += DESCRIPTOR.pack(length, status)
-    header = CHUNK_HEADER.pack(
-        STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, ReplyType.BLOCK_STATUS, cookie, len(body)
-    )
-    return header + bytes(body)
+    flat = [value for pair in descriptors for value in pair]
+    body_length = 4 + 4 * len(flat)
+    # One pack call for the whole chunk: per-descriptor packing dominated large replies.
+    return struct.pack(f">IHHQII{len(flat)}I", STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0,
+                       ReplyType.BLOCK_STATUS, cookie, body_length, context_id, *flat)

@@ -18,7 +18,16 @@ from typing import Any
 
 from pynbd.image.base import FastZeroUnsupported, ImageError, ImageIOError
 from pynbd.protocol import wire
-from pynbd.protocol.constants import MAX_PAYLOAD, Command, CommandFlag, Error
+from pynbd.protocol.constants import (
+    FLAG_DF,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_NO_HOLE,
+    FLAG_REQ_ONE,
+    MAX_PAYLOAD,
+    Command,
+    Error,
+)
 from pynbd.protocol.handshake import (
     Close,
     ExportCatalog,
@@ -65,6 +74,13 @@ def nbd_error_for(exc: BaseException) -> Error:
     if isinstance(exc, OSError) and exc.errno is not None:
         return ERRNO_TO_NBD.get(exc.errno, Error.EINVAL)
     return Error.EIO
+
+
+#: Commands whose work runs on the event loop thread (page-cache reads, hints,
+#: metadata lookups): the reader serves them itself, in order. Commands that
+#: block (writes, syncs, hole punching) run in worker threads as tasks and may
+#: complete out of order.
+INLINE_COMMANDS = frozenset({Command.READ, Command.CACHE, Command.BLOCK_STATUS})
 
 
 class ConnectionLogger(logging.LoggerAdapter):
@@ -226,6 +242,8 @@ class Connection:
         header_size = wire.REQUEST.size
         try:
             while not self.shutting_down:
+                if reader.buffered < header_size:
+                    await writer.flush()
                 header = await reader.read_exactly(header_size)
                 request = wire.Request.unpack(header)
                 state.check_magic(request)
@@ -242,6 +260,8 @@ class Connection:
                 try:
                     payload = None
                     if payload_length:
+                        if reader.buffered < payload_length:
+                            await writer.flush()
                         payload = bytearray(payload_length)
                         await reader.readinto(memoryview(payload))
                     if self.shutting_down:
@@ -255,13 +275,28 @@ class Connection:
                 except BaseException:
                     limiter.release(cost)
                     raise
+                if request.type in INLINE_COMMANDS:
+                    # Served from the event loop thread anyway: a task per request
+                    # would only add overhead (design-notes.md §3, small requests).
+                    writer.batching = reader.buffered >= header_size
+                    try:
+                        await self._serve(request, payload, export, state, writer)
+                    finally:
+                        writer.batching = False
+                        limiter.release(cost)
+                    continue
                 task = asyncio.create_task(self._serve(request, payload, export, state, writer))
                 tasks.add(task)
                 task.add_done_callback(lambda t, c=cost: (tasks.discard(t), limiter.release(c)))
         finally:
             # Finish (and answer) what is in flight before closing (§3.3 DISC, X23).
+            writer.batching = False
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await writer.flush()
+            except ConnectionError:
+                pass
             self.log.info("read data sent: %d bytes by sendfile, %d bytes copied (zero-copy %s)",
                           writer.sendfile_bytes, writer.copied_bytes, "on" if writer.zero_copy else "off")
 
@@ -293,16 +328,16 @@ class Connection:
     # -- command handlers (one per command, §3.3) -----------------------------------------
 
     async def _cmd_read(self, request, payload, export, state, writer) -> None:
-        if request.flags & CommandFlag.FUA:
+        if request.flags & FLAG_FUA:
             await self._flush(export)  # as qemu: FUA on READ flushes first (§8.3)
         segments = export.image.read_segments(request.offset, request.length) if request.length else ()
         await writer.read(request.cookie, request.offset, segments, request.length,
-                          bool(request.flags & CommandFlag.DF))
+                          bool(request.flags & FLAG_DF))
 
     async def _cmd_write(self, request, payload, export, state, writer) -> None:
         if request.length:
             await self._in_thread(export.image.write, request.offset, payload)
-            if request.flags & CommandFlag.FUA:
+            if request.flags & FLAG_FUA:
                 await self._flush(export)
         await writer.ok(request.cookie)
 
@@ -313,16 +348,16 @@ class Connection:
     async def _cmd_trim(self, request, payload, export, state, writer) -> None:
         if request.length:
             await self._in_thread(export.image.trim, request.offset, request.length)
-            if request.flags & CommandFlag.FUA:
+            if request.flags & FLAG_FUA:
                 await self._flush(export)
         await writer.ok(request.cookie)
 
     async def _cmd_write_zeroes(self, request, payload, export, state, writer) -> None:
         if request.length:
-            may_trim = not request.flags & CommandFlag.NO_HOLE
-            fast = bool(request.flags & CommandFlag.FAST_ZERO)
+            may_trim = not request.flags & FLAG_NO_HOLE
+            fast = bool(request.flags & FLAG_FAST_ZERO)
             await self._in_thread(export.image.write_zeroes, request.offset, request.length, may_trim, fast)
-            if request.flags & CommandFlag.FUA:
+            if request.flags & FLAG_FUA:
                 await self._flush(export)
         await writer.ok(request.cookie)
 
@@ -333,7 +368,7 @@ class Connection:
 
     async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
         query = ExtentQuery(export.image, request.offset, request.length)
-        req_one = bool(request.flags & CommandFlag.REQ_ONE)
+        req_one = bool(request.flags & FLAG_REQ_ONE)
         items = sorted(state.contexts.items())
         out = bytearray()
         for index, (context_id, name) in enumerate(items):

@@ -50,6 +50,10 @@ class ContextProvider(abc.ABC):
         """``(length, status)`` runs from the query offset (may cover a prefix of the range)."""
 
 
+_HOLE, _ZERO = int(AllocationState.HOLE), int(AllocationState.ZERO)
+_ALLOCATION_STATUS = ((_HOLE, _HOLE | _ZERO), (0, _ZERO))  # [data][zero]
+
+
 class BaseAllocation(ContextProvider):
     """``base:allocation``: HOLE when not data, ZERO when it reads as zeros (§5.4)."""
 
@@ -58,10 +62,10 @@ class BaseAllocation(ContextProvider):
     def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
         return [BASE_ALLOCATION]
 
-    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Iterator[tuple[int, int]]:
-        hole, zero = int(AllocationState.HOLE), int(AllocationState.ZERO)
-        for e in query.extents:
-            yield e.length, (0 if e.data else hole) | (zero if e.zero else 0)
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> list[tuple[int, int]]:
+        # Status indexed by (data, zero): HOLE when not data, ZERO when zero.
+        status = _ALLOCATION_STATUS
+        return [(e.length, status[e.data][e.zero]) for e in query.extents]
 
 
 class AllocationDepth(ContextProvider):
@@ -73,9 +77,8 @@ class AllocationDepth(ContextProvider):
     def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
         return [QEMU_ALLOCATION_DEPTH]
 
-    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Iterator[tuple[int, int]]:
-        for e in query.extents:
-            yield e.length, e.depth
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> list[tuple[int, int]]:
+        return [(e.length, e.depth) for e in query.extents]
 
 
 class DirtyBitmaps(ContextProvider):

@@ -22,6 +22,8 @@ from pynbd.server.channel import Channel
 log = logging.getLogger(__name__)
 
 _ZEROS = memoryview(bytes(1024 * 1024))
+#: Most bytes of replies held back while batching.
+BATCH_LIMIT = 256 * 1024
 
 
 def group_chunks(segments: Sequence[ReadSegment], df: bool) -> list[tuple[bool, int, list[ReadSegment]]]:
@@ -65,10 +67,34 @@ class ReplyWriter:
         #: READ payload bytes sent by os.sendfile and by copying (shown when the connection ends).
         self.sendfile_bytes = 0
         self.copied_bytes = 0
+        #: While True, small replies are held back and sent together by flush():
+        #: the reader sets it when more requests are already buffered, so a burst
+        #: of pipelined small reads costs one send instead of one per reply.
+        self.batching = False
+        self._pending: list[bytes | bytearray | memoryview] = []
+        self._pending_size = 0
 
     async def _send(self, data: bytes | bytearray | memoryview) -> None:
+        if self.batching and self._pending_size + len(data) <= BATCH_LIMIT:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            return
         async with self.lock:
+            if self._pending:
+                await self._send_pending()
             await self.channel.sendall(data)
+
+    async def flush(self) -> None:
+        """Send replies held back while batching (before the reader waits for input)."""
+        if self._pending:
+            async with self.lock:
+                await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        # Called with the lock held.
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        if pending:
+            await self.channel.sendall(pending[0] if len(pending) == 1 else b"".join(pending))
 
     # -- replies without data --
 
@@ -102,6 +128,7 @@ class ReplyWriter:
             ops: list[_Op] = [header]
             _segment_ops(segments, ops)
             async with self.lock:
+                await self._send_pending()
                 # An I/O error after the header went out cannot be expressed in a
                 # simple reply: the exception ends the connection (§4.5, X27).
                 await self._run_ops(ops)
@@ -130,6 +157,7 @@ class ReplyWriter:
                     _segment_ops(segs, ops)
                 pos += size
             async with self.lock:
+                await self._send_pending()
                 try:
                     await self._run_ops(ops)
                 except _OpFailed as exc:
