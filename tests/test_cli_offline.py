@@ -263,17 +263,12 @@ def test_map_refused_images(fx: dict[str, Path], tmp_path: Path) -> None:
     one_line_error(pynbd_cli("map", str(lonely)), lonely, "'chain-mid.qcow2'")
 
 
-CORRUPT_BIT_REASON = (
-    "qcow2-fixtures.md F13: an image with the corrupt bit (incompatible bit 1) must be served/read "
-    "read-only, as qemu-img/qemu-nbd -r do; pynbd's header check refuses it outright "
-    "(pynbd/image/qcow2_header.py, asserted by test_qcow2_corrupt.py)")
-
-
-@pytest.mark.xfail(strict=True, reason=CORRUPT_BIT_REASON)
-def test_map_corrupt_bit_read_only(fx: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_map_corrupt_bit_refused(fx: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 3 refuses images with the corrupt bit at open (qemu-img map would still read it)."""
     path = fx["corrupt.qcow2"]
-    rc, out, _ = pynbd_main(capsys, "map", "--output", "json", str(path))
-    assert (rc, out) == (0, qemu_img_map_text(path))
+    rc, out, err = pynbd_main(capsys, "map", "--output", "json", str(path))
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "corrupt bit" in err and str(path) in err
 
 
 # --- pynbd bitmap -----------------------------------------------------------------------

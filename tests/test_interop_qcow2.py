@@ -556,16 +556,16 @@ def test_corrupt_image_on_command_line(fx: dict[str, Path], tmp_path: Path) -> N
     assert not (tmp_path / "never.sock").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "qcow2-fixtures.md F13: 'corrupt: serve read-only only' (qemu-nbd -r serves corrupt.qcow2); "
-    "pynbd refuses any image with the corrupt bit, even with -r (pynbd/image/qcow2_header.py)"))
-def test_corrupt_bit_served_read_only(fx: dict[str, Path], tmp_path: Path) -> None:
+def test_corrupt_bit_refused_at_start(fx: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 3: an image with the corrupt bit is refused at open with a one-line error naming
+    the image and the field, even read-only (qemu-nbd -r would serve it; we will not hand out
+    data of an image its last writer flagged as inconsistent)."""
     image = fx["corrupt.qcow2"]
-    ref = tmp_path / "ref.raw"
-    qemu_convert_raw(image, ref)
-    with PynbdServer(image, "-r", workdir=tmp_path) as server:
-        p = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref), server.uri], check=False)
-        assert p.returncode == 0
+    p = run([sys.executable, "-m", "pynbd", "serve", str(image), "-r", "--socket", str(tmp_path / "s")],
+            check=False, timeout=30)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(image) in lines[0] and "corrupt bit" in lines[0]
 
 
 def test_undecompressable_cluster_is_eio(fx: dict[str, Path], tmp_path: Path) -> None:
