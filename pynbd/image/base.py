@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -115,8 +115,8 @@ class Bitmap(abc.ABC):
     granularity: int
 
     @abc.abstractmethod
-    def dirty_runs(self, offset: int, length: int) -> Iterator[tuple[int, bool]]:
-        """Yield ``(run_length, dirty)`` covering exactly ``[offset, offset+length)``.
+    def dirty_runs(self, offset: int, length: int) -> Iterable[tuple[int, bool]]:
+        """``(run_length, dirty)`` runs covering exactly ``[offset, offset+length)``.
 
         Runs are contiguous from ``offset``; neighbouring runs may share a
         state (callers merge).
@@ -180,8 +180,8 @@ class Image(abc.ABC):
     # -- allocation --
 
     @abc.abstractmethod
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        """Yield extents covering ``[offset, offset+length)`` (or a prefix of it).
+    def extents(self, offset: int, length: int) -> Iterable[Extent]:
+        """Extents covering ``[offset, offset+length)`` (or a prefix of it).
 
         Extents are contiguous starting at ``offset``. A driver may stop early
         (e.g. after many extents); callers re-query from where it stopped.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from threading import Lock
 
 from bitarray import bitarray
+from bitarray.util import intervals
 
 from pynbd.image.base import Bitmap, BitmapInfo, ImageError, ImageIOError
 from pynbd.image.qcow2_header import AUTOCLEAR_BITMAPS, Qcow2Header
@@ -135,23 +136,26 @@ class Qcow2Bitmap(Bitmap):
 
     # -- queries --
 
-    def dirty_runs(self, offset: int, length: int) -> Iterator[tuple[int, bool]]:
+    def dirty_runs(self, offset: int, length: int) -> list[tuple[int, bool]]:
         bits = self.bits()
         g = self.granularity
         end = offset + length
         k = offset // g
         kend = min(-(-end // g), self.nbits)
-        pos = offset
-        while pos < end:
-            if k >= kend:  # past the last granule (cannot happen inside the image)
-                yield end - pos, False
-                return
-            dirty = bool(bits[k])
-            nxt = bits.find(not dirty, k + 1, kend)
-            run_end = end if nxt < 0 else min(end, nxt * g)
-            yield run_end - pos, dirty
-            pos = run_end
-            k = nxt if nxt >= 0 else kend
+        if k >= kend:  # past the last granule (cannot happen inside the image)
+            return [(length, False)]
+        # bitarray finds the runs in C; only the byte arithmetic is Python.
+        runs = [((stop - start) * g, bool(value)) for value, start, stop in intervals(bits[k:kend])]
+        # The first and last granules may be partial: clip to [offset, end).
+        first_len, first_dirty = runs[0]
+        runs[0] = (first_len - (offset - k * g), first_dirty)
+        overshoot = kend * g - end
+        if overshoot > 0:
+            last_len, last_dirty = runs[-1]
+            runs[-1] = (last_len - overshoot, last_dirty)
+        elif overshoot < 0:  # range beyond the bitmap's last granule reads clean
+            runs.append((-overshoot, False))
+        return runs
 
     def info(self) -> BitmapInfo:
         dirty: int | None = None

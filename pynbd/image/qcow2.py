@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from pynbd.image.base import (
     Bitmap,
@@ -228,25 +228,53 @@ class Qcow2Layer:
             pos = table_end
 
     def _standard_pieces(self, entries: array, pos: int, end: int) -> Iterator[Run]:
-        """§3.3: classify standard 8-byte L2 entries in QEMU's order."""
+        """§3.3: classify standard 8-byte L2 entries in QEMU's order.
+
+        Neighbouring clusters of one kind with contiguous host offsets come
+        out as one run. This loop runs once per cluster for block status,
+        reads and maps, so it is written flat (no per-cluster helpers).
+        """
         cb = self.cluster_bits
+        cluster_size = 1 << cb
         mask = (1 << self.l2_bits) - 1
-        for index, in_cluster, n in split_clusters(pos, end - pos, cb):
-            entry = entries[index & mask]
+        has_data_file = self.has_data_file
+        run_pos = pos
+        run_kind = -1
+        run_host = -1  # host offset of run_pos, or -1
+        while pos < end:
+            in_cluster = pos & (cluster_size - 1)
+            n = cluster_size - in_cluster
+            if n > end - pos:
+                n = end - pos
+            entry = entries[(pos >> cb) & mask]
             if entry & OFLAG_COMPRESSED:
-                yield pos, n, KIND_COMPRESSED, entry
-            elif entry & OFLAG_ZERO:
+                if run_kind != -1:
+                    yield run_pos, pos - run_pos, run_kind, run_host
+                yield pos, n, KIND_COMPRESSED, entry  # never merged: host is the entry
+                run_kind = -1
+                pos += n
+                run_pos = pos
+                continue
+            host = entry & L2E_OFFSET_MASK
+            if entry & OFLAG_ZERO:
                 if not self.zero_flag_allowed:
                     raise self._corrupt(pos, entry, "zero cluster entry found in a pre-v3 image")
-                host = entry & L2E_OFFSET_MASK
-                yield pos, n, KIND_ZERO, self._host(pos, entry, host) + in_cluster if host else -1
+                kind = KIND_ZERO
+                here = self._host(pos, entry, host) + in_cluster if host else -1
+            elif host or (has_data_file and entry & OFLAG_COPIED):
+                kind = KIND_DATA
+                here = self._host(pos, entry, host) + in_cluster
             else:
-                host = entry & L2E_OFFSET_MASK
-                if host or (self.has_data_file and entry & OFLAG_COPIED):
-                    yield pos, n, KIND_DATA, self._host(pos, entry, host) + in_cluster
-                else:
-                    yield pos, n, KIND_UNALLOC, -1
+                kind = KIND_UNALLOC
+                here = -1
+            if kind != run_kind or (here == -1) != (run_host == -1) or (
+                    here != -1 and run_host + (pos - run_pos) != here):
+                if run_kind != -1:
+                    yield run_pos, pos - run_pos, run_kind, run_host
+                run_pos, run_kind, run_host = pos, kind, here
             pos += n
+        if run_kind != -1:
+            yield run_pos, pos - run_pos, run_kind, run_host
 
     def _extended_pieces(self, entries: array, pos: int, end: int) -> Iterator[Run]:
         """§3.4: extended L2 entries, classified per subcluster."""
@@ -385,7 +413,7 @@ class Qcow2Image(Image):
 
     # -- allocation --
 
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+    def extents(self, offset: int, length: int) -> list[Extent]:
         """§3.7: base:allocation flags and qemu:allocation-depth, merged.
 
         Data (normal or compressed, in any layer) is never zero; everything
@@ -393,22 +421,33 @@ class Qcow2Image(Image):
         everywhere) is a zero hole. Depth is 1-based, 0 when no layer owns the range.
         """
         end = offset + min(length, MAX_CLUSTERS_PER_CALL << self.top.cluster_bits)
+        if len(self.layers) == 1:
+            # No backing file: the top layer's own runs are the answer; unallocated
+            # there is unallocated everywhere (skips the chain walk, measured 25%).
+            runs: Iterable[tuple[int, int, int, int, int]] = (
+                (pos, n, 0, RESOLVED_ABSENT if kind == KIND_UNALLOC else kind, host)
+                for pos, n, kind, host in self.top.runs(offset, end))
+        else:
+            runs = resolve(self.layers, offset, end)
+        out: list[Extent] = []
+        append = out.append
+        new = tuple.__new__  # Extent(...) without NamedTuple's Python-level __new__
         start = offset
-        state: tuple[bool, int] | None = None  # (data, depth) of the run being merged
-        count = 0
-        for pos, _n, idx, kind, _host in resolve(self.layers, offset, end):
-            data = kind == KIND_DATA or kind == KIND_COMPRESSED
-            here = (data, 0 if kind == RESOLVED_ABSENT else idx + 1)
-            if here == state:
+        data = False
+        depth = -1  # no run yet
+        for pos, _n, idx, kind, _host in runs:
+            here_data = kind == KIND_DATA or kind == KIND_COMPRESSED
+            here_depth = 0 if kind == RESOLVED_ABSENT else idx + 1
+            if here_data == data and here_depth == depth:
                 continue
-            if state is not None:
-                yield Extent(start, pos - start, state[0], not state[0], state[1])
-                count += 1
-                if count >= MAX_EXTENTS_PER_CALL:
-                    return
-            start, state = pos, here
-        if state is not None:
-            yield Extent(start, end - start, state[0], not state[0], state[1])
+            if depth >= 0:
+                append(new(Extent, (start, pos - start, data, not data, depth)))
+                if len(out) >= MAX_EXTENTS_PER_CALL:
+                    return out
+            start, data, depth = pos, here_data, here_depth
+        if depth >= 0:
+            append(new(Extent, (start, end - start, data, not data, depth)))
+        return out
 
     # -- bitmaps --
 

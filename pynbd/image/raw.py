@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -53,12 +54,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 def data_runs(fd: int, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """Yield ``(start, stop, is_data)`` runs of ``fd`` over ``[offset, end)``.
 
-    Uses SEEK_DATA/SEEK_HOLE; a file system without them reports all data.
+    Uses SEEK_DATA/SEEK_HOLE (one lseek per run, like qemu's raw driver); a
+    file system without them reports all data. This loop is the per-extent
+    hot path of raw block status, so it avoids helper calls.
     """
+    lseek = os.lseek
     pos = offset
     while pos < end:
         try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
+            data = lseek(fd, pos, SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # only a hole from pos to EOF
                 yield pos, end, False
@@ -68,20 +72,29 @@ def data_runs(fd: int, offset: int, end: int) -> Iterator[tuple[int, int, bool]]
                 return
             raise
         if data > pos:
-            yield pos, min(data, end), False
-            pos = min(data, end)
-            if pos >= end:
+            if data >= end:
+                yield pos, end, False
                 return
+            yield pos, data, False
+            pos = data
         try:
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            hole = lseek(fd, pos, SEEK_HOLE)
         except OSError as exc:
-            if exc.errno in (errno.ENXIO, errno.EINVAL, errno.EOPNOTSUPP):
-                hole = end
-            else:
+            if exc.errno not in (errno.ENXIO, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-        hole = min(max(hole, pos + 1), end)
+            hole = end
+        if hole >= end:
+            yield pos, end, True
+            return
+        if hole <= pos:  # a file system that answers nonsense: never loop forever
+            hole = pos + 1
         yield pos, hole, True
         pos = hole
+
+
+SEEK_DATA = os.SEEK_DATA
+SEEK_HOLE = os.SEEK_HOLE
+_new_extent = tuple.__new__  # Extent(...) without NamedTuple's Python-level __new__
 
 
 class RawImage(Image):
@@ -119,12 +132,11 @@ class RawImage(Image):
                 segments.append(ZeroSegment(stop - start))
         return segments
 
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+    def extents(self, offset: int, length: int) -> list[Extent]:
         # A raw layer is allocated everywhere: depth 1, holes included (§5.5).
-        for count, (start, stop, is_data) in enumerate(data_runs(self.fd, offset, offset + length)):
-            if count >= MAX_EXTENTS_PER_CALL:
-                return
-            yield Extent(start, stop - start, data=is_data, zero=not is_data, depth=1)
+        runs = itertools.islice(data_runs(self.fd, offset, offset + length), MAX_EXTENTS_PER_CALL)
+        new = _new_extent
+        return [new(Extent, (start, stop - start, is_data, not is_data, 1)) for start, stop, is_data in runs]
 
     # -- writing --
 

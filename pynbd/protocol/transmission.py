@@ -138,31 +138,34 @@ def build_descriptors(runs: Iterable[tuple[int, int]], length: int, req_one: boo
     least one byte.
     """
     out: list[tuple[int, int]] = []
-    covered = 0
+    append = out.append
+    limit = 1 if req_one else max_count
+    remaining = length  # bytes of the request not yet described
     cur_len = 0
     cur_status = -1
-    limit = max_count
     for run_length, status in runs:
-        if covered >= length:
-            break
-        run_length = min(run_length, length - covered)
         if run_length <= 0:
             continue
-        covered += run_length
+        last = run_length >= remaining
+        if last:
+            run_length = remaining  # clip at the request end
+        remaining -= run_length
         if status == cur_status and cur_len + run_length <= MAX_DESCRIPTOR_LENGTH:
             cur_len += run_length
-            continue
-        if cur_len:
-            out.append((cur_len, cur_status))
-            if len(out) >= limit or req_one:
-                return out
-        # A single run longer than a descriptor can hold is split.
-        while run_length > MAX_DESCRIPTOR_LENGTH:
-            out.append((MAX_DESCRIPTOR_LENGTH, status))
-            run_length -= MAX_DESCRIPTOR_LENGTH
-            if len(out) >= limit or req_one:
-                return out
-        cur_len, cur_status = run_length, status
+        else:
+            if cur_len:
+                append((cur_len, cur_status))
+                if len(out) >= limit:
+                    return out
+            # A single run longer than a descriptor can hold is split.
+            while run_length > MAX_DESCRIPTOR_LENGTH:
+                append((MAX_DESCRIPTOR_LENGTH, status))
+                if len(out) >= limit:
+                    return out
+                run_length -= MAX_DESCRIPTOR_LENGTH
+            cur_len, cur_status = run_length, status
+        if last:
+            break
     if cur_len:
-        out.append((cur_len, cur_status))
+        append((cur_len, cur_status))
     return out

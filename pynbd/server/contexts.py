@@ -89,10 +89,9 @@ class DirtyBitmaps(ContextProvider):
     def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
         return [dirty_bitmap_context(name) for name in bitmaps]
 
-    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Iterator[tuple[int, int]]:
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> list[tuple[int, int]]:
         bitmap = bitmaps[name[len(QEMU_DIRTY_BITMAP_PREFIX):]]
-        for length, dirty in bitmap.dirty_runs(query.offset, query.length):
-            yield length, 1 if dirty else 0
+        return [(length, 1 if dirty else 0) for length, dirty in bitmap.dirty_runs(query.offset, query.length)]
 
 
 PROVIDERS: Sequence[ContextProvider] = (BaseAllocation(), AllocationDepth(), DirtyBitmaps())
