@@ -9,6 +9,10 @@ RSS (VmHWM). Only unix sockets and 127.0.0.1 are used; every server is
 killed in a ``finally`` (and on Ctrl-C / SIGTERM, and by PR_SET_PDEATHSIG if
 this process dies without cleaning up).
 
+TLS rows (``--no-tls`` skips them, ``--tls-only`` runs only them): sequential
+reads and writes with nbdcopy over nbds:// against pynbd and qemu-nbd, both
+with one x509 PKI made for the run by ``python -m pynbd certs``.
+
 Run ``scripts/bench --help``; bench/README.md has the results and the reasons
 for the choices below.
 """
@@ -310,9 +314,14 @@ class Endpoint:
     transport: str  # unix | tcp
     socket_path: str = ""
     port: int = 0
+    tls_dir: str = ""  # client credentials (DIR/client-bench): nbds:// URIs
 
     @property
     def uri(self) -> str:
+        if self.tls_dir:
+            if self.transport == "unix":
+                return f"nbds+unix:///?socket={self.socket_path}&tls-certificates={self.tls_dir}"
+            return f"nbds://127.0.0.1:{self.port}/?tls-certificates={self.tls_dir}"
         if self.transport == "unix":
             return f"nbd+unix:///?socket={self.socket_path}"
         return f"nbd://127.0.0.1:{self.port}/"
@@ -396,18 +405,27 @@ def kill_all_live() -> None:
         LIVE.pop(pid, None)
 
 
-def server_argv(spec: ServerSpec, image: Path, fmt: str, ep: Endpoint, python: str, extra: list[str]) -> list[str]:
+def server_argv(spec: ServerSpec, image: Path, fmt: str, ep: Endpoint, python: str, extra: list[str],
+                tls_server_dir: Path | None = None, writable: bool = False) -> list[str]:
+    """Read-only unless ``writable``; with ``tls_server_dir`` (DIR/server of the run's PKI) TLS is required."""
     if spec.kind == "qemu-nbd":
         # -e 8: qemu-nbd advertises CAN_MULTI_CONN only when -e != 1 (nbdcopy then opens 4 connections).
-        argv = ["qemu-nbd", "-t", "-r", "-f", fmt, "-e", "8"]
+        argv = ["qemu-nbd", "-t", "-f", fmt] + ([] if writable else ["-r"])
+        if tls_server_dir is not None:
+            argv += ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={tls_server_dir},verify-peer=off",
+                     "--tls-creds", "tls0", "-e", "4"]
+        else:
+            argv += ["-e", "8"]
         argv += ["-k", ep.socket_path] if ep.transport == "unix" else ["-b", "127.0.0.1", "-p", str(ep.port)]
         return argv + extra + [str(image)]
     if spec.kind == "nbdkit":
         argv = ["nbdkit", "-f", "-r"]
         argv += ["-U", ep.socket_path] if ep.transport == "unix" else ["-i", "127.0.0.1", "-p", str(ep.port)]
         return argv + extra + ["file", str(image)]
-    argv = [python, "-m", "pynbd", "serve", str(image), "--read-only", "--format", fmt]
+    argv = [python, "-m", "pynbd", "serve", str(image)] + ([] if writable else ["--read-only"]) + ["--format", fmt]
     argv += ["--socket", ep.socket_path] if ep.transport == "unix" else ["--bind", "127.0.0.1", "--port", str(ep.port)]
+    if tls_server_dir is not None:
+        argv += ["--tls-creds", str(tls_server_dir)]
     return argv + list(spec.pynbd_args) + extra
 
 
@@ -435,13 +453,20 @@ class Settings:
     map_reps: int
     requests: int
     workdir: Path
+    pki: Path | None = None  # the run's `pynbd certs` directory (TLS groups)
 
 
 class Workloads:
-    """Clients run against a live server; each returns {metric_key: value}."""
+    """Clients run against a live server; each returns {metric_key: value}.
 
-    def __init__(self, st: Settings):
+    For write groups ``target`` is the raw file the server exports and ``source``
+    the file nbdcopy copies from.
+    """
+
+    def __init__(self, st: Settings, target: Path | None = None, source: Path | None = None):
         self.st = st
+        self.target = target
+        self.source = source
 
     def seq_read(self, uri: str, size: int, conns: int) -> float:
         argv = ["nbdcopy", f"--connections={conns}", f"--requests={self.st.requests}", uri, "null:"]
@@ -450,6 +475,23 @@ class Workloads:
             t0 = time.perf_counter()
             run_cmd(argv, timeout=300, what="nbdcopy")
             best.append(time.perf_counter() - t0)
+        return size / min(best) / MiB
+
+    def seq_write(self, uri: str, size: int, conns: int) -> float:
+        """nbdcopy from the (page-cached) source file to the export, onto a sparse target each time."""
+        if self.target is None or self.source is None:
+            raise BenchError("seq_write: no source/target file")
+        argv = ["nbdcopy", f"--connections={conns}", f"--requests={self.st.requests}", str(self.source), uri]
+        best = []
+        for _ in range(self.st.seq_reps):
+            # Deallocate what the previous copy wrote (and drop its dirty pages): every copy
+            # writes into holes. The server keeps its fd; the file size does not change for it.
+            os.truncate(self.target, 0)
+            os.truncate(self.target, size)
+            t0 = time.perf_counter()
+            run_cmd(argv, timeout=300, what="nbdcopy")
+            best.append(time.perf_counter() - t0)
+        check_copied(self.source, self.target, size)
         return size / min(best) / MiB
 
     def rand_read(self, uri: str, size: int) -> float:
@@ -485,6 +527,16 @@ class Workloads:
         return n / t, t * 1000, n
 
 
+def check_copied(source: Path, target: Path, size: int, samples: int = 16) -> None:
+    """Spot check that the write landed: first, last and evenly spaced 64 KiB blocks equal the source."""
+    block = 64 * KiB
+    offsets = sorted({min(size - block, i * (size // samples)) for i in range(samples)} | {size - block})
+    with open(source, "rb") as src, open(target, "rb") as dst:
+        for off in offsets:
+            if os.pread(src.fileno(), block, off) != os.pread(dst.fileno(), block, off):
+                raise BenchError(f"nbdcopy: target differs from the source at offset {off}")
+
+
 @dataclass
 class Group:
     """One image served over one transport, with the workloads run against it."""
@@ -499,6 +551,10 @@ class Group:
     steps: list[tuple[list[Metric], Callable[[Workloads, str, int], dict[str, float]]]]
     extra: dict[str, list[str]] = field(default_factory=dict)  # server kind -> extra args
     context: str | None = None  # meta context the steps need (checked before running them)
+    tls: bool = False  # serve with the run's x509 credentials, connect with nbds://
+    #: Serve a fresh sparse raw target (writable) instead of ``image``; ``image`` is then the
+    #: source the steps copy from (warmed into the page cache like any image).
+    write: bool = False
 
     @property
     def metrics(self) -> list[Metric]:
@@ -526,6 +582,25 @@ def seq_group(key: str, title: str, image: str, fmt: str, transport: str, server
         rr = metric(f"{key}/rand4k", f"{title}: 4 KiB random read, fio nbd QD16", "IOPS")
         steps.append(([rr], lambda w, uri, size: {rr.key: w.rand_read(uri, size)}))
     return Group(key, title, image, fmt, transport, servers, steps)
+
+
+def tls_groups(transport: str, servers) -> list[Group]:
+    """Sequential read (read-only server) and write (writable server, sparse target) over TLS."""
+    read_steps, write_steps = [], []
+    for c in (1, 4):
+        m = metric(f"tls-read-{transport}/seq{c}", f"TLS raw {transport}: sequential read, nbdcopy {c} conn",
+                   "MiB/s")
+        read_steps.append(([m], lambda w, uri, size, c=c, m=m: {m.key: w.seq_read(uri, size, c)}))
+    for c in (1, 4):
+        m = metric(f"tls-write-{transport}/seq{c}", f"TLS raw {transport}: sequential write, nbdcopy {c} conn",
+                   "MiB/s")
+        write_steps.append(([m], lambda w, uri, size, c=c, m=m: {m.key: w.seq_write(uri, size, c)}))
+    return [
+        Group(f"tls-read-{transport}", f"TLS raw {transport} read", "raw-full", "raw", transport, servers,
+              read_steps, tls=True),
+        Group(f"tls-write-{transport}", f"TLS raw {transport} write", "raw-full", "raw", transport, servers,
+              write_steps, tls=True, write=True),
+    ]
 
 
 def map_group(key: str, title: str, image: str, fmt: str, servers, context: str | None = None,
@@ -566,17 +641,20 @@ class Results:
         return max(vals) if METRICS[key].agg == "max" else statistics.median(vals)
 
 
-def nbd_info(uri: str) -> dict:
+def nbd_info(uri: str) -> tuple[dict, bool]:
+    """(the first export's nbdinfo --json entry, whether the connection used TLS)."""
     proc = run_cmd(["nbdinfo", "--json", "--no-content", uri], timeout=30, what="nbdinfo")
     try:
         data = json.loads(proc.stdout)
-        return data["exports"][0]
+        return data["exports"][0], bool(data.get("TLS"))
     except (ValueError, KeyError, IndexError) as exc:
         raise BenchError(f"nbdinfo --json: unexpected output: {exc}") from None
 
 
 def run_bench(args, st: Settings, groups: list[Group], images: Images, python: str, res: Results) -> None:
     rundir = Path(tempfile.mkdtemp(prefix="run-", dir=st.workdir))
+    if any(g.tls for g in groups):
+        st.pki = make_pki(rundir / "pki", python)
     broken: dict[tuple[str, str], str] = {}
     counter = 0
     t_start = time.monotonic()
@@ -604,6 +682,16 @@ def run_bench(args, st: Settings, groups: list[Group], images: Images, python: s
         print(f"server logs kept in {rundir}")
 
 
+def make_pki(pki: Path, python: str) -> Path:
+    """One CA, server and client certificate per run (DIR/server, DIR/client-bench)."""
+    argv = [python, "-m", "pynbd", "certs", str(pki), "--hostname", "localhost", "--hostname", "127.0.0.1",
+            "--client", "bench"]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=pynbd_env())
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {shlex.join(argv)}: {last_line(proc.stderr) or proc.returncode}")
+    return pki
+
+
 #: A server that dies in the middle of a step (crash, or a SIGTERM from outside: other people's
 #: test runs on a shared machine) is restarted this many times for the steps it did not finish.
 MAX_RESTARTS = 2
@@ -618,12 +706,22 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
     """
     image = images.paths[g.image]
     size = nbd_size_of(g, images)
+    target = None
+    if g.write:  # a fresh sparse target per server instance; the image is the copy's source
+        target = rundir / f"target{counter}.raw"
+        with open(target, "wb") as f:
+            f.truncate(size)
     ep = Endpoint(g.transport)
     if ep.transport == "unix":
         ep.socket_path = str(rundir / f"s{counter}.sock")
     else:
         ep.port = free_tcp_port()
-    argv = server_argv(spec, image, g.fmt, ep, python, g.extra.get(spec.kind, []))
+    tls_server_dir = None
+    if g.tls:
+        tls_server_dir = st.pki / "server"
+        ep.tls_dir = str(st.pki / "client-bench")
+    argv = server_argv(spec, target or image, g.fmt, ep, python, g.extra.get(spec.kind, []),
+                       tls_server_dir=tls_server_dir, writable=g.write)
     log = rundir / f"{counter:03d}-{spec.id.replace('/', '_')}-{g.key}.log"
     srv = None
     died: list = []
@@ -634,8 +732,12 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
                           env=pynbd_env() if spec.kind == "pynbd" else None,
                           cwd=REPO if spec.kind == "pynbd" else None)
             srv.wait_ready()
-            info = nbd_info(ep.uri)
+            info, tls_on = nbd_info(ep.uri)
             res.multi_conn.setdefault(g.key, {})[spec.id] = bool(info.get("can_multi_conn"))
+            if g.tls and not tls_on:
+                raise BenchError("nbdinfo --json does not report TLS: true")
+            if g.write and info.get("is_read_only"):
+                raise BenchError("export is read-only")
             if info.get("export-size") != size:
                 raise BenchError(f"export size {info.get('export-size')} != {size}")
             if g.context and g.context not in info.get("contexts", []):
@@ -653,7 +755,7 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
                 died.append((metrics, step))
                 continue
             try:
-                got = step(Workloads(st), ep.uri, size)
+                got = step(Workloads(st, target=target, source=image if g.write else None), ep.uri, size)
             except BenchError as exc:
                 reason = str(exc)
                 if srv.proc.poll() is None and "received SIGTERM" in tail(log, 30):
@@ -684,6 +786,8 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
                 w = f"{spec.id} on {g.key}: exit code {code} after SIGTERM (expected 0)"
                 if w not in res.warnings:
                     res.warnings.append(w)
+        if target is not None:
+            target.unlink(missing_ok=True)
     if died:
         outside = "received SIGTERM" in tail(log, 30)
         why = "SIGTERM from outside this script" if outside else f"exit code {srv.exit_code}: {tail(log, 1)}"
@@ -769,7 +873,8 @@ def suggest_defaults(res: Results, groups: list[Group]) -> list[str]:
     variants = [s.id for s in ALL_SERVERS if s.kind == "pynbd" and s.pynbd_args]
     out = []
     for transport in ("unix", "tcp"):
-        keys = [m.key for g in groups if g.transport == transport and g.image == "raw-full" for m in g.metrics]
+        keys = [m.key for g in groups if g.transport == transport and g.image == "raw-full" and not g.tls
+                for m in g.metrics]
         scores = {}
         for v in variants:
             rel = []
@@ -821,7 +926,27 @@ def machine_info(python: str) -> dict[str, str]:
         "nbdkit": first_line(["nbdkit", "--version"]),
         "libnbd": first_line(["nbdinfo", "--version"]).replace("nbdinfo", "libnbd"),
         "fio": first_line(["fio", "--version"]),
+        "openssl (python ssl)": ssl_version(python),
+        "gnutls": gnutls_version(),
     }
+
+
+def ssl_version(python: str) -> str:
+    try:
+        return subprocess.run([python, "-c", "import ssl; print(ssl.OPENSSL_VERSION)"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "?"
+    except Exception:
+        return "?"
+
+
+def gnutls_version() -> str:
+    """GnuTLS as qemu-nbd links it (Debian package version)."""
+    try:
+        proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "libgnutls30"], capture_output=True,
+                              text=True, timeout=10)
+        return proc.stdout.strip() or "?"
+    except Exception:
+        return "?"
 
 
 # ---------------------------------------------------------------------------
@@ -835,6 +960,11 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
     # sequential reads also uvloop with zero-copy on and off (the qcow2 read path differs).
     q_servers = [s for s in servers if s.kind == "qemu-nbd" or (s.kind == "pynbd" and not s.pynbd_args)]
     q_seq_servers = q_servers + [s for s in servers if s.id in ("pynbd/uvloop/zc-on", "pynbd/uvloop/zc-off")]
+    # TLS: qemu-nbd (GnuTLS) and pynbd with its defaults (TLS always takes the copy path).
+    tls_servers = [s for s in servers if s.kind == "qemu-nbd" or (s.kind == "pynbd" and not s.pynbd_args)]
+    tls = [g for t in args.transports for g in tls_groups(t, tls_servers)] if args.tls else []
+    if args.tls_only:
+        return [g for g in tls if g.servers]
     groups = []
     for t in args.transports:
         groups.append(seq_group(f"raw-{t}", f"raw {t}", "raw-full", "raw", t, raw_servers))
@@ -851,6 +981,7 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
             context=f"qemu:dirty-bitmap:{BITMAP_NAME}",
             extra={"qemu-nbd": ["-B", BITMAP_NAME], "pynbd": pyextra},
         ))
+    groups += tls
     return [g for g in groups if g.servers]
 
 
@@ -875,6 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "such as pynbd/uvloop (prefix) or pynbd/asyncio/zc-off")
     ap.add_argument("--transports", default="unix,tcp", help="sequential/random-read transports (default unix,tcp)")
     ap.add_argument("--no-qcow2", dest="qcow2", action="store_false", help="skip the qcow2 rows")
+    ap.add_argument("--no-tls", dest="tls", action="store_false", help="skip the TLS rows")
+    ap.add_argument("--tls-only", action="store_true", help="run only the TLS rows (pynbd and qemu-nbd)")
     ap.add_argument("--requests", type=int, default=64, help="nbdcopy --requests (default 64)")
     ap.add_argument("--fio-runtime", type=float, help="seconds per fio run (default 3, quick 1)")
     ap.add_argument("--json", type=Path, help="write all samples and medians to this file")
@@ -883,6 +1016,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-logs", action="store_true", help="keep server logs")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs pynbd (default: this one)")
     args = ap.parse_args(argv)
+    if args.tls_only and not args.tls:
+        ap.error("--tls-only and --no-tls exclude each other")
 
     size = args.size or (64 * MiB if args.quick else GiB)
     if size % (128 * KiB):
