@@ -46,6 +46,19 @@ def group_chunks(segments: Sequence[ReadSegment], df: bool) -> list[tuple[bool, 
     return chunks
 
 
+def plan_chunks(segments: Sequence[ReadSegment], offset: int,
+                df: bool) -> list[tuple[int, int, bool, bool, list[ReadSegment]]]:
+    """The chunks of a structured READ reply: ``(guest_offset, length, done, is_hole, segments)``."""
+    chunks = group_chunks(segments, df)
+    plan = []
+    pos = offset
+    last = len(chunks) - 1
+    for index, (hole, size, segs) in enumerate(chunks):
+        plan.append((pos, size, index == last, hole, segs))
+        pos += size
+    return plan
+
+
 def copy_segments(segments: Sequence[ReadSegment], out: memoryview) -> None:
     """Fill ``out`` from segments (the copy path). ``out`` must be zero-filled already."""
     pos = 0
@@ -144,18 +157,15 @@ class ReplyWriter:
         if length == 0:
             await self._send(wire.chunk_none(cookie))
             return
-        chunks = group_chunks(segments, df)
+        chunks = plan_chunks(segments, offset, df)
         if self.zero_copy:
             ops: list[_Op] = []
-            pos = offset
-            for index, (hole, size, segs) in enumerate(chunks):
-                done = index == len(chunks) - 1
+            for pos, size, done, hole, segs in chunks:
                 if hole:
                     ops.append(wire.chunk_offset_hole(cookie, pos, size, done))
                 else:
                     ops.append(wire.chunk_offset_data_header(cookie, pos, size, done))
                     _segment_ops(segs, ops)
-                pos += size
             async with self.lock:
                 await self._send_pending()
                 try:
@@ -170,9 +180,7 @@ class ReplyWriter:
             return
         # Copy path: encode every chunk into one buffer, then one send.
         parts: list[bytes | bytearray] = []
-        pos = offset
-        for index, (hole, size, segs) in enumerate(chunks):
-            done = index == len(chunks) - 1
+        for pos, size, done, hole, segs in chunks:
             if hole:
                 parts.append(wire.chunk_offset_hole(cookie, pos, size, done))
             else:
@@ -182,7 +190,6 @@ class ReplyWriter:
                 copy_segments(segs, memoryview(buf)[len(header):])
                 self.copied_bytes += size
                 parts.append(buf)
-            pos += size
         await self._send(parts[0] if len(parts) == 1 else b"".join(parts))
 
     async def _run_ops(self, ops: Sequence["_Op"]) -> None:

@@ -216,23 +216,18 @@ class TlsChannel:
             return n
 
     async def sendall(self, data: bytes | memoryview) -> None:
+        await self.sendall_more(data)
+        await self._flush()
+
+    async def sendall_more(self, data: bytes | memoryview) -> None:
+        # Encrypted records wait in the BIO until sendall (every reply ends with
+        # one) or until enough is pending to be worth a send.
         view = memoryview(data)
         while view:
             n = self.sslobj.write(view[:_RECORD * 4])
             view = view[n:]
             if self.outgoing.pending > _RECORD * 4:
                 await self._flush()
-        await self._flush()
-
-    async def sendall_more(self, data: bytes | memoryview) -> None:
-        # Records are batched until sendall; fine because the reply writer ends
-        # every reply with sendall.
-        view = memoryview(data)
-        while view:
-            n = self.sslobj.write(view[:_RECORD * 4])
-            view = view[n:]
-        if self.outgoing.pending > _RECORD * 4:
-            await self._flush()
 
     async def sendfile(self, fd: int, offset: int, count: int) -> int:
         data = os.pread(fd, count, offset)
