@@ -181,3 +181,20 @@ def test_dirty_runs_large_bitmap_is_fast() -> None:
     assert time.perf_counter() - t < 1.0
     assert len(runs) == 2 * len(range(0, len(bits), 1000))
     assert sum(n for n, d in runs if d) == 3 * 65536 * len(range(0, len(bits), 1000))
+
+
+@settings(max_examples=300)
+@given(raw=st.lists(st.booleans(), min_size=1, max_size=300), gbits=st.integers(9, 20), data=st.data())
+def test_dirty_runs_with_limit_are_a_prefix(raw: list[bool], gbits: int, data: st.DataObject) -> None:
+    """REQ_ONE asks for a few runs: they must be the first runs of the full answer (the
+    last one possibly shorter only where the limit cut it), never more than the limit."""
+    g = 1 << gbits
+    size = data.draw(st.integers((len(raw) - 1) * g + 1, len(raw) * g))
+    bm = make_bitmap(bitarray(raw, endian="little"), gbits, size)
+    offset = data.draw(st.integers(0, size - 1))
+    length = data.draw(st.integers(1, size - offset))
+    limit = data.draw(st.sampled_from([1, 2, 3, 16, 63, 64, 100]))
+    full = bm.dirty_runs(offset, length)
+    limited = bm.dirty_runs(offset, length, limit)
+    assert 1 <= len(limited) <= limit
+    assert limited == full[:len(limited)]

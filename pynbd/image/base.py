@@ -115,8 +115,12 @@ class Bitmap(abc.ABC):
     granularity: int
 
     @abc.abstractmethod
-    def dirty_runs(self, offset: int, length: int) -> Iterable[tuple[int, bool]]:
+    def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> Iterable[tuple[int, bool]]:
         """``(run_length, dirty)`` runs covering exactly ``[offset, offset+length)``.
+
+        With ``limit``, at most that many runs, covering a prefix of the range
+        (block status with REQ_ONE needs only the first: without the limit,
+        ``qemu-img map`` over NBD would cost O(extents²)).
 
         Runs are contiguous from ``offset``; neighbouring runs may share a
         state (callers merge).
@@ -180,8 +184,10 @@ class Image(abc.ABC):
     # -- allocation --
 
     @abc.abstractmethod
-    def extents(self, offset: int, length: int) -> Iterable[Extent]:
+    def extents(self, offset: int, length: int, limit: int | None = None) -> Iterable[Extent]:
         """Extents covering ``[offset, offset+length)`` (or a prefix of it).
+
+        ``limit`` caps the number of extents (see :meth:`Bitmap.dirty_runs`).
 
         Extents are contiguous starting at ``offset``. A driver may stop early
         (e.g. after many extents); callers re-query from where it stopped.

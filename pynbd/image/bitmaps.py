@@ -136,26 +136,43 @@ class Qcow2Bitmap(Bitmap):
 
     # -- queries --
 
-    def dirty_runs(self, offset: int, length: int) -> list[tuple[int, bool]]:
-        bits = self.bits()
+    def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> list[tuple[int, bool]]:
         g = self.granularity
         end = offset + length
-        k = offset // g
-        kend = min(-(-end // g), self.nbits)
-        if k >= kend:  # past the last granule (cannot happen inside the image)
+        first = offset // g
+        last = min(-(-end // g), self.nbits)  # granules [first, last) overlap the range
+        if first >= last:  # past the last granule (cannot happen inside the image)
             return [(length, False)]
-        # bitarray finds the runs in C; only the byte arithmetic is Python.
-        runs = [((stop - start) * g, bool(value)) for value, start, stop in intervals(bits[k:kend])]
-        # The first and last granules may be partial: clip to [offset, end).
-        first_len, first_dirty = runs[0]
-        runs[0] = (first_len - (offset - k * g), first_dirty)
-        overshoot = kend * g - end
-        if overshoot > 0:
-            last_len, last_dirty = runs[-1]
-            runs[-1] = (last_len - overshoot, last_dirty)
-        elif overshoot < 0:  # range beyond the bitmap's last granule reads clean
-            runs.append((-overshoot, False))
+        granule_runs = self._granule_runs(first, last, limit)
+        stop = first + sum(n for n, _ in granule_runs)
+        # Granules to bytes, clipping the partial first and last granule to the range.
+        runs = [(n * g, dirty) for n, dirty in granule_runs]
+        runs[0] = (runs[0][0] - (offset - first * g), runs[0][1])
+        if stop == last:
+            overshoot = last * g - end
+            if overshoot > 0:
+                runs[-1] = (runs[-1][0] - overshoot, runs[-1][1])
+            elif overshoot < 0:  # the range runs past the bitmap's last granule: clean
+                runs.append((-overshoot, False))
         return runs
+
+    def _granule_runs(self, first: int, last: int, limit: int | None) -> list[tuple[int, bool]]:
+        """``(granules, dirty)`` runs from granule ``first``, at most ``limit`` of them."""
+        bits = self.bits()
+        if limit is not None and limit < 64:
+            # A few runs: find each boundary in C without copying the range.
+            runs: list[tuple[int, bool]] = []
+            k = first
+            while k < last and len(runs) < limit:
+                dirty = bits[k]
+                nxt = bits.find(not dirty, k + 1, last)
+                stop = last if nxt < 0 else nxt
+                runs.append((stop - k, bool(dirty)))
+                k = stop
+            return runs
+        # bitarray finds the runs in C; only the arithmetic is Python.
+        runs = [(stop - start, bool(value)) for value, start, stop in intervals(bits[first:last])]
+        return runs if limit is None else runs[:limit]
 
     def info(self) -> BitmapInfo:
         dirty: int | None = None

@@ -413,7 +413,7 @@ class Qcow2Image(Image):
 
     # -- allocation --
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
         """§3.7: base:allocation flags and qemu:allocation-depth, merged.
 
         Data (normal or compressed, in any layer) is never zero; everything
@@ -421,6 +421,7 @@ class Qcow2Image(Image):
         everywhere) is a zero hole. Depth is 1-based, 0 when no layer owns the range.
         """
         end = offset + min(length, MAX_CLUSTERS_PER_CALL << self.top.cluster_bits)
+        cap = MAX_EXTENTS_PER_CALL if limit is None else min(limit, MAX_EXTENTS_PER_CALL)
         if len(self.layers) == 1:
             # No backing file: the top layer's own runs are the answer; unallocated
             # there is unallocated everywhere (skips the chain walk, measured 25%).
@@ -442,7 +443,7 @@ class Qcow2Image(Image):
                 continue
             if depth >= 0:
                 append(new(Extent, (start, pos - start, data, not data, depth)))
-                if len(out) >= MAX_EXTENTS_PER_CALL:
+                if len(out) >= cap:
                     return out
             start, data, depth = pos, here_data, here_depth
         if depth >= 0:

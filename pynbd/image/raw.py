@@ -132,9 +132,10 @@ class RawImage(Image):
                 segments.append(ZeroSegment(stop - start))
         return segments
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
+    def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
         # A raw layer is allocated everywhere: depth 1, holes included (§5.5).
-        runs = itertools.islice(data_runs(self.fd, offset, offset + length), MAX_EXTENTS_PER_CALL)
+        cap = MAX_EXTENTS_PER_CALL if limit is None else min(limit, MAX_EXTENTS_PER_CALL)
+        runs = itertools.islice(data_runs(self.fd, offset, offset + length), cap)
         new = _new_extent
         return [new(Extent, (start, stop - start, is_data, not is_data, 1)) for start, stop, is_data in runs]
 

@@ -80,6 +80,9 @@ def nbd_error_for(exc: BaseException) -> Error:
 #: metadata lookups): the reader serves them itself, in order. Commands that
 #: block (writes, syncs, hole punching) run in worker threads as tasks and may
 #: complete out of order.
+#: Runs fetched per context for a REQ_ONE block status request.
+REQ_ONE_RUNS = 16
+
 INLINE_COMMANDS = frozenset({Command.READ, Command.CACHE, Command.BLOCK_STATUS})
 
 
@@ -367,8 +370,11 @@ class Connection:
         await writer.ok(request.cookie)
 
     async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
-        query = ExtentQuery(export.image, request.offset, request.length)
         req_one = bool(request.flags & FLAG_REQ_ONE)
+        # REQ_ONE wants one descriptor: a few runs suffice (a shorter descriptor is
+        # allowed, the client asks again from its end), and computing the whole
+        # range each time would make qemu-img map O(extents²).
+        query = ExtentQuery(export.image, request.offset, request.length, REQ_ONE_RUNS if req_one else None)
         items = sorted(state.contexts.items())
         out = bytearray()
         for index, (context_id, name) in enumerate(items):

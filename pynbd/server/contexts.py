@@ -24,16 +24,18 @@ from pynbd.protocol.contexts import (
 class ExtentQuery:
     """The image's extents for one BLOCK_STATUS request, fetched once for every context."""
 
-    def __init__(self, image: Image, offset: int, length: int) -> None:
+    def __init__(self, image: Image, offset: int, length: int, limit: int | None = None) -> None:
         self.image = image
         self.offset = offset
         self.length = length
+        #: At most this many runs are needed (REQ_ONE); None for a full answer.
+        self.limit = limit
         self._extents: list[Extent] | None = None
 
     @property
     def extents(self) -> list[Extent]:
         if self._extents is None:
-            self._extents = list(self.image.extents(self.offset, self.length))
+            self._extents = list(self.image.extents(self.offset, self.length, self.limit))
         return self._extents
 
 
@@ -91,7 +93,8 @@ class DirtyBitmaps(ContextProvider):
 
     def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> list[tuple[int, int]]:
         bitmap = bitmaps[name[len(QEMU_DIRTY_BITMAP_PREFIX):]]
-        return [(length, 1 if dirty else 0) for length, dirty in bitmap.dirty_runs(query.offset, query.length)]
+        return [(length, 1 if dirty else 0) for length, dirty in bitmap.dirty_runs(query.offset, query.length,
+                                                                                    query.limit)]
 
 
 PROVIDERS: Sequence[ContextProvider] = (BaseAllocation(), AllocationDepth(), DirtyBitmaps())
