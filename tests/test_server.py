@@ -172,3 +172,17 @@ def test_several_exports_and_default_export(tmp_path, image):
     with PynbdServer(image, name="only") as server:
         # One export: the default name "" reaches it (as nbdkit does).
         assert nbdinfo("--size", f"nbd+unix:///?socket={server.socket}").strip() == str(8 * MiB)
+
+
+@pytest.mark.needs("nbd-client")
+def test_kernel_nbd_client_lists_exports(tmp_path, image):
+    """The userspace half of the Linux kernel client (nbd-client) negotiates with pynbd.
+
+    Attaching /dev/nbdX needs the nbd kernel module, which this machine does not
+    have; the transmission the kernel uses (simple replies, GO without info
+    requests, FLUSH/FUA/TRIM) is covered by tests/test_conformance.py.
+    """
+    other = make_raw_image(tmp_path / "other.img", 1 * MiB)
+    with PynbdServer(None, "--export", f"disk={image}", "--export", f"spare={other}", tcp=True) as server:
+        p = run(["nbd-client", "-l", "127.0.0.1", str(server.port)], timeout=30)
+    assert p.stdout.split()[-2:] == ["disk", "spare"]
