@@ -339,7 +339,7 @@ class Connection:
 
     async def _cmd_write(self, request, payload, export, state, writer) -> None:
         if request.length:
-            await self._in_thread(export.image.write, request.offset, payload)
+            await export.writes.run(export.image.write, request.offset, payload)
             if request.flags & FLAG_FUA:
                 await self._flush(export)
         await writer.ok(request.cookie)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +10,7 @@ from pynbd.image import open_image
 from pynbd.image.base import Bitmap, Image, ImageError
 from pynbd.protocol.handshake import ExportDescription
 from pynbd.server.contexts import ContextTable
+from pynbd.server.inline import InlineOrThread
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class Export:
     read_only: bool
     bitmaps: Mapping[str, Bitmap]
     contexts: ContextTable
-    #: Serialises flushes so concurrent FLUSH requests share one fdatasync.
-    flush_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: How WRITEs to this image run: inline while fast, in threads after a slow one.
+    writes: "InlineOrThread" = field(default_factory=lambda: InlineOrThread())
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
