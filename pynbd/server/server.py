@@ -20,7 +20,8 @@ from pynbd.server.exports import Export
 
 log = logging.getLogger(__name__)
 
-SD_LISTEN_FDS_START = 3  # sd_listen_fds(3)
+SD_LISTEN_FDS_START = 3
+UNIX_SNDBUF = 1 << 20  # sd_listen_fds(3)
 
 
 class ListenError(Exception):
@@ -164,6 +165,12 @@ class NbdServer:
                 log.error("accept failed: %s", exc)
                 await asyncio.sleep(0.1)  # e.g. EMFILE: do not spin
                 continue
+            if sock.family == socket.AF_UNIX:
+                # The default unix socket buffer (about 200 KiB) is smaller than one
+                # 256 KiB nbdcopy read: every reply waited for the client to drain.
+                # 1 MiB doubled single-connection reads (bench/README.md). TCP
+                # autotunes its buffers, and setting them there made no difference.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # spec SHOULD (§3.2)
                 peer = f"{_uri_host(addr[0])}:{addr[1]}"
