@@ -374,13 +374,7 @@ class Running:
 
     def stop(self) -> int | None:
         proc = self.proc
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, timeout=10)
         LIVE.pop(proc.pid, None)
         self.exit_code = proc.returncode
         if self.endpoint.transport == "unix":
@@ -391,17 +385,23 @@ class Running:
         return self.exit_code
 
 
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM a server we started, SIGKILL it if it has not exited within ``timeout``."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except OSError:
+        pass
+
+
 def kill_all_live() -> None:
     for pid, proc in list(LIVE.items()):
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            except OSError:
-                pass
+        terminate(proc, timeout=5)
         LIVE.pop(pid, None)
 
 
