@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.conftest import KiB, MiB, ODD_SIZE, SPARSE_SIZE, copy_sparse
+from tests.conftest import KiB, MiB, SPARSE_SIZE, copy_sparse
 from tests.support.servers import (
     REPO_ROOT,
     free_tcp_port,

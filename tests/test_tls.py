@@ -23,7 +23,6 @@ from tests.support.servers import (
     nbdcopy,
     nbdinfo,
     qemu_img,
-    qemu_io,
     run,
 )
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from threading import Lock
 

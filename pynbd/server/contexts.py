@@ -8,7 +8,7 @@ adding a provider to :data:`PROVIDERS`; nothing else branches on names.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pynbd.image.base import Bitmap, Extent, Image
