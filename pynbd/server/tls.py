@@ -221,10 +221,15 @@ class TlsChannel:
                 continue
             except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
                 return 0
+            except ssl.SSLError as exc:
+                raise ConnectionResetError(f"TLS error while receiving: {exc}") from None
             # One call returns one record at most: take what is already buffered
             # too, so a large payload costs fewer trips through the loop.
-            while n < len(buf) and self.sock.pending():
-                n += self.sock.recv_into(buf[n:])
+            try:
+                while n < len(buf) and self.sock.pending():
+                    n += self.sock.recv_into(buf[n:])
+            except ssl.SSLError:
+                pass  # the next call reports it; n bytes are good
             return n
 
     async def sendall(self, data: bytes | memoryview) -> None:
@@ -240,6 +245,10 @@ class TlsChannel:
                 # disabled; the reader task owns read readiness, so just retry soon.
                 await asyncio.sleep(0.001)
                 continue
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                raise ChannelClosed("client closed the TLS connection") from None
+            except ssl.SSLError as exc:
+                raise ConnectionResetError(f"TLS error while sending: {exc}") from None
             view = view[n:]
 
     async def sendall_more(self, data: bytes | memoryview) -> None:
