@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -277,15 +278,10 @@ def cmd_bitmap(args: argparse.Namespace) -> int:
     with open_image(args.image, None, read_only=True) as image:
         infos = list(image.bitmap_infos())
     if args.output == "json":
-        print(json.dumps([info.__dict__ if hasattr(info, "__dict__") else _slots_dict(info)
-                          for info in infos], indent=2))
+        print(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
     else:
         print(format_bitmap_list(infos), end="")
     return 0
-
-
-def _slots_dict(obj: Any) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in obj.__slots__}
 
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)

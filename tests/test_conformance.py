@@ -942,12 +942,7 @@ def test_X30_shutdown_with_clients(pynbd_server):
     replies): new requests get ESHUTDOWN, options get ERR_SHUTDOWN, no new connections."""
     s = pynbd_server
     stuck = tx_client(s)
-    stuck.sock.settimeout(0.5)
-    try:
-        for i in range(100):
-            stuck.sock.sendall(NbdClient.encode_request(CMD_READ, 0, MiB, 0, i + 1))
-    except socket.timeout:
-        pass
+    stuck.flood_reads(100, MiB)
     idle = tx_client(s)
     negotiating = opt_client(s)
     time.sleep(0.2)
@@ -1188,6 +1183,13 @@ def test_H8_list_description(start_server, sparse_image, description):
     assert final.type == REP_ACK and exports == [("", description)]
 
 
+def request_4k(c, cmd: int, offset: int, flags: int, fill: bytes):
+    """A 4 KiB request of any command: WRITE carries a payload of ``fill``, FLUSH has no range."""
+    if cmd == CMD_WRITE:
+        return c.request(cmd, offset, flags=flags, payload=fill * 4096)
+    return c.request(cmd, offset, 0 if cmd == CMD_FLUSH else 4096, flags)
+
+
 @pytest.mark.parametrize("cmd,flags", [
     (CMD_WRITE, 0x8000), (CMD_WRITE, CMD_FLAG_DF), (CMD_WRITE, CMD_FLAG_NO_HOLE),
     (CMD_WRITE, CMD_FLAG_PAYLOAD_LEN), (CMD_WRITE_ZEROES, CMD_FLAG_REQ_ONE),
@@ -1195,10 +1197,7 @@ def test_H8_list_description(start_server, sparse_image, description):
     (CMD_BLOCK_STATUS, CMD_FLAG_NO_HOLE)])
 def test_X14_invalid_flags_other_commands(srv, cmd, flags):
     c = tx_client(srv)
-    if cmd == CMD_WRITE:
-        r = c.request(cmd, 0, flags=flags, payload=b"\x01" * 4096)
-    else:
-        r = c.request(cmd, 0, 0 if cmd == CMD_FLUSH else 4096, flags)
+    r = request_4k(c, cmd, 0, flags, fill=b"\x01")
     assert r.error == EINVAL
     # a rejected WRITE's payload was consumed and not applied
     assert c.read(0, 4096).data(0, 4096) == b"\xaa" * 4096
@@ -1210,10 +1209,7 @@ def test_X14_invalid_flags_other_commands(srv, cmd, flags):
                                        (CMD_WRITE, CMD_FLAG_FUA)])
 def test_X17_valid_flag_combinations(srv, cmd, flags):
     c = tx_client(srv)
-    if cmd == CMD_WRITE:
-        r = c.request(cmd, 4096, flags=flags, payload=b"\x02" * 4096)
-    else:
-        r = c.request(cmd, 4096, 4096, flags)
+    r = request_4k(c, cmd, 4096, flags, fill=b"\x02")
     assert r.error == 0
     if cmd == CMD_WRITE_ZEROES:
         assert c.read(4096, 4096).data(4096, 4096) == bytes(4096)

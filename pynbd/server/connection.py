@@ -13,7 +13,7 @@ import asyncio
 import errno
 import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pynbd.image.base import FastZeroUnsupported, ImageError, ImageIOError
@@ -136,7 +136,8 @@ class ConnectionSettings:
     def __init__(self, *, handshake_timeout: float = 10.0, zero_copy: bool | None = None,
                  max_requests: int = 32, max_inflight_bytes: int = 64 * 1024 * 1024,
                  tls_mode: TlsMode = TlsMode.OFF,
-                 tls_upgrade: Callable[[Channel, BufferedReader], Any] | None = None) -> None:
+                 tls_upgrade: Callable[[Channel, logging.LoggerAdapter], Awaitable[Channel]] | None = None
+                 ) -> None:
         self.handshake_timeout = handshake_timeout
         #: True: sendfile, False: copy, None: what the channel's kind measured best.
         self.zero_copy = zero_copy

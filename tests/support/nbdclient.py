@@ -663,6 +663,22 @@ class NbdClient:
                        cookie: int = 0, *, magic: int = REQUEST_MAGIC) -> bytes:
         return struct.pack(">IHHQQI", magic, flags, type, cookie, offset, length)
 
+    def flood_reads(self, count: int, length: int, timeout: float = 0.5) -> int:
+        """Pipeline ``count`` READs of ``length`` bytes and never read the replies.
+
+        Stops early when the server stops reading (the send times out) and
+        returns how many requests went out.
+        """
+        self.sock.settimeout(timeout)
+        sent = 0
+        try:
+            for i in range(count):
+                self.sock.sendall(self.encode_request(CMD_READ, 0, length, 0, i + 1))
+                sent += 1
+        except socket.timeout:
+            pass
+        return sent
+
     def send_request(self, type: int, offset: int = 0, length: int | None = None, flags: int = 0,
                      cookie: int | None = None, payload: bytes = b"", *,
                      magic: int = REQUEST_MAGIC) -> int:
