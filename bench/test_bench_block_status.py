@@ -1,39 +1,31 @@
-"""Block status: extent merging (build_descriptors), descriptor encoding
+"""Block status: descriptor building (build_descriptors), descriptor encoding
 (chunk_block_status) and the whole pipeline for one ``nbdinfo --map`` request
 over the fragmented image the end-to-end benchmark uses (4 KiB of data every
-64 KiB of a 1 GiB raw file: 16384 data extents, 16384 holes)."""
+64 KiB of a 1 GiB raw file: 16384 data extents, 16384 holes), plus the run
+slicing that serves cached qcow2 L2 tables and dirty bitmaps."""
 
 from __future__ import annotations
 
 import pytest
 
-from pynbd.image.base import Extent
+from pynbd.image.base import STATE_DATA, STATE_HOLE_ZERO, Extents
 from pynbd.protocol import wire
 from pynbd.protocol.constants import MAX_EXTENTS_PER_CHUNK
 from pynbd.protocol.contexts import resolve_queries
 from pynbd.protocol.transmission import build_descriptors
+from pynbd.runlength import Runs, SpanRuns
 from pynbd.server.contexts import PROVIDERS, ExtentQuery
 
 GiB = 1 << 30
-HOLE_ZERO = 3  # NBD_STATE_HOLE | NBD_STATE_ZERO
 
 # 16384 x (4 KiB data, 60 KiB hole): what SEEK_DATA/SEEK_HOLE gives for the fragmented raw file.
-FRAG_RUNS = [run for _ in range(16384) for run in ((4096, 0), (61440, HOLE_ZERO))]
-# The same byte range cut into 4 KiB runs of one status: all of it merges into one descriptor.
-UNIFORM_RUNS = [(4096, 0)] * 32768
+FRAG_PAIRS = [run for _ in range(16384) for run in ((4096, STATE_DATA), (61440, STATE_HOLE_ZERO))]
 
 
-def _extent(**kw):
-    return Extent(**kw)
-
-
-def _frag_extents():
-    out, off = [], 0
-    for length, status in FRAG_RUNS:
-        data = status == 0
-        out.append(_extent(offset=off, length=length, data=data, zero=not data, depth=1 if data else 0))
-        off += length
-    return out
+def frag_runs(normalized: bool) -> Runs:
+    runs = Runs.from_pairs(FRAG_PAIRS)
+    runs.normalized = normalized
+    return runs
 
 
 class _FragImage:
@@ -41,37 +33,47 @@ class _FragImage:
 
     size = GiB
 
-    def __init__(self):
-        self._extents = _frag_extents()
-
     def extents(self, offset, length, limit=None):
-        return self._extents if limit is None else self._extents[:limit]
+        runs = frag_runs(normalized=True)
+        return Extents(offset, runs if limit is None else runs.head(limit), Runs([GiB], [1], True))
 
 
-def test_merge_fragmented_32k_runs(benchmark):
-    out = benchmark(build_descriptors, FRAG_RUNS, GiB, False)
+@pytest.mark.parametrize("normalized", [True, False], ids=["normalized", "unchecked"])
+def test_descriptors_fragmented_32k_runs(benchmark, normalized):
+    runs = frag_runs(normalized)
+    out = benchmark(build_descriptors, runs, GiB, False)
     assert len(out) == 32768
 
 
-def test_merge_uniform_32k_runs_into_one(benchmark):
-    out = benchmark(build_descriptors, UNIFORM_RUNS, 32768 * 4096, False)
-    assert out == [(32768 * 4096, 0)]
+def test_descriptors_uniform_32k_runs_into_one(benchmark):
+    runs = Runs([4096] * 32768, [STATE_DATA] * 32768)
+    out = benchmark(build_descriptors, runs, 32768 * 4096, False)
+    assert list(out) == [(32768 * 4096, STATE_DATA)]
 
 
-def test_merge_req_one(benchmark):
-    out = benchmark(build_descriptors, FRAG_RUNS, GiB, True)
-    assert out == [(4096, 0)]
+def test_descriptors_req_one(benchmark):
+    runs = frag_runs(normalized=False)
+    out = benchmark(build_descriptors, runs, GiB, True)
+    assert list(out) == [(4096, STATE_DATA)]
 
 
 @pytest.mark.parametrize("count", [1, 1024, 32768, MAX_EXTENTS_PER_CHUNK])
 def test_encode_descriptors(benchmark, count):
-    descs = [(4096 if i % 2 == 0 else 61440, 0 if i % 2 == 0 else HOLE_ZERO) for i in range(count)]
+    descs = Runs([4096 if i % 2 == 0 else 61440 for i in range(count)],
+                 [STATE_DATA if i % 2 == 0 else STATE_HOLE_ZERO for i in range(count)], True)
     out = benchmark(wire.chunk_block_status, 1, 0, descs, True)
     assert len(out) == 20 + 4 + 8 * count
 
 
+def test_span_slice_32k_runs(benchmark):
+    """A cached L2 table or bitmap chunk: one request's slice of it."""
+    span = SpanRuns(0, frag_runs(normalized=True))
+    out = benchmark(span.slice, 100, GiB - 100)
+    assert len(out) == 32768
+
+
 def test_base_allocation_map_pipeline(benchmark):
-    """Extents -> base:allocation runs -> merged descriptors -> one encoded chunk (one whole-image request)."""
+    """Extents -> base:allocation runs -> descriptors -> one encoded chunk (one whole-image request)."""
     image = _FragImage()
     provider = next(p for p in PROVIDERS if "base:allocation" in p.names(image, {}))
 

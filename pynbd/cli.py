@@ -94,6 +94,9 @@ def add_serve_parser(sub: Any) -> None:
                    help="event loop (default uvloop when installed)")
     p.add_argument("--zero-copy", choices=["auto", "on", "off"], default="auto",
                    help="send READ data with sendfile (on), by copying (off), or as measured best (auto)")
+    p.add_argument("--fiemap", choices=["auto", "off"], default="auto",
+                   help="raw block status from FIEMAP where the file system has it (auto), "
+                        "or from SEEK_DATA/SEEK_HOLE only (off)")
     p.add_argument("--max-requests", type=int, default=32, metavar="N",
                    help="requests in flight per connection before reading stops (default 32)")
     tls = p.add_argument_group("TLS")
@@ -116,12 +119,13 @@ def add_serve_parser(sub: Any) -> None:
 
 def export_configs(args: argparse.Namespace) -> list[ExportConfig]:
     bitmaps = tuple(args.bitmap) if args.bitmap else None
+    fiemap = args.fiemap == "auto"
     configs = []
     if args.image:
         configs.append(ExportConfig(args.name, args.image, args.description, args.read_only,
-                                    args.format, bitmaps))
+                                    args.format, bitmaps, fiemap))
     for name, path in args.export:
-        configs.append(ExportConfig(name, path, "", args.read_only, args.format, bitmaps))
+        configs.append(ExportConfig(name, path, "", args.read_only, args.format, bitmaps, fiemap))
     if not configs:
         raise UsageError("nothing to serve: give an IMAGE or --export NAME=PATH")
     names = [c.name for c in configs]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,6 +28,7 @@ from pynbd.protocol.transmission import (
     TransmissionState,
     build_descriptors,
 )
+from pynbd.runlength import Runs
 
 SIZE = 4 * 1024 * 1024
 RW = ExportDescription(name="rw", size=SIZE, read_only=False, contexts=("base:allocation",))
@@ -174,8 +177,9 @@ def test_chunk_layouts():
     err = wire.chunk_error(5, Error.EIO, "bad", offset=512)
     assert len(err) == 20 + 14 + 3
     assert wire.CHUNK_ERROR.unpack_from(err)[2] == ReplyType.ERROR_OFFSET
-    bs = wire.chunk_block_status(5, 2, [(4096, 3), (512, 0)], done=True)
+    bs = wire.chunk_block_status(5, 2, Runs([4096, 512], [3, 0]), done=True)
     assert wire.CHUNK_HEADER.unpack_from(bs)[4] == 4 + 16
+    assert struct.unpack_from('>IIIII', bs, 20) == (2, 4096, 3, 512, 0)
 
 
 def test_b15_error_messages_bounded():
@@ -186,39 +190,78 @@ def test_b15_error_messages_bounded():
 # --- block status descriptors (§5.3) -------------------------------------------------------
 
 
+def descriptors(pairs, length, req_one, max_count=None):
+    """build_descriptors on (length, status) pairs, as pairs."""
+    runs = Runs.from_pairs(pairs)
+    out = build_descriptors(runs, length, req_one) if max_count is None else \
+        build_descriptors(runs, length, req_one, max_count)
+    return list(out)
+
+
 def test_b9_merges_equal_neighbours():
-    assert build_descriptors([(10, 0), (20, 0), (5, 3), (5, 3), (1, 0)], 41, False) == [(30, 0), (10, 3), (1, 0)]
+    assert descriptors([(10, 0), (20, 0), (5, 3), (5, 3), (1, 0)], 41, False) == [(30, 0), (10, 3), (1, 0)]
 
 
 def test_b2_req_one_single_descriptor():
-    assert build_descriptors([(10, 0), (20, 3)], 30, True) == [(10, 0)]
-    assert build_descriptors([(100, 0)], 30, True) == [(30, 0)]
+    assert descriptors([(10, 0), (20, 3)], 30, True) == [(10, 0)]
+    assert descriptors([(100, 0)], 30, True) == [(30, 0)]
 
 
 def test_b3_clipped_to_request():
-    assert build_descriptors([(4096, 0), (4096, 3)], 100, False) == [(100, 0)]
+    assert descriptors([(4096, 0), (4096, 3)], 100, False) == [(100, 0)]
+    assert descriptors([(4096, 0), (4096, 3), (10, 0)], 4196, False) == [(4096, 0), (100, 3)]
 
 
 def test_b8_descriptor_cap():
     runs = [(1, i % 2) for i in range(1000)]
-    out = build_descriptors(runs, 1000, False, max_count=10)
+    out = descriptors(runs, 1000, False, max_count=10)
     assert len(out) == 10 and sum(n for n, _ in out) == 10
 
 
 def test_long_runs_split_to_u32():
     length = 10 * 2**30
-    out = build_descriptors([(length, 3)], length, False)
+    out = descriptors([(length, 3)], length, False)
     assert all(n <= MAX_DESCRIPTOR_LENGTH for n, _ in out)
     assert sum(n for n, _ in out) == length
 
 
-runs_strategy = st.lists(st.tuples(st.integers(1, 2**33), st.integers(0, 3)), min_size=1, max_size=50)
+def test_empty_runs_dropped():
+    assert descriptors([(0, 1), (10, 0), (0, 3), (10, 0)], 20, False) == [(20, 0)]
+
+
+runs_strategy = st.lists(st.tuples(st.integers(0, 2**33), st.integers(0, 3)), min_size=1, max_size=50)
+
+
+def reference_descriptors(pairs, length):
+    """The descriptors written out byte by byte: clip, drop empty runs, merge, split at u32."""
+    out = []
+    remaining = length
+    for n, status in pairs:
+        n = min(n, remaining)
+        remaining -= n
+        if not n:
+            continue
+        if out and out[-1][1] == status:
+            out[-1][0] += n
+        else:
+            out.append([n, status])
+    split = []
+    for n, status in out:
+        while n > MAX_DESCRIPTOR_LENGTH:
+            split.append((MAX_DESCRIPTOR_LENGTH, status))
+            n -= MAX_DESCRIPTOR_LENGTH
+        split.append((n, status))
+    return split
 
 
 @settings(max_examples=500, deadline=None)
 @given(runs_strategy, st.integers(1, 2**32 - 1), st.booleans(), st.integers(1, 64))
 def test_descriptor_properties(runs, length, req_one, max_count):
-    out = build_descriptors(runs, length, req_one, max_count)
+    out = descriptors(runs, length, req_one, max_count)
+    expected = reference_descriptors(runs, length)
+    assert out == expected[:1 if req_one else max_count]
+    if not any(n for n, _ in runs):
+        return
     assert out, "at least one descriptor"
     assert all(0 < n <= MAX_DESCRIPTOR_LENGTH for n, _ in out)
     total = sum(n for n, _ in out)

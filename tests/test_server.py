@@ -186,3 +186,57 @@ def test_kernel_nbd_client_lists_exports(tmp_path, image):
     with PynbdServer(None, "--export", f"disk={image}", "--export", f"spare={other}", tcp=True) as server:
         p = run(["nbd-client", "-l", "127.0.0.1", str(server.port)], timeout=30)
     assert p.stdout.split()[-2:] == ["disk", "spare"]
+
+
+# --- block status computed ahead for scanning clients -----------------------------------------
+
+GiB = 1 << 30
+
+
+def test_scan_of_a_large_image_matches_qemu_nbd(tmp_path):
+    """nbdinfo maps a 10 GiB image in 4 GiB requests, each continuing the last: pynbd answers
+    them from block status computed ahead, and the map is qemu-nbd's, extent for extent."""
+    from tests.support.servers import QemuNbdServer
+
+    writes = [f"write -P 0x5a {n * GiB + n * 65536} {4096 * (n + 1)}" for n in range(10)]
+    image = make_raw_image(tmp_path / "big.img", 10 * GiB, writes)
+    with PynbdServer(image, "--read-only") as p, QemuNbdServer(image, "-r") as q:
+        ours = nbdinfo("--map", p.uri)
+        theirs = nbdinfo("--map", q.uri)
+    assert ours == theirs
+    assert ours.count("data") == 10
+
+
+def test_answers_computed_ahead_never_hide_a_write(tmp_path):
+    """A scan's next answer is computed while the client reads the current one; a write from
+    another connection in between must show in the next answer."""
+    from tests.support.nbdclient import NbdClient
+
+    MiB = 1 << 20
+    image = make_raw_image(tmp_path / "disk.img", 8 * MiB, ["write -P 1 0 64k"])
+    with PynbdServer(image) as server:
+        scanner = NbdClient.connect(server, meta=["base:allocation"])
+        writer = NbdClient.connect(server)
+        (first,) = scanner.block_status(0, MiB).extents().values()
+        assert first == [(65536, 0), (MiB - 65536, 3)]
+        # The scan continues at 1 MiB; that answer (all hole) is already computed.
+        assert writer.write(MiB + 4096, b"\x07" * 4096).error == 0
+        (second,) = scanner.block_status(MiB, MiB).extents().values()
+        assert second == [(4096, 3), (4096, 0), (MiB - 8192, 3)]
+        # Without a write in between the scan goes on with answers computed ahead.
+        (third,) = scanner.block_status(2 * MiB, MiB).extents().values()
+        assert third == [(MiB, 3)]
+        scanner.disconnect()
+        writer.disconnect()
+
+
+def test_fiemap_off_gives_the_same_map(tmp_path):
+    """--fiemap off keeps raw block status to SEEK_DATA/SEEK_HOLE; the map is the same."""
+    writes = [f"write -P 0x11 {n * 131072} 4096" for n in range(300)]
+    image = make_raw_image(tmp_path / "frag.img", 64 << 20, writes)
+    maps = []
+    for mode in ("auto", "off"):
+        with PynbdServer(image, "--read-only", "--fiemap", mode) as server:
+            maps.append(nbdinfo("--map", server.uri))
+    assert maps[0] == maps[1]
+    assert maps[0].count("data") == 300

@@ -14,8 +14,8 @@ from pynbd.image.raw import RawImage
 
 QCOW2_MAGIC = b"QFI\xfb"
 
-#: format name -> opener(path, read_only) -> Image
-DRIVERS: dict[str, Callable[[str, bool], Image]] = {
+#: format name -> opener(path, read_only, fiemap=...) -> Image
+DRIVERS: dict[str, Callable[..., Image]] = {
     "raw": RawImage,
 }
 
@@ -43,11 +43,15 @@ def probe_format(path: str) -> str:
     return "raw"
 
 
-def open_image(path: str, fmt: str | None = None, read_only: bool = False) -> Image:
-    """Open ``path`` as ``fmt`` (probed when None); raises ImageError."""
+def open_image(path: str, fmt: str | None = None, read_only: bool = False, fiemap: bool = True) -> Image:
+    """Open ``path`` as ``fmt`` (probed when None); raises ImageError.
+
+    ``fiemap``: a raw image may answer block status from FIEMAP (see
+    :mod:`pynbd.image.fiemap`); False keeps it to SEEK_DATA/SEEK_HOLE.
+    """
     fmt = fmt or probe_format(path)
     try:
         opener = DRIVERS[fmt]
     except KeyError:
         raise ImageError(f"{path}: unsupported image format {fmt!r}") from None
-    return opener(path, read_only)
+    return opener(path, read_only, fiemap=fiemap)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from pynbd.runlength import Runs
 
 
 class ImageError(Exception):
@@ -81,17 +83,14 @@ ReadSegment = HostSegment | ZeroSegment | BytesSegment
 
 
 class Extent(NamedTuple):
-    """A run of guest bytes with one allocation state.
+    """A run of guest bytes with one allocation state and depth (see :class:`Extents`).
 
     ``data``: backed by allocated data somewhere in the chain (clear means
     NBD_STATE_HOLE in ``base:allocation``). ``zero``: reads as zeros
-    (NBD_STATE_ZERO). ``depth``: the ``qemu:allocation-depth`` value, 0 when
-    no layer allocates the range, 1 for the top image, N for the (N-1)-th
-    backing file (nbd-protocol.md §5.5).
-
-    A NamedTuple rather than a frozen dataclass: block status builds tens of
-    thousands of these per request, and tuple construction is several times
-    cheaper (measured in bench/).
+    (NBD_STATE_ZERO); every driver here reports non-data as zeros and data
+    as not known to be zero, as qemu does. ``depth``: the
+    ``qemu:allocation-depth`` value, 0 when no layer allocates the range, 1
+    for the top image, N for the (N-1)-th backing file (nbd-protocol.md §5.5).
     """
 
     offset: int
@@ -105,6 +104,61 @@ class Extent(NamedTuple):
         return self.offset + self.length
 
 
+#: Allocation run values. They are the ``base:allocation`` status bits of
+#: nbd-protocol.md §5.4 (HOLE = 1, ZERO = 2) on purpose: the context then
+#: sends the runs as they are, with no per-extent translation.
+STATE_DATA = 0
+STATE_HOLE_ZERO = 3
+
+
+class Extents:
+    """Allocation of a range from ``offset``, as two independent run lists.
+
+    ``allocation`` runs have values STATE_DATA or STATE_HOLE_ZERO: every
+    driver reports non-data as reading zeros and data as not known to be
+    zero, as qemu does. ``depth`` runs have ``qemu:allocation-depth`` values;
+    a driver may give a function that computes them, called only if a client
+    asks for that context. Each may cover a prefix of the range (a driver may
+    stop early; clients re-query). Run lists, not one object per extent: a
+    fragmented image gives tens of thousands per block-status request, and
+    the contexts turn runs into descriptors with C-level loops
+    (:mod:`pynbd.runlength`).
+    """
+
+    __slots__ = ("offset", "allocation", "_depth")
+
+    def __init__(self, offset: int, allocation: Runs, depth: Runs | Callable[[], Runs]) -> None:
+        self.offset = offset
+        self.allocation = allocation
+        self._depth = depth
+
+    @property
+    def depth(self) -> Runs:
+        if not isinstance(self._depth, Runs):
+            self._depth = self._depth()
+        return self._depth
+
+    def __iter__(self) -> Iterator[Extent]:
+        """One :class:`Extent` per stretch where both allocation and depth are constant."""
+        alloc = iter(self.allocation)
+        depths = iter(self.depth)
+        pos = self.offset
+        alloc_left = depth_left = 0
+        state = depth = 0
+        while True:
+            if not alloc_left:
+                alloc_left, state = next(alloc, (0, 0))
+            if not depth_left:
+                depth_left, depth = next(depths, (0, 0))
+            n = min(alloc_left, depth_left)
+            if n <= 0:
+                return
+            yield Extent(pos, n, state == STATE_DATA, state != STATE_DATA, depth)
+            pos += n
+            alloc_left -= n
+            depth_left -= n
+
+
 # --- dirty bitmaps -----------------------------------------------------------------
 
 
@@ -115,8 +169,8 @@ class Bitmap(abc.ABC):
     granularity: int
 
     @abc.abstractmethod
-    def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> Iterable[tuple[int, bool]]:
-        """``(run_length, dirty)`` runs covering exactly ``[offset, offset+length)``.
+    def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> Runs:
+        """Runs with value 1 (dirty) or 0 (clean) covering exactly ``[offset, offset+length)``.
 
         With ``limit``, at most that many runs, covering a prefix of the range
         (block status with REQ_ONE needs only the first: without the limit,
@@ -184,7 +238,7 @@ class Image(abc.ABC):
     # -- allocation --
 
     @abc.abstractmethod
-    def extents(self, offset: int, length: int, limit: int | None = None) -> Iterable[Extent]:
+    def extents(self, offset: int, length: int, limit: int | None = None) -> Extents:
         """Extents covering ``[offset, offset+length)`` (or a prefix of it).
 
         ``limit`` caps the number of extents (see :meth:`Bitmap.dirty_runs`).

@@ -4,8 +4,8 @@ The bitmaps extension points at a directory of variable-length entries; each
 entry points at a bitmap table whose entries point at data clusters holding
 the bit array (LSB first, one bit per granule). Bitmap data is loaded lazily
 into a :class:`bitarray.bitarray` the first time it is needed, and
-:meth:`Qcow2Bitmap.dirty_runs` answers with bitarray's C-level ``find``, so a
-query costs one call per run, not one per bit.
+:meth:`Qcow2Bitmap.dirty_runs` finds the run boundaries with bitarray's C-level
+search, so a query costs a few C loops, not Python work per bit or per run.
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice, repeat
+from operator import add, mul, sub
 from threading import Lock
 
 from bitarray import bitarray
-from bitarray.util import intervals
 
 from pynbd.image.base import Bitmap, BitmapInfo, ImageError, ImageIOError
 from pynbd.image.qcow2_header import AUTOCLEAR_BITMAPS, Qcow2Header
+from pynbd.runlength import Runs, SpanRuns, concat
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,13 @@ MAX_TABLE_ENTRIES = 0x8000000
 MAX_DATA_BYTES = 512 << 20
 MIN_GRANULARITY_BITS = 9
 MAX_GRANULARITY_BITS = 31
+
+#: Granules per cached chunk of runs (4 GiB of a bitmap with 64 KiB granularity).
+RUN_CHUNK_GRANULES = 1 << 16
+#: Chunks kept per bitmap (a full scan of a 256 GiB image at 64 KiB granularity).
+RUN_CHUNKS_CACHED = 64
+#: A chunk with more runs than this (17 bytes each) is not kept: at most 16 MiB per bitmap.
+MAX_CACHED_CHUNK_BYTES = 256 * 1024
 
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
@@ -86,6 +96,8 @@ class Qcow2Bitmap(Bitmap):
         self.nbits = -(-image_size // entry.granularity)
         self._bits: bitarray | None = None
         self._lock = Lock()
+        #: chunk index -> its runs (see :meth:`_chunk_runs`), least recently used first.
+        self._run_cache: OrderedDict[int, SpanRuns] = OrderedDict()
 
     @property
     def consistent(self) -> bool:
@@ -135,43 +147,100 @@ class Qcow2Bitmap(Bitmap):
 
     # -- queries --
 
-    def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> list[tuple[int, bool]]:
+    def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> Runs:
         g = self.granularity
         end = offset + length
         first = offset // g
         last = min(-(-end // g), self.nbits)  # granules [first, last) overlap the range
         if first >= last:  # past the last granule (cannot happen inside the image)
-            return [(length, False)]
-        granule_runs = self._granule_runs(first, last, limit)
-        stop = first + sum(n for n, _ in granule_runs)
+            return Runs([length], [0], True)
+        if limit is not None and limit < 64:
+            return self._few_runs(offset, end, first, last, limit)
+        # Whole ranges come from cached chunks of runs: a scan of the bitmap
+        # (nbdinfo --map, an incremental backup) then costs slices, not bit searches.
+        stop = min(end, self.nbits * g)
+        chunk_bytes = RUN_CHUNK_GRANULES * g
+        parts: list[Runs] = []
+        pos = offset
+        while pos < stop:
+            chunk = pos // chunk_bytes
+            part_end = min(stop, (chunk + 1) * chunk_bytes)
+            parts.append(self._chunk_runs(chunk).slice(pos, part_end))
+            pos = part_end
+        if end > stop:  # the range runs past the bitmap's last granule: clean
+            parts.append(Runs([end - stop], [0], True))
+        runs = concat(parts)
+        return runs if limit is None else runs.head(limit)
+
+    def _few_runs(self, offset: int, end: int, first: int, last: int, limit: int) -> Runs:
+        """At most ``limit`` runs from ``offset`` (REQ_ONE), found bit by bit without caching."""
+        g = self.granularity
+        granules = self._granule_runs(first, last, limit)
         # Granules to bytes, clipping the partial first and last granule to the range.
-        runs = [(n * g, dirty) for n, dirty in granule_runs]
-        runs[0] = (runs[0][0] - (offset - first * g), runs[0][1])
-        if stop == last:
+        lengths = list(map(mul, granules.lengths, repeat(g)))
+        lengths[0] -= offset - first * g
+        values = granules.values
+        if first + sum(granules.lengths) == last:
             overshoot = last * g - end
             if overshoot > 0:
-                runs[-1] = (runs[-1][0] - overshoot, runs[-1][1])
+                lengths[-1] -= overshoot
             elif overshoot < 0:  # the range runs past the bitmap's last granule: clean
-                runs.append((-overshoot, False))
+                if values[-1]:
+                    lengths.append(-overshoot)
+                    values.append(0)
+                else:
+                    lengths[-1] -= overshoot
+        # Runs found at value changes are non-empty and alternate.
+        return Runs(lengths, values, True)
+
+    def _chunk_runs(self, chunk: int) -> SpanRuns:
+        """The runs of one chunk of granules, in bytes (computed once, kept while the cache allows)."""
+        cached = self._run_cache.get(chunk)
+        if cached is not None:
+            self._run_cache.move_to_end(chunk)
+            return cached
+        g = self.granularity
+        first = chunk * RUN_CHUNK_GRANULES
+        granules = self._granule_runs(first, min(first + RUN_CHUNK_GRANULES, self.nbits), None)
+        runs = SpanRuns(first * g, Runs(list(map(mul, granules.lengths, repeat(g))), granules.values, True))
+        if runs.nbytes <= MAX_CACHED_CHUNK_BYTES:  # a pathological chunk is computed each time instead
+            with self._lock:
+                self._run_cache[chunk] = runs
+                while len(self._run_cache) > RUN_CHUNKS_CACHED:
+                    self._run_cache.popitem(last=False)
         return runs
 
-    def _granule_runs(self, first: int, last: int, limit: int | None) -> list[tuple[int, bool]]:
-        """``(granules, dirty)`` runs from granule ``first``, at most ``limit`` of them."""
+    def _granule_runs(self, first: int, last: int, limit: int | None) -> Runs:
+        """Runs of granules (value 1 dirty, 0 clean) from granule ``first``, at most ``limit``."""
         bits = self.bits()
         if limit is not None and limit < 64:
             # A few runs: find each boundary in C without copying the range.
-            runs: list[tuple[int, bool]] = []
+            lengths: list[int] = []
+            values: list[int] = []
             k = first
-            while k < last and len(runs) < limit:
+            while k < last and len(lengths) < limit:
                 dirty = bits[k]
                 nxt = bits.find(not dirty, k + 1, last)
                 stop = last if nxt < 0 else nxt
-                runs.append((stop - k, bool(dirty)))
+                lengths.append(stop - k)
+                values.append(dirty)
                 k = stop
-            return runs
-        # bitarray finds the runs in C; only the arithmetic is Python.
-        runs = [(stop - start, bool(value)) for value, start, stop in intervals(bits[first:last])]
-        return runs if limit is None else runs[:limit]
+            return Runs(lengths, values)
+        # Every run boundary is a set bit of (bits XOR bits shifted by one):
+        # bitarray finds them in C, and the lengths are their differences.
+        span = bits[first:last]
+        boundaries = (span[1:] ^ span[:-1]).search(1)
+        if limit is not None:
+            boundaries = islice(boundaries, limit)
+        ends = list(map(add, boundaries, repeat(1)))
+        if limit is None or len(ends) < limit:
+            ends.append(len(span))
+        starts = [0]
+        starts += ends[:-1]
+        # Runs alternate between dirty and clean, starting with the first bit.
+        values = [span[0], 1 - span[0]] * ((len(ends) + 1) // 2)
+        del values[len(ends):]
+        return Runs(list(map(sub, ends, starts)), values)
 
     def info(self) -> BitmapInfo:
         dirty: int | None = None

@@ -22,17 +22,22 @@ DEFAULT_CACHE_BYTES = 32 << 20
 
 
 class Table:
-    """One cached table: its entries and whether all of them are zero."""
+    """One cached table: its entries, whether all of them are zero, and what was derived from it."""
 
-    __slots__ = ("entries", "all_zero")
+    __slots__ = ("key", "entries", "all_zero", "derived", "nbytes")
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, key: tuple[int, int], raw: bytes) -> None:
+        self.key = key
         entries = array("Q")
         entries.frombytes(raw)
         if sys.byteorder == "little":
             entries.byteswap()  # qcow2 is big-endian
         self.entries = entries
         self.all_zero = raw.count(0) == len(raw)
+        #: Something computed once from the entries (the layer's run
+        #: classification), kept as long as the table and counted in the budget.
+        self.derived: object = None
+        self.nbytes = len(raw)
 
 
 class TableCache:
@@ -55,23 +60,37 @@ class TableCache:
                 self._tables.move_to_end(key)
                 self.hits += 1
                 return table
-        table = Table(load())  # I/O outside the lock; a racing load is harmless
-        size = len(table.entries) * 8
+        table = Table(key, load())  # I/O outside the lock; a racing load is harmless
         with self._lock:
             self.misses += 1
             if key not in self._tables:
                 self._tables[key] = table
-                self._bytes += size
-                while self._bytes > self.max_bytes and len(self._tables) > 1:
-                    _, old = self._tables.popitem(last=False)
-                    self._bytes -= len(old.entries) * 8
+                self._bytes += table.nbytes
+                self._evict()
         return table
+
+    def attach(self, table: Table, derived: object, nbytes: int) -> None:
+        """Keep ``derived`` with ``table`` (first caller wins), counting ``nbytes`` against the budget."""
+        with self._lock:
+            if table.derived is not None:
+                return
+            table.derived = derived
+            if self._tables.get(table.key) is table:
+                table.nbytes += nbytes
+                self._bytes += nbytes
+                self._evict()
+            # else: already evicted; the object lives as long as its user holds it
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes and len(self._tables) > 1:
+            _, old = self._tables.popitem(last=False)
+            self._bytes -= old.nbytes
 
     def drop_owner(self, owner: int) -> None:
         """Forget every table of one layer (when it is closed)."""
         with self._lock:
             for key in [k for k in self._tables if k[0] == owner]:
-                self._bytes -= len(self._tables.pop(key).entries) * 8
+                self._bytes -= self._tables.pop(key).nbytes
 
     @property
     def size_bytes(self) -> int:

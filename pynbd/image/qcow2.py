@@ -19,8 +19,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pynbd.image.base import (
     Bitmap,
     BitmapInfo,
+    STATE_DATA,
+    STATE_HOLE_ZERO,
     BytesSegment,
-    Extent,
+    Extents,
     HostSegment,
     Image,
     ImageError,
@@ -45,7 +47,7 @@ from pynbd.image.chain import (
     resolve_backing_path,
 )
 from pynbd.image.compression import ClusterCache, DecompressError, compressed_range, decompress_cluster
-from pynbd.image.l2cache import TableCache
+from pynbd.image.l2cache import Table, TableCache
 from pynbd.image.qcow2_header import (
     INCOMPAT_DIRTY,
     MAGIC,
@@ -55,6 +57,7 @@ from pynbd.image.qcow2_header import (
     pread_exact,
     read_snapshot_table,
 )
+from pynbd.runlength import Runs, SpanRuns, concat
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,11 @@ MAX_CLUSTERS_PER_CALL = 1 << 18
 #: Backing chains deeper than this are refused (each layer holds open fds).
 MAX_CHAIN_LENGTH = 1000
 
+#: Per layer kind (chain.KIND_*): its allocation state, and its depth when it is the top layer's answer.
+_ALLOCATION_OF_KIND = (STATE_DATA, STATE_DATA, STATE_HOLE_ZERO, STATE_HOLE_ZERO)  # DATA, COMPRESSED, ZERO, UNALLOC
+_TOP_DEPTH_OF_KIND = (1, 1, 1, 0)
+assert (KIND_DATA, KIND_COMPRESSED, KIND_ZERO, KIND_UNALLOC) == (0, 1, 2, 3)
+
 _layer_ids = itertools.count(1)
 
 
@@ -96,6 +104,34 @@ def split_clusters(offset: int, length: int, unit_bits: int) -> Iterator[tuple[i
         n = min(unit - in_unit, end - pos)
         yield index, in_unit, n
         pos += n
+
+
+class TableRuns:
+    """One L2 table classified once: allocation and top-layer depth runs over its guest span."""
+
+    __slots__ = ("allocation", "depth")
+
+    def __init__(self, allocation: SpanRuns, depth: SpanRuns) -> None:
+        self.allocation = allocation
+        self.depth = depth
+
+    @classmethod
+    def classify(cls, start: int, pieces: Iterable[Run]) -> TableRuns:
+        lengths: list[int] = []
+        kinds: list[int] = []
+        for _pos, n, kind, _host in pieces:
+            lengths.append(n)
+            kinds.append(kind)
+        return cls(SpanRuns(start, Runs(lengths, [_ALLOCATION_OF_KIND[k] for k in kinds])),
+                   SpanRuns(start, Runs(lengths, [_TOP_DEPTH_OF_KIND[k] for k in kinds])))
+
+    @property
+    def nbytes(self) -> int:
+        return self.allocation.nbytes + self.depth.nbytes
+
+
+#: Marks a table that has a corrupt entry (its runs are not cached).
+CORRUPT_TABLE = TableRuns(SpanRuns(0, Runs([], [])), SpanRuns(0, Runs([], [])))
 
 
 class Qcow2Layer:
@@ -221,11 +257,62 @@ class Qcow2Layer:
             table = self._l2_table(l1_index, l2_offset) if l2_offset else None
             if table is None or table.all_zero:
                 yield pos, table_end - pos, KIND_UNALLOC, -1
-            elif self.extended_l2:
-                yield from self._extended_pieces(table.entries, pos, table_end)
             else:
-                yield from self._standard_pieces(table.entries, pos, table_end)
+                yield from self._table_pieces(table, pos, table_end)
             pos = table_end
+
+    def _table_pieces(self, table: Table, pos: int, end: int) -> Iterator[Run]:
+        if self.extended_l2:
+            return self._extended_pieces(table.entries, pos, end)
+        return self._standard_pieces(table.entries, pos, end)
+
+    def top_runs(self, offset: int, stop: int, column: str) -> Runs:
+        """``column`` ("allocation" or "depth") runs of ``[offset, stop)`` (inside the layer)
+        when it is the only layer.
+
+        Each L2 table is classified once, as a whole, and its runs are kept
+        with the cached table (:class:`TableRuns`); a request then costs a
+        bisection and a slice per table instead of Python work per cluster.
+        A table with a corrupt entry is not cached: its ranges are classified
+        on each request, so the error comes only for requests that touch it.
+        """
+        value_of_kind = _ALLOCATION_OF_KIND if column == "allocation" else _TOP_DEPTH_OF_KIND
+        span_bits = self.cluster_bits + self.l2_bits
+        parts: list[Runs] = []
+        pos = offset
+        while pos < stop:
+            l1_index = pos >> span_bits
+            table_end = min(stop, (l1_index + 1) << span_bits)
+            l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
+            table = self._l2_table(l1_index, l2_offset) if l2_offset else None
+            runs = None if table is None or table.all_zero else self._classified(l1_index, table)
+            if runs is not None:
+                parts.append(getattr(runs, column).slice(pos, table_end))
+            elif table is None or table.all_zero:
+                parts.append(Runs([table_end - pos], [value_of_kind[KIND_UNALLOC]], True))
+            else:
+                lengths: list[int] = []
+                values: list[int] = []
+                for _pos, n, kind, _host in self._table_pieces(table, pos, table_end):
+                    lengths.append(n)
+                    values.append(value_of_kind[kind])
+                parts.append(Runs(lengths, values))
+            pos = table_end
+        return concat(parts)
+
+    def _classified(self, l1_index: int, table: Table) -> TableRuns | None:
+        """The whole table's runs (computed on first use), None if an entry is corrupt."""
+        runs = table.derived
+        if runs is None:
+            span_bits = self.cluster_bits + self.l2_bits
+            start = l1_index << span_bits
+            end = min(self.size, start + (1 << span_bits))
+            try:
+                runs = TableRuns.classify(start, self._table_pieces(table, start, end))
+            except ImageIOError:
+                runs = CORRUPT_TABLE
+            self._cache.attach(table, runs, runs.nbytes)
+        return None if runs is CORRUPT_TABLE else runs
 
     def _standard_pieces(self, entries: array, pos: int, end: int) -> Iterator[Run]:
         """§3.3: classify standard 8-byte L2 entries in QEMU's order.
@@ -413,8 +500,8 @@ class Qcow2Image(Image):
 
     # -- allocation --
 
-    def extents(self, offset: int, length: int, limit: int | None = None) -> list[Extent]:
-        """§3.7: base:allocation flags and qemu:allocation-depth, merged.
+    def extents(self, offset: int, length: int, limit: int | None = None) -> Extents:
+        """§3.7: base:allocation flags and qemu:allocation-depth.
 
         Data (normal or compressed, in any layer) is never zero; everything
         else (zero clusters, raw holes, short backing files, unallocated
@@ -423,32 +510,21 @@ class Qcow2Image(Image):
         end = offset + min(length, MAX_CLUSTERS_PER_CALL << self.top.cluster_bits)
         cap = MAX_EXTENTS_PER_CALL if limit is None else min(limit, MAX_EXTENTS_PER_CALL)
         if len(self.layers) == 1:
-            # No backing file: the top layer's own runs are the answer; unallocated
-            # there is unallocated everywhere (skips the chain walk, measured 25%).
-            runs: Iterable[tuple[int, int, int, int, int]] = (
-                (pos, n, 0, RESOLVED_ABSENT if kind == KIND_UNALLOC else kind, host)
-                for pos, n, kind, host in self.top.runs(offset, end))
-        else:
-            runs = resolve(self.layers, offset, end)
-        out: list[Extent] = []
-        append = out.append
-        new = tuple.__new__  # Extent(...) without NamedTuple's Python-level __new__
-        start = offset
-        data = False
-        depth = -1  # no run yet
-        for pos, _n, idx, kind, _host in runs:
-            here_data = kind == KIND_DATA or kind == KIND_COMPRESSED
-            here_depth = 0 if kind == RESOLVED_ABSENT else idx + 1
-            if here_data == data and here_depth == depth:
-                continue
-            if depth >= 0:
-                append(new(Extent, (start, pos - start, data, not data, depth)))
-                if len(out) >= cap:
-                    return out
-            start, data, depth = pos, here_data, here_depth
-        if depth >= 0:
-            append(new(Extent, (start, end - start, data, not data, depth)))
-        return out
+            # No backing file: the top layer's own runs are the answer, from its
+            # classified L2 tables; unallocated there is unallocated everywhere.
+            top = self.top
+            return Extents(offset, top.top_runs(offset, end, "allocation").head(cap),
+                           lambda: top.top_runs(offset, end, "depth").head(cap))
+        lengths: list[int] = []
+        states: list[int] = []
+        depths: list[int] = []
+        for _pos, n, idx, kind, _host in resolve(self.layers, offset, end):
+            lengths.append(n)
+            states.append(STATE_DATA if kind == KIND_DATA or kind == KIND_COMPRESSED else STATE_HOLE_ZERO)
+            depths.append(0 if kind == RESOLVED_ABSENT else idx + 1)
+            if len(lengths) >= cap:
+                break
+        return Extents(offset, Runs(lengths, states), Runs(lengths, depths))
 
     # -- bitmaps --
 
@@ -523,11 +599,12 @@ def open_chain(path: str, cache: TableCache | None = None) -> list[Layer]:
         raise
 
 
-def open_qcow2(path: str, read_only: bool) -> Image:
+def open_qcow2(path: str, read_only: bool, fiemap: bool = True) -> Image:
     """Open a qcow2 image with its backing chain. The driver is read-only.
 
     ``read_only=False`` is accepted, but the image is still opened read-only
     and reports :attr:`Image.read_only` True, so the server can advertise it.
+    ``fiemap`` does not apply: qcow2 block status comes from the L2 tables.
     """
     if not read_only:
         log.info("%s: the qcow2 driver is read-only; serving the image read-only", path)

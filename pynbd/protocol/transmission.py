@@ -8,7 +8,7 @@ stream stays in step: nbd-protocol.md §3.4 step 4), then asks
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pynbd.protocol.constants import (
@@ -27,6 +27,7 @@ from pynbd.protocol.constants import (
 )
 from pynbd.protocol.handshake import ExportDescription, HandshakeComplete
 from pynbd.protocol.wire import Request
+from pynbd.runlength import Runs, clipped, normalize, split_long
 
 #: Flags each command accepts (§0 command flags table); anything else is EINVAL.
 #: Plain ints: ``~`` of an IntFlag only complements the defined bits.
@@ -126,46 +127,17 @@ class TransmissionState:
                 raise RequestError(Error.EINVAL, "need non-zero length")
 
 
-def build_descriptors(runs: Iterable[tuple[int, int]], length: int, req_one: bool,
-                      max_count: int = MAX_EXTENTS_PER_CHUNK) -> list[tuple[int, int]]:
-    """Turn ``(run_length, status)`` runs from the request offset into descriptors.
+def build_descriptors(runs: Runs, length: int, req_one: bool, max_count: int = MAX_EXTENTS_PER_CHUNK) -> Runs:
+    """Turn ``(length, status)`` runs from the request offset into descriptors.
 
-    Merges equal neighbours (§5.3 item 6), clips at the request end so no
-    descriptor runs past what was asked, keeps each length within compact
+    Clips at the request end so no descriptor runs past what was asked,
+    merges equal neighbours (§5.3 item 6), keeps each length within compact
     mode's u32, honours REQ_ONE (one descriptor, §5.3 item 4), and stops at
     ``max_count`` descriptors (a shorter answer is allowed; clients re-query).
     The result is never empty when ``length`` > 0 and the runs cover at
-    least one byte.
+    least one byte. Every step is a C-level loop (:mod:`pynbd.runlength`).
     """
-    out: list[tuple[int, int]] = []
-    append = out.append
-    limit = 1 if req_one else max_count
-    remaining = length  # bytes of the request not yet described
-    cur_len = 0
-    cur_status = -1
-    for run_length, status in runs:
-        if run_length <= 0:
-            continue
-        last = run_length >= remaining
-        if last:
-            run_length = remaining  # clip at the request end
-        remaining -= run_length
-        if status == cur_status and cur_len + run_length <= MAX_DESCRIPTOR_LENGTH:
-            cur_len += run_length
-        else:
-            if cur_len:
-                append((cur_len, cur_status))
-                if len(out) >= limit:
-                    return out
-            # A single run longer than a descriptor can hold is split.
-            while run_length > MAX_DESCRIPTOR_LENGTH:
-                append((MAX_DESCRIPTOR_LENGTH, status))
-                if len(out) >= limit:
-                    return out
-                run_length -= MAX_DESCRIPTOR_LENGTH
-            cur_len, cur_status = run_length, status
-        if last:
-            break
-    if cur_len:
-        append((cur_len, cur_status))
-    return out
+    runs = normalize(clipped(runs, length))
+    if length > MAX_DESCRIPTOR_LENGTH:  # else no run can be longer than a descriptor
+        runs = split_long(runs, MAX_DESCRIPTOR_LENGTH)
+    return runs.head(1 if req_one else max_count)

@@ -42,9 +42,11 @@ from pynbd.protocol.transmission import (
     TransmissionState,
     build_descriptors,
 )
+from pynbd.runlength import Runs
 from pynbd.server.channel import BufferedReader, Channel, ChannelClosed
 from pynbd.server.contexts import ExtentQuery
 from pynbd.server.exports import Export
+from pynbd.server.lookahead import BlockStatusAnswer, Lookahead
 from pynbd.server.replies import ReplyWriter
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ def nbd_error_for(exc: BaseException) -> Error:
 #: complete out of order.
 #: Runs fetched per context for a REQ_ONE block status request.
 REQ_ONE_RUNS = 16
+#: Handshake reads: options are small (and larger ones arrive over several reads).
+HANDSHAKE_BUFFER = 4096
 
 INLINE_COMMANDS = frozenset({Command.READ, Command.CACHE, Command.BLOCK_STATUS})
 
@@ -162,6 +166,10 @@ class Connection:
         self.export: Export | None = None
         self._limiter: InflightLimiter | None = None
         self._loop = asyncio.get_running_loop()
+        #: What the closing log line adds (export, read-path counters): one INFO
+        #: line at each end of a connection, the details at DEBUG.
+        self._summary = ""
+        self._lookahead = Lookahead()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -191,7 +199,7 @@ class Connection:
             self.log.exception("unexpected error; closing this connection")
         finally:
             self.channel.close()
-            self.log.info("closed")
+            self.log.info("closed%s", self._summary)
 
     async def idle(self) -> None:
         """Wait until no request is in flight (used by a graceful shutdown)."""
@@ -202,7 +210,7 @@ class Connection:
 
     async def _handshake(self) -> tuple[HandshakeComplete | None, BufferedReader]:
         hs = ServerHandshake(self.catalog, tls=self.settings.tls_mode)
-        reader = BufferedReader(self.channel, size=64 * 1024)
+        reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER)
         while True:
             if self.shutting_down:
                 hs.begin_shutdown()
@@ -222,12 +230,12 @@ class Connection:
                 upgrade = self.settings.tls_upgrade
                 assert upgrade is not None, "StartTls without TLS configured"
                 self.channel = await upgrade(self.channel, self.log)
-                reader = BufferedReader(self.channel, size=64 * 1024)
+                reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER)
                 hs.tls_established()
                 self.log.info("TLS established")
             elif isinstance(event, HandshakeComplete):
-                self.log.info("export %r: structured=%s contexts=%s flags=%#x", event.export.name,
-                              event.structured, sorted(event.contexts.values()), event.flags)
+                self.log.debug("export %r: structured=%s contexts=%s flags=%#x", event.export.name,
+                               event.structured, sorted(event.contexts.values()), event.flags)
                 return event, BufferedReader(self.channel, initial=hs.trailing_data)
 
     # -- transmission -------------------------------------------------------------------
@@ -252,7 +260,7 @@ class Connection:
                 request = wire.Request.unpack(header)
                 state.check_magic(request)
                 if request.type == Command.DISC:
-                    self.log.info("client sent DISC")
+                    self.log.debug("client sent DISC")
                     break
                 payload_length = state.write_payload_length(request)
                 if payload_length > MAX_PAYLOAD:
@@ -301,8 +309,9 @@ class Connection:
                 await writer.flush()
             except ConnectionError:
                 pass
-            self.log.info("read data sent: %d bytes by sendfile, %d bytes copied (zero-copy %s)",
-                          writer.sendfile_bytes, writer.copied_bytes, "on" if writer.zero_copy else "off")
+            self._summary = (f" (export {export.name!r}; read data sent: {writer.sendfile_bytes} bytes by "
+                             f"sendfile, {writer.copied_bytes} bytes copied (zero-copy "
+                             f"{'on' if writer.zero_copy else 'off'}))")
 
     async def _serve(self, request: wire.Request, payload: bytearray | None, export: Export,
                      state: TransmissionState, writer: ReplyWriter) -> None:
@@ -326,6 +335,16 @@ class Connection:
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self._loop.run_in_executor(None, fn, *args)
 
+    @staticmethod
+    async def _modify(export: Export, run: Callable[..., Awaitable[Any]], fn: Callable[..., Any],
+                      *args: Any) -> Any:
+        """Run a change to the image; answers computed ahead of it are stale from its start to its end."""
+        export.generation += 1
+        try:
+            return await run(fn, *args)
+        finally:
+            export.generation += 1
+
     async def _flush(self, export: Export) -> None:
         await self._in_thread(export.image.flush)
 
@@ -340,7 +359,7 @@ class Connection:
 
     async def _cmd_write(self, request, payload, export, state, writer) -> None:
         if request.length:
-            await export.writes.run(export.image.write, request.offset, payload)
+            await self._modify(export, export.writes.run, export.image.write, request.offset, payload)
             if request.flags & FLAG_FUA:
                 await self._flush(export)
         await writer.ok(request.cookie)
@@ -351,7 +370,7 @@ class Connection:
 
     async def _cmd_trim(self, request, payload, export, state, writer) -> None:
         if request.length:
-            await self._in_thread(export.image.trim, request.offset, request.length)
+            await self._modify(export, self._in_thread, export.image.trim, request.offset, request.length)
             if request.flags & FLAG_FUA:
                 await self._flush(export)
         await writer.ok(request.cookie)
@@ -360,7 +379,8 @@ class Connection:
         if request.length:
             may_trim = not request.flags & FLAG_NO_HOLE
             fast = bool(request.flags & FLAG_FAST_ZERO)
-            await self._in_thread(export.image.write_zeroes, request.offset, request.length, may_trim, fast)
+            await self._modify(export, self._in_thread, export.image.write_zeroes, request.offset,
+                               request.length, may_trim, fast)
             if request.flags & FLAG_FUA:
                 await self._flush(export)
         await writer.ok(request.cookie)
@@ -371,29 +391,54 @@ class Connection:
         await writer.ok(request.cookie)
 
     async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
-        req_one = bool(request.flags & FLAG_REQ_ONE)
+        key = (request.offset, request.length, request.flags, export.generation)
+        answer = self._lookahead.take(key) or self._block_status(request.offset, request.length,
+                                                                   request.flags, export, state)
+        await writer.chunks(answer.for_cookie(request.cookie))
+        if request.flags & FLAG_REQ_ONE or writer.batching:
+            return  # REQ_ONE answers are tiny; a batching client has its next requests sent already
+        upcoming = self._lookahead.next_request(request.offset, request.length, answer, export.image.size)
+        if upcoming is not None:
+            # The client reads this answer now: compute the next one meanwhile.
+            offset, length = upcoming
+            generation = export.generation
+            try:
+                ahead = self._block_status(offset, length, request.flags, export, state)
+            except ImageError:
+                return  # the real request will report it
+            self._lookahead.keep((offset, length, request.flags, generation), ahead)
+
+    def _block_status(self, offset: int, length: int, flags: int, export: Export,
+                      state: TransmissionState) -> BlockStatusAnswer:
+        """One chunk per selected context (§5.3), encoded with cookie 0."""
+        req_one = bool(flags & FLAG_REQ_ONE)
         # REQ_ONE wants one descriptor: a few runs suffice (a shorter descriptor is
         # allowed, the client asks again from its end), and computing the whole
         # range each time would make qemu-img map O(extents²).
-        query = ExtentQuery(export.image, request.offset, request.length, REQ_ONE_RUNS if req_one else None)
+        query = ExtentQuery(export.image, offset, length, REQ_ONE_RUNS if req_one else None)
         items = sorted(state.contexts.items())
-        out = bytearray()
+        chunks: list[bytes] = []
+        starts: list[int] = []
+        size = 0
+        covered = length
         for index, (context_id, name) in enumerate(items):
             provider = export.contexts.providers[name]
             try:
-                descriptors = build_descriptors(provider.runs(name, query, export.bitmaps),
-                                                request.length, req_one)
+                descriptors = build_descriptors(provider.runs(name, query, export.bitmaps), length, req_one)
                 if not descriptors:
-                    raise ImageIOError(f"{export.image.path}: no extents at offset {request.offset}")
+                    raise ImageIOError(f"{export.image.path}: no extents at offset {offset}")
             except ImageError as exc:
                 if provider.safe_status is None:
                     raise
                 self.log.error("block status for %s at %d failed, reporting safe status: %s",
-                               name, request.offset, exc)
-                descriptors = [(request.length, provider.safe_status)]
-            out += wire.chunk_block_status(request.cookie, context_id, descriptors,
-                                           done=index == len(items) - 1)
-        await writer.chunks(bytes(out))
+                               name, offset, exc)
+                descriptors = Runs([length], [provider.safe_status])
+            covered = min(covered, descriptors.total)
+            chunk = wire.chunk_block_status(0, context_id, descriptors, done=index == len(items) - 1)
+            starts.append(size)
+            chunks.append(chunk)
+            size += len(chunk)
+        return BlockStatusAnswer(b"".join(chunks), tuple(starts), covered)
 
     _handlers = {
         Command.READ: _cmd_read,

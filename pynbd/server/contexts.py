@@ -8,10 +8,10 @@ adding a provider to :data:`PROVIDERS`; nothing else branches on names.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pynbd.image.base import Bitmap, Extent, Image
+from pynbd.image.base import STATE_HOLE_ZERO, Bitmap, Extents, Image
 from pynbd.protocol.constants import AllocationState
 from pynbd.protocol.contexts import (
     BASE_ALLOCATION,
@@ -19,6 +19,7 @@ from pynbd.protocol.contexts import (
     QEMU_DIRTY_BITMAP_PREFIX,
     dirty_bitmap_context,
 )
+from pynbd.runlength import Runs
 
 
 class ExtentQuery:
@@ -30,12 +31,12 @@ class ExtentQuery:
         self.length = length
         #: At most this many runs are needed (REQ_ONE); None for a full answer.
         self.limit = limit
-        self._extents: list[Extent] | None = None
+        self._extents: Extents | None = None
 
     @property
-    def extents(self) -> list[Extent]:
+    def extents(self) -> Extents:
         if self._extents is None:
-            self._extents = list(self.image.extents(self.offset, self.length, self.limit))
+            self._extents = self.image.extents(self.offset, self.length, self.limit)
         return self._extents
 
 
@@ -48,12 +49,12 @@ class ContextProvider(abc.ABC):
         """The context names this provider offers for an export."""
 
     @abc.abstractmethod
-    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Iterable[tuple[int, int]]:
-        """``(length, status)`` runs from the query offset (may cover a prefix of the range)."""
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Runs:
+        """Status runs from the query offset (may cover a prefix of the range)."""
 
 
-_HOLE, _ZERO = int(AllocationState.HOLE), int(AllocationState.ZERO)
-_ALLOCATION_STATUS = ((_HOLE, _HOLE | _ZERO), (0, _ZERO))  # [data][zero]
+# The image's allocation values are the base:allocation bits (§5.4).
+assert STATE_HOLE_ZERO == AllocationState.HOLE | AllocationState.ZERO
 
 
 class BaseAllocation(ContextProvider):
@@ -64,10 +65,8 @@ class BaseAllocation(ContextProvider):
     def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
         return [BASE_ALLOCATION]
 
-    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> list[tuple[int, int]]:
-        # Status indexed by (data, zero): HOLE when not data, ZERO when zero.
-        status = _ALLOCATION_STATUS
-        return [(e.length, status[e.data][e.zero]) for e in query.extents]
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Runs:
+        return query.extents.allocation
 
 
 class AllocationDepth(ContextProvider):
@@ -79,8 +78,8 @@ class AllocationDepth(ContextProvider):
     def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
         return [QEMU_ALLOCATION_DEPTH]
 
-    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> list[tuple[int, int]]:
-        return [(e.length, e.depth) for e in query.extents]
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Runs:
+        return query.extents.depth
 
 
 class DirtyBitmaps(ContextProvider):
@@ -91,10 +90,9 @@ class DirtyBitmaps(ContextProvider):
     def names(self, image: Image, bitmaps: Mapping[str, Bitmap]) -> list[str]:
         return [dirty_bitmap_context(name) for name in bitmaps]
 
-    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> list[tuple[int, int]]:
+    def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Runs:
         bitmap = bitmaps[name[len(QEMU_DIRTY_BITMAP_PREFIX):]]
-        return [(length, 1 if dirty else 0) for length, dirty in bitmap.dirty_runs(query.offset, query.length,
-                                                                                    query.limit)]
+        return bitmap.dirty_runs(query.offset, query.length, query.limit)  # values: 1 dirty, 0 clean
 
 
 PROVIDERS: Sequence[ContextProvider] = (BaseAllocation(), AllocationDepth(), DirtyBitmaps())

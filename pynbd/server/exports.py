@@ -26,6 +26,8 @@ class ExportConfig:
     fmt: str | None = None
     #: Restrict exported bitmaps to these names (None: every exportable bitmap).
     bitmaps: tuple[str, ...] | None = None
+    #: Raw block status may use FIEMAP (False: SEEK_DATA/SEEK_HOLE only).
+    fiemap: bool = True
 
 
 @dataclass(eq=False)
@@ -38,11 +40,14 @@ class Export:
     contexts: ContextTable
     #: How WRITEs to this image run: inline while fast, in threads after a slow one.
     writes: "InlineOrThread" = field(default_factory=lambda: InlineOrThread())
+    #: Changes when the image is changed through any connection (before and
+    #: after each change): block status computed ahead is valid only for one value.
+    generation: int = 0
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
         """Open the image; raises ImageError with a one-line message."""
-        image = open_image(config.path, config.fmt, read_only=config.read_only)
+        image = open_image(config.path, config.fmt, read_only=config.read_only, fiemap=config.fiemap)
         try:
             bitmaps = dict(image.bitmaps())
             if config.bitmaps is not None:

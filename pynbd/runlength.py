@@ -1,0 +1,176 @@
+"""Run-length columns: a range described as consecutive runs with one value each.
+
+Block status of a fragmented image is tens of thousands of runs per request.
+Kept as two parallel lists (``lengths``, ``values``) instead of one tuple per
+run, merging, clipping and encoding become ``itertools``/``operator``/``array``
+loops that run in C, and Python code costs per request instead of per run
+(bench/README.md, "block status"). The image drivers produce runs, the
+protocol layer turns them into descriptors; both use this module, which is
+pure (no I/O).
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, compress
+from operator import ne, sub
+
+
+@dataclass(slots=True)
+class Runs:
+    """Consecutive runs: run ``i`` is ``lengths[i]`` bytes with ``values[i]``.
+
+    ``normalized`` promises that no run is empty and neighbours differ, so
+    consumers can skip those passes (a producer that builds runs from
+    boundaries knows it; :func:`normalize` establishes it).
+    """
+
+    lengths: list[int]
+    values: list[int]
+    normalized: bool = False
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[int, int]]) -> Runs:
+        lengths: list[int] = []
+        values: list[int] = []
+        for length, value in pairs:
+            lengths.append(length)
+            values.append(value)
+        return cls(lengths, values)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """``(length, value)`` pairs, for callers that want them one by one."""
+        return zip(self.lengths, self.values)
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    def head(self, count: int) -> Runs:
+        """The first ``count`` runs."""
+        if len(self.lengths) <= count:
+            return self
+        return Runs(self.lengths[:count], self.values[:count], self.normalized)
+
+
+def interleave(evens: list[int], odds: list[int]) -> list[int]:
+    """``[evens[0], odds[0], evens[1], odds[1], ...]`` (equal lengths), by slice assignment."""
+    out = [0] * (2 * len(evens))
+    out[0::2] = evens
+    out[1::2] = odds
+    return out
+
+
+def without_empty(runs: Runs) -> Runs:
+    """Drop zero-length runs (a length works as its own keep-mask)."""
+    if runs.normalized or 0 not in runs.lengths:
+        return runs
+    return Runs(list(compress(runs.lengths, runs.lengths)), list(compress(runs.values, runs.lengths)))
+
+
+def merged(runs: Runs) -> Runs:
+    """Merge neighbouring runs with equal values.
+
+    A run is kept as the end of its group when the next value differs; the
+    group's length is the difference of the kept cumulative ends.
+    """
+    values = runs.values
+    if runs.normalized or len(values) < 2:
+        return runs
+    last_of_group = list(map(ne, values, values[1:]))
+    if all(last_of_group):
+        return runs  # already maximal: the common case for image runs
+    last_of_group.append(True)
+    ends = list(compress(accumulate(runs.lengths), last_of_group))
+    starts = [0]
+    starts += ends[:-1]
+    return Runs(list(map(sub, ends, starts)), list(compress(values, last_of_group)))
+
+
+def normalize(runs: Runs) -> Runs:
+    """Without empty runs and with equal neighbours merged, marked so."""
+    if runs.normalized:
+        return runs
+    out = merged(without_empty(runs))
+    return Runs(out.lengths, out.values, True)
+
+
+def concat(parts: Sequence[Runs]) -> Runs:
+    """Runs of consecutive ranges, one after the other; normalized parts stay normalized."""
+    if len(parts) == 1:
+        return parts[0]
+    lengths: list[int] = []
+    values: list[int] = []
+    for part in parts:
+        if not part.lengths:
+            continue
+        if lengths and values[-1] == part.values[0]:  # the seam of two normalized parts
+            lengths[-1] += part.lengths[0]
+            lengths += part.lengths[1:]
+            values += part.values[1:]
+        else:
+            lengths += part.lengths
+            values += part.values
+    return Runs(lengths, values, all(part.normalized for part in parts))
+
+
+class SpanRuns:
+    """Normalized runs over a fixed span, indexed for slicing by bisection.
+
+    Compact columns (8 + 8 + 1 bytes a run) because they are kept in caches.
+    """
+
+    __slots__ = ("starts", "lengths", "values")
+
+    def __init__(self, start: int, runs: Runs) -> None:
+        runs = normalize(runs)
+        self.starts = array("q", accumulate(runs.lengths[:-1], initial=start))
+        self.lengths = array("q", runs.lengths)
+        self.values = bytes(runs.values)  # small values (kinds, statuses, depths < 256)
+
+    @property
+    def nbytes(self) -> int:
+        return 17 * len(self.values)
+
+    def slice(self, pos: int, end: int) -> Runs:
+        """The runs of ``[pos, end)`` (inside the span), the outer two clipped."""
+        first = bisect_right(self.starts, pos) - 1
+        stop = bisect_left(self.starts, end)
+        lengths = self.lengths[first:stop].tolist()
+        lengths[0] -= pos - self.starts[first]
+        lengths[-1] -= self.starts[stop - 1] + self.lengths[stop - 1] - end
+        return Runs(lengths, list(self.values[first:stop]), True)
+
+
+def clipped(runs: Runs, total: int) -> Runs:
+    """At most ``total`` bytes: the run that crosses it is shortened, later ones dropped."""
+    lengths = runs.lengths
+    if sum(lengths) <= total:
+        return runs
+    ends = list(accumulate(lengths))
+    last = bisect_left(ends, total)  # first run that reaches ``total``
+    out = lengths[:last + 1]
+    out[last] -= ends[last] - total
+    return Runs(out, runs.values[:last + 1], runs.normalized)
+
+
+def split_long(runs: Runs, max_length: int) -> Runs:
+    """Cut runs longer than ``max_length`` into pieces of at most that length."""
+    if not runs.lengths or max(runs.lengths) <= max_length:
+        return runs
+    lengths: list[int] = []
+    values: list[int] = []
+    for length, value in runs:
+        while length > max_length:
+            lengths.append(max_length)
+            values.append(value)
+            length -= max_length
+        lengths.append(length)
+        values.append(value)
+    return Runs(lengths, values)
