@@ -246,8 +246,11 @@ class Qcow2Layer:
         if stop < end:
             yield stop, end - stop, KIND_EOF, -1
 
-    def _pieces(self, offset: int, stop: int) -> Iterator[Run]:
-        """Unmerged per-cluster (or per-subcluster-run) classification of ``[offset, stop)``."""
+    def _tables(self, offset: int, stop: int) -> Iterator[tuple[int, int, int, Table | None]]:
+        """``(l1_index, pos, table_end, table)`` for each L2 table's part of ``[offset, stop)``.
+
+        ``table`` is None where the L1 entry has no table or the table is all zeros.
+        """
         span_bits = self.cluster_bits + self.l2_bits
         pos = offset
         while pos < stop:
@@ -255,11 +258,16 @@ class Qcow2Layer:
             table_end = min(stop, (l1_index + 1) << span_bits)
             l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
             table = self._l2_table(l1_index, l2_offset) if l2_offset else None
-            if table is None or table.all_zero:
+            yield l1_index, pos, table_end, None if table is None or table.all_zero else table
+            pos = table_end
+
+    def _pieces(self, offset: int, stop: int) -> Iterator[Run]:
+        """Unmerged per-cluster (or per-subcluster-run) classification of ``[offset, stop)``."""
+        for _l1_index, pos, table_end, table in self._tables(offset, stop):
+            if table is None:
                 yield pos, table_end - pos, KIND_UNALLOC, -1
             else:
                 yield from self._table_pieces(table, pos, table_end)
-            pos = table_end
 
     def _table_pieces(self, table: Table, pos: int, end: int) -> Iterator[Run]:
         if self.extended_l2:
@@ -277,18 +285,12 @@ class Qcow2Layer:
         on each request, so the error comes only for requests that touch it.
         """
         value_of_kind = _ALLOCATION_OF_KIND if column == "allocation" else _TOP_DEPTH_OF_KIND
-        span_bits = self.cluster_bits + self.l2_bits
         parts: list[Runs] = []
-        pos = offset
-        while pos < stop:
-            l1_index = pos >> span_bits
-            table_end = min(stop, (l1_index + 1) << span_bits)
-            l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
-            table = self._l2_table(l1_index, l2_offset) if l2_offset else None
-            runs = None if table is None or table.all_zero else self._classified(l1_index, table)
+        for l1_index, pos, table_end, table in self._tables(offset, stop):
+            runs = None if table is None else self._classified(l1_index, table)
             if runs is not None:
                 parts.append(getattr(runs, column).slice(pos, table_end))
-            elif table is None or table.all_zero:
+            elif table is None:
                 parts.append(Runs([table_end - pos], [value_of_kind[KIND_UNALLOC]], True))
             else:
                 lengths: list[int] = []
@@ -297,7 +299,6 @@ class Qcow2Layer:
                     lengths.append(n)
                     values.append(value_of_kind[kind])
                 parts.append(Runs(lengths, values))
-            pos = table_end
         return concat(parts)
 
     def _classified(self, l1_index: int, table: Table) -> TableRuns | None:
