@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pynbd.certs import CA_CERT, SERVER_CERT, SERVER_KEY, distinguished_names
-from pynbd.server.channel import ChannelClosed, SocketChannel
+from pynbd.server.channel import ChannelClosed, SocketChannel, wait_writable
 
 log = logging.getLogger(__name__)
 
@@ -178,24 +178,17 @@ class TlsChannel:
     def __init__(self, raw: SocketChannel, ctx: ssl.SSLContext) -> None:
         self.loop = raw.loop
         self.fd = raw.fd
+        # The fd changes hands: its read registration goes with it.
+        self.reads = raw.reads
         # wrap_socket takes over the fd: the plain socket object is detached.
         self.sock = ctx.wrap_socket(raw.sock, server_side=True, do_handshake_on_connect=False)
         self.sock.setblocking(False)
 
     async def _wait(self, for_write: bool) -> None:
-        future = self.loop.create_future()
-
-        def ready() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        add, remove = ((self.loop.add_writer, self.loop.remove_writer) if for_write
-                       else (self.loop.add_reader, self.loop.remove_reader))
-        add(self.fd, ready)
-        try:
-            await future
-        finally:
-            remove(self.fd)
+        if for_write:
+            await wait_writable(self.loop, self.fd)
+        else:
+            await self.reads.wait()
 
     async def handshake(self) -> None:
         while True:
@@ -260,6 +253,7 @@ class TlsChannel:
         return len(data)
 
     def close(self) -> None:
+        self.reads.close()
         try:
             self.sock.unwrap()  # close_notify, best effort on a non-blocking socket
         except (ssl.SSLError, OSError, ValueError):
