@@ -15,8 +15,10 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, compress
-from operator import ne, sub
+from itertools import accumulate, compress, islice, repeat
+from operator import add, ne, sub
+
+from bitarray import bitarray
 
 
 @dataclass(slots=True)
@@ -174,3 +176,25 @@ def split_long(runs: Runs, max_length: int) -> Runs:
         lengths.append(length)
         values.append(value)
     return Runs(lengths, values)
+
+
+def bit_runs(bits: bitarray, limit: int | None = None) -> Runs:
+    """Runs of equal bits (values 0/1, lengths in bits), at most ``limit`` of them.
+
+    Every run boundary is a set bit of (bits XOR bits shifted by one):
+    bitarray finds them in C, and the lengths are their differences.
+    """
+    if not bits:
+        return Runs([], [], True)
+    boundaries: Iterable[int] = (bits[1:] ^ bits[:-1]).search(1)
+    if limit is not None:
+        boundaries = islice(boundaries, limit)
+    ends = list(map(add, boundaries, repeat(1)))
+    if limit is None or len(ends) < limit:
+        ends.append(len(bits))
+    starts = [0]
+    starts += ends[:-1]
+    # Runs alternate between the two values, starting with the first bit.
+    values = [bits[0], 1 - bits[0]] * ((len(ends) + 1) // 2)
+    del values[len(ends):]
+    return Runs(list(map(sub, ends, starts)), values, True)

@@ -221,3 +221,64 @@ def test_dirty_runs_across_cached_chunks(raw: list[bool], gbits: int, data: st.D
         assert n > 0
         assert all(raw[k] == dirty for k in range(pos // g, (pos + n - 1) // g + 1))
         pos += n
+
+
+def bare_layer(cluster_bits: int, version: int):
+    """A Qcow2Layer with just what L2 classification reads (no file)."""
+    from pynbd.image.qcow2 import Qcow2Layer
+
+    layer = Qcow2Layer.__new__(Qcow2Layer)
+    layer.path = "mem.qcow2"
+    layer.cluster_bits = cluster_bits
+    layer.cluster_size = 1 << cluster_bits
+    layer.l2_bits = cluster_bits - 3
+    layer.extended_l2 = False
+    layer.has_data_file = False
+    layer.zero_flag_allowed = version >= 3
+    return layer
+
+
+ENTRY_KINDS = st.sampled_from(["unallocated", "data", "data-copied", "zero", "zero-alloc", "compressed",
+                               "misaligned"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(cluster_bits=st.sampled_from([9, 12, 16, 21]), version=st.sampled_from([2, 3]),
+       kinds=st.lists(ENTRY_KINDS, min_size=1, max_size=64), data=st.data())
+def test_vectorised_l2_classification_matches_the_loop(cluster_bits, version, kinds, data):
+    """The byte-wise classification of a whole L2 table gives the per-entry loop's runs, or
+    declines (None) where only the loop knows the answer or the error."""
+    from array import array
+
+    from pynbd.image.base import ImageIOError
+    from pynbd.image.l2cache import Table
+    from pynbd.image.qcow2 import TableRuns
+
+    layer = bare_layer(cluster_bits, version)
+    cs = layer.cluster_size
+    entries = []
+    for i, kind in enumerate(kinds):
+        host = (i + 7) * cs
+        entries.append({"unallocated": 0, "data": host, "data-copied": host | 1 << 63, "zero": 1,
+                        "zero-alloc": host | 1, "compressed": 1 << 62 | (i * 977) % (1 << 40) + 1,
+                        "misaligned": host + 512 if cluster_bits > 9 else host}[kind])
+    n = 1 << layer.l2_bits
+    entries += [0] * (n - len(entries))
+    raw = array("Q", entries)
+    raw.byteswap()  # to big-endian, as on disk
+    table = Table((1, 0), raw.tobytes())
+    span = n * cs
+    end = data.draw(st.integers(max(1, span - cs + 1), span))  # a partial last cluster at the image end
+    fast = layer._classify_plain_table(table, 0, end)
+    try:
+        slow = TableRuns.classify(0, layer._table_pieces(table, 0, end))
+    except ImageIOError:
+        assert fast is None
+        return
+    if "compressed" in kinds or ("misaligned" in kinds and cluster_bits > 9) or (
+            version == 2 and ({"zero", "zero-alloc"} & set(kinds))):
+        assert fast is None
+        return
+    assert fast is not None
+    for column in ("allocation", "depth"):
+        assert list(getattr(fast, column).slice(0, end)) == list(getattr(slow, column).slice(0, end))

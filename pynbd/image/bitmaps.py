@@ -15,15 +15,15 @@ import os
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from itertools import islice, repeat
-from operator import add, mul, sub
+from itertools import repeat
+from operator import mul
 from threading import Lock
 
 from bitarray import bitarray
 
 from pynbd.image.base import Bitmap, BitmapInfo, ImageError, ImageIOError
 from pynbd.image.qcow2_header import AUTOCLEAR_BITMAPS, Qcow2Header
-from pynbd.runlength import Runs, SpanRuns, concat
+from pynbd.runlength import Runs, SpanRuns, bit_runs, concat
 
 log = logging.getLogger(__name__)
 
@@ -226,21 +226,7 @@ class Qcow2Bitmap(Bitmap):
                 values.append(dirty)
                 k = stop
             return Runs(lengths, values)
-        # Every run boundary is a set bit of (bits XOR bits shifted by one):
-        # bitarray finds them in C, and the lengths are their differences.
-        span = bits[first:last]
-        boundaries = (span[1:] ^ span[:-1]).search(1)
-        if limit is not None:
-            boundaries = islice(boundaries, limit)
-        ends = list(map(add, boundaries, repeat(1)))
-        if limit is None or len(ends) < limit:
-            ends.append(len(span))
-        starts = [0]
-        starts += ends[:-1]
-        # Runs alternate between dirty and clean, starting with the first bit.
-        values = [span[0], 1 - span[0]] * ((len(ends) + 1) // 2)
-        del values[len(ends):]
-        return Runs(list(map(sub, ends, starts)), values)
+        return bit_runs(bits[first:last], limit)
 
     def info(self) -> BitmapInfo:
         dirty: int | None = None
