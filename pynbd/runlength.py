@@ -25,14 +25,19 @@ from bitarray import bitarray
 class Runs:
     """Consecutive runs: run ``i`` is ``lengths[i]`` bytes with ``values[i]``.
 
+    The columns are lists, or arrays where they come from cached spans.
     ``normalized`` promises that no run is empty and neighbours differ, so
     consumers can skip those passes (a producer that builds runs from
-    boundaries knows it; :func:`normalize` establishes it).
+    boundaries knows it; :func:`normalize` establishes it). ``size_hint`` and
+    ``longest_hint``, when set, are the sum and an upper bound of the lengths:
+    a producer that knows them saves consumers a pass over every run.
     """
 
-    lengths: list[int]
-    values: list[int]
+    lengths: list[int] | array
+    values: list[int] | array
     normalized: bool = False
+    size_hint: int | None = None
+    longest_hint: int | None = None
 
     @classmethod
     def from_pairs(cls, pairs: Iterable[tuple[int, int]]) -> Runs:
@@ -52,13 +57,20 @@ class Runs:
 
     @property
     def total(self) -> int:
-        return sum(self.lengths)
+        return self.size_hint if self.size_hint is not None else sum(self.lengths)
+
+    @property
+    def longest(self) -> int:
+        """The longest run, or a bound on it."""
+        if self.longest_hint is not None:
+            return self.longest_hint
+        return max(self.lengths, default=0)
 
     def head(self, count: int) -> Runs:
         """The first ``count`` runs."""
         if len(self.lengths) <= count:
             return self
-        return Runs(self.lengths[:count], self.values[:count], self.normalized)
+        return Runs(self.lengths[:count], self.values[:count], self.normalized, None, self.longest_hint)
 
 
 def interleave(evens: list[int], odds: list[int]) -> list[int]:
@@ -100,71 +112,93 @@ def normalize(runs: Runs) -> Runs:
     if runs.normalized:
         return runs
     out = merged(without_empty(runs))
-    return Runs(out.lengths, out.values, True)
+    return Runs(out.lengths, out.values, True, runs.size_hint)
+
+
+def is_u32_array(column: Sequence[int]) -> bool:
+    """True for an ``array('I')``: a column the wire encoder copies without converting."""
+    return isinstance(column, array) and column.typecode == "I"
 
 
 def concat(parts: Sequence[Runs]) -> Runs:
-    """Runs of consecutive ranges, one after the other; normalized parts stay normalized."""
+    """Runs of consecutive ranges, one after the other; normalized parts stay normalized.
+
+    Parts in ``array('I')`` columns (slices of cached spans) give arrays, so
+    the answer reaches the encoder without a conversion per run.
+    """
     if len(parts) == 1:
         return parts[0]
-    lengths: list[int] = []
-    values: list[int] = []
+    compact = all(is_u32_array(p.lengths) and is_u32_array(p.values) for p in parts)
+    lengths: list[int] | array = array("I") if compact else []
+    values: list[int] | array = array("I") if compact else []
+    hints = all(p.size_hint is not None and p.longest_hint is not None for p in parts)
+    longest = max((p.longest_hint or 0) for p in parts) if hints else None
     for part in parts:
         if not part.lengths:
             continue
         if lengths and values[-1] == part.values[0]:  # the seam of two normalized parts
-            lengths[-1] += part.lengths[0]
+            try:
+                lengths[-1] += part.lengths[0]
+            except OverflowError:  # a merged run longer than a u32: go on in lists
+                lengths, values = list(lengths), list(values)
+                lengths[-1] += part.lengths[0]
+            if longest is not None:
+                longest = max(longest, lengths[-1])
             lengths += part.lengths[1:]
             values += part.values[1:]
         else:
             lengths += part.lengths
             values += part.values
-    return Runs(lengths, values, all(part.normalized for part in parts))
+    size = sum(p.total for p in parts) if hints else None
+    return Runs(lengths, values, all(part.normalized for part in parts), size, longest)
 
 
 class SpanRuns:
     """Normalized runs over a fixed span, indexed for slicing by bisection.
 
-    Compact columns (8 + 8 + 1 bytes a run) because they are kept in caches.
+    Compact columns (16 bytes a run) because they are kept in caches; lengths
+    and values are ``array('I')`` when every length fits a u32, so slices go
+    to the wire encoder as they are (:func:`pynbd.protocol.wire.chunk_block_status`).
     """
 
-    __slots__ = ("starts", "lengths", "values")
+    __slots__ = ("starts", "lengths", "values", "longest")
 
     def __init__(self, start: int, runs: Runs) -> None:
         runs = normalize(runs)
         self.starts = array("q", accumulate(runs.lengths[:-1], initial=start))
-        self.lengths = array("q", runs.lengths)
-        self.values = bytes(runs.values)  # small values (kinds, statuses, depths < 256)
+        self.longest = max(runs.lengths, default=0)
+        self.lengths = array("I" if self.longest <= 0xFFFFFFFF else "Q", runs.lengths)
+        self.values = array("I", runs.values)
 
     @property
     def nbytes(self) -> int:
-        return 17 * len(self.values)
+        return (8 + self.lengths.itemsize + 4) * len(self.values)
 
     def slice(self, pos: int, end: int) -> Runs:
         """The runs of ``[pos, end)`` (inside the span), the outer two clipped."""
         first = bisect_right(self.starts, pos) - 1
         stop = bisect_left(self.starts, end)
-        lengths = self.lengths[first:stop].tolist()
+        lengths = self.lengths[first:stop]
         lengths[0] -= pos - self.starts[first]
         lengths[-1] -= self.starts[stop - 1] + self.lengths[stop - 1] - end
-        return Runs(lengths, list(self.values[first:stop]), True)
+        return Runs(lengths, self.values[first:stop], True, end - pos, self.longest)
 
 
 def clipped(runs: Runs, total: int) -> Runs:
     """At most ``total`` bytes: the run that crosses it is shortened, later ones dropped."""
     lengths = runs.lengths
-    if sum(lengths) <= total:
+    if runs.total <= total:
         return runs
     ends = list(accumulate(lengths))
     last = bisect_left(ends, total)  # first run that reaches ``total``
     out = lengths[:last + 1]
     out[last] -= ends[last] - total
-    return Runs(out, runs.values[:last + 1], runs.normalized)
+    return Runs(out, runs.values[:last + 1], runs.normalized, total, runs.longest_hint)
 
 
 def split_long(runs: Runs, max_length: int) -> Runs:
     """Cut runs longer than ``max_length`` into pieces of at most that length."""
-    if not runs.lengths or max(runs.lengths) <= max_length:
+    if not runs.lengths or runs.longest <= max_length:
         return runs
     lengths: list[int] = []
     values: list[int] = []

@@ -207,7 +207,7 @@ def test_dirty_runs_across_cached_chunks(raw: list[bool], gbits: int, data: st.D
 
     g = 1 << gbits
     size = data.draw(st.integers((len(raw) - 1) * g + 1, len(raw) * g))
-    with mock.patch.object(bitmaps, "RUN_CHUNK_GRANULES", 8):
+    with mock.patch.object(bitmaps, "RUN_CHUNK_BYTES", 8 * g):
         bm = make_bitmap(bitarray(raw, endian="little"), gbits, size)
         offset = data.draw(st.integers(0, size - 1))
         length = data.draw(st.integers(1, size - offset))

@@ -65,3 +65,31 @@ def test_span_slice(p, start, data):
     out = span.slice(pos, end)
     assert expand(out) == expand(p)[pos - start:end - start]
     assert is_normalized(out)
+
+
+def test_span_slices_are_u32_arrays_and_concat_keeps_them():
+    from array import array
+
+    a = SpanRuns(0, Runs([100, 50], [1, 0]))
+    b = SpanRuns(150, Runs([30, 20], [0, 1]))
+    out = concat([a.slice(10, 150), b.slice(150, 200)])
+    assert isinstance(out.lengths, array) and out.lengths.typecode == "I"
+    assert list(out) == [(90, 1), (80, 0), (20, 1)]
+    assert out.normalized
+
+
+def test_concat_seam_longer_than_u32_falls_back_to_lists():
+    big = 0xFFFFFFF0
+    a = SpanRuns(0, Runs([big], [3]))
+    b = SpanRuns(big, Runs([0x100, 5], [3, 0]))
+    out = concat([a.slice(0, big), b.slice(big, big + 0x105)])
+    assert list(out) == [(big + 0x100, 3), (5, 0)]
+
+
+def test_wire_encoding_same_from_arrays_and_lists():
+    from pynbd.protocol import wire
+
+    span = SpanRuns(0, Runs([4096, 61440] * 100, [0, 3] * 100))
+    from_arrays = wire.chunk_block_status(7, 1, span.slice(0, 65536 * 100), True)
+    from_lists = wire.chunk_block_status(7, 1, Runs([4096, 61440] * 100, [0, 3] * 100), True)
+    assert from_arrays == from_lists

@@ -36,11 +36,12 @@ MAX_DATA_BYTES = 512 << 20
 MIN_GRANULARITY_BITS = 9
 MAX_GRANULARITY_BITS = 31
 
-#: Granules per cached chunk of runs (4 GiB of a bitmap with 64 KiB granularity).
-RUN_CHUNK_GRANULES = 1 << 16
-#: Chunks kept per bitmap (a full scan of a 256 GiB image at 64 KiB granularity).
-RUN_CHUNKS_CACHED = 64
-#: A chunk with more runs than this (17 bytes each) is not kept: at most 16 MiB per bitmap.
+#: Guest bytes per cached chunk of runs: 2 GiB, so a run inside a chunk fits
+#: a u32 and slices go to the wire encoder as arrays.
+RUN_CHUNK_BYTES = 1 << 31
+#: Chunks kept per bitmap (a full scan of a 256 GiB image).
+RUN_CHUNKS_CACHED = 128
+#: A chunk with more runs than this (16 bytes each) is not kept: at most 32 MiB per bitmap.
 MAX_CACHED_CHUNK_BYTES = 256 * 1024
 
 FLAG_IN_USE = 1 << 0
@@ -98,6 +99,7 @@ class Qcow2Bitmap(Bitmap):
         self._lock = Lock()
         #: chunk index -> its runs (see :meth:`_chunk_runs`), least recently used first.
         self._run_cache: OrderedDict[int, SpanRuns] = OrderedDict()
+        self._chunk_granules = max(1, RUN_CHUNK_BYTES // entry.granularity)
 
     @property
     def consistent(self) -> bool:
@@ -159,7 +161,7 @@ class Qcow2Bitmap(Bitmap):
         # Whole ranges come from cached chunks of runs: a scan of the bitmap
         # (nbdinfo --map, an incremental backup) then costs slices, not bit searches.
         stop = min(end, self.nbits * g)
-        chunk_bytes = RUN_CHUNK_GRANULES * g
+        chunk_bytes = self._chunk_granules * g
         parts: list[Runs] = []
         pos = offset
         while pos < stop:
@@ -168,7 +170,7 @@ class Qcow2Bitmap(Bitmap):
             parts.append(self._chunk_runs(chunk).slice(pos, part_end))
             pos = part_end
         if end > stop:  # the range runs past the bitmap's last granule: clean
-            parts.append(Runs([end - stop], [0], True))
+            parts.append(Runs([end - stop], [0], True, end - stop, end - stop))
         runs = concat(parts)
         return runs if limit is None else runs.head(limit)
 
@@ -200,8 +202,8 @@ class Qcow2Bitmap(Bitmap):
             self._run_cache.move_to_end(chunk)
             return cached
         g = self.granularity
-        first = chunk * RUN_CHUNK_GRANULES
-        granules = self._granule_runs(first, min(first + RUN_CHUNK_GRANULES, self.nbits), None)
+        first = chunk * self._chunk_granules
+        granules = self._granule_runs(first, min(first + self._chunk_granules, self.nbits), None)
         runs = SpanRuns(first * g, Runs(list(map(mul, granules.lengths, repeat(g))), granules.values, True))
         if runs.nbytes <= MAX_CACHED_CHUNK_BYTES:  # a pathological chunk is computed each time instead
             with self._lock:

@@ -303,7 +303,8 @@ class Qcow2Layer:
             if runs is not None:
                 parts.append(getattr(runs, column).slice(pos, table_end))
             elif table is None:
-                parts.append(Runs([table_end - pos], [value_of_kind[KIND_UNALLOC]], True))
+                n = table_end - pos
+                parts.append(Runs([n], [value_of_kind[KIND_UNALLOC]], True, n, n))
             else:
                 lengths: list[int] = []
                 values: list[int] = []

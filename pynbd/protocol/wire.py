@@ -26,7 +26,7 @@ from pynbd.protocol.constants import (
     ReplyFlag,
     ReplyType,
 )
-from pynbd.runlength import Runs, interleave
+from pynbd.runlength import Runs, interleave, is_u32_array
 
 #: Descriptors are encoded as an ``array('I')``: 4-byte items, swapped to big-endian here.
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -211,7 +211,13 @@ def chunk_block_status(cookie: int, context_id: int, descriptors: Runs, done: bo
     The descriptors are interleaved into one ``array('I')`` and byte-swapped
     in C: a fragmented image gives tens of thousands per reply.
     """
-    body = array("I", interleave(descriptors.lengths, descriptors.values))
+    lengths, values = descriptors.lengths, descriptors.values
+    if is_u32_array(lengths) and is_u32_array(values):
+        body = array("I", bytes(8 * len(lengths)))
+        body[0::2] = lengths
+        body[1::2] = values
+    else:
+        body = array("I", interleave(lengths, values))
     if _LITTLE_ENDIAN:
         body.byteswap()
     header = CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, ReplyType.BLOCK_STATUS,
