@@ -107,6 +107,22 @@ def merged(runs: Runs) -> Runs:
     return Runs(list(map(sub, ends, starts)), list(compress(values, last_of_group)))
 
 
+def first_group(runs: Runs) -> Runs:
+    """The leading runs up to the first non-empty run with another value than the first non-empty one."""
+    if runs.normalized:
+        return runs.head(1)
+    value = None
+    count = 0
+    for length, run_value in runs:
+        if length:
+            if value is None:
+                value = run_value
+            elif run_value != value:
+                break
+        count += 1
+    return runs.head(count)
+
+
 def normalize(runs: Runs) -> Runs:
     """Without empty runs and with equal neighbours merged, marked so."""
     if runs.normalized:

@@ -93,3 +93,14 @@ def test_wire_encoding_same_from_arrays_and_lists():
     from_arrays = wire.chunk_block_status(7, 1, span.slice(0, 65536 * 100), True)
     from_lists = wire.chunk_block_status(7, 1, Runs([4096, 61440] * 100, [0, 3] * 100), True)
     assert from_arrays == from_lists
+
+
+@settings(max_examples=300)
+@given(pairs)
+def test_first_group_is_the_first_descriptor(p):
+    from pynbd.runlength import first_group
+
+    runs = Runs.from_pairs(p)
+    full = list(normalize(runs))
+    head = list(normalize(first_group(runs)))
+    assert head == full[:1]

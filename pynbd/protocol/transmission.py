@@ -27,7 +27,7 @@ from pynbd.protocol.constants import (
 )
 from pynbd.protocol.handshake import ExportDescription, HandshakeComplete
 from pynbd.protocol.wire import Request
-from pynbd.runlength import Runs, clipped, normalize, split_long
+from pynbd.runlength import Runs, clipped, first_group, normalize, split_long
 
 #: Flags each command accepts (§0 command flags table); anything else is EINVAL.
 #: Plain ints: ``~`` of an IntFlag only complements the defined bits.
@@ -137,6 +137,8 @@ def build_descriptors(runs: Runs, length: int, req_one: bool, max_count: int = M
     The result is never empty when ``length`` > 0 and the runs cover at
     least one byte. Every step is a C-level loop (:mod:`pynbd.runlength`).
     """
+    if req_one:
+        runs = first_group(runs)  # no need to look past the first change of status
     runs = normalize(clipped(runs, length))
     if length > MAX_DESCRIPTOR_LENGTH:  # else no run can be longer than a descriptor
         runs = split_long(runs, MAX_DESCRIPTOR_LENGTH)
