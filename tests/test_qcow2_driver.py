@@ -345,3 +345,29 @@ def test_extents_work_per_call_is_bounded(fx: dict[str, Path], monkeypatch: pyte
         first = list(image.extents(0, image.size))
         assert first[-1].end == 3 * 2 * MiB
         assert depth_rows(image) == full
+
+
+def test_cached_table_runs_count_against_the_cache_budget(fx: dict[str, Path]) -> None:
+    """Block status keeps each L2 table's classified runs with the table: they are counted in
+    the cache's byte budget (memory stays bounded) and answers stay those of the per-cluster walk."""
+    from pynbd.image.l2cache import TableCache
+    from pynbd.image.qcow2 import open_chain
+
+    from pynbd.image.chain import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOC
+
+    with open_fixture(fx, "cs512.qcow2") as reference:
+        # The per-cluster classification of the layer, without any cached runs.
+        walk = list(reference.top.runs(0, reference.size))
+        expected_depth = merge_rows((p, n, 0 if k == KIND_UNALLOC else 1) for p, n, k, _h in walk)
+        expected_base = merge_rows((p, n, 0 if k in (KIND_DATA, KIND_COMPRESSED) else 3)
+                                   for p, n, k, _h in walk)
+    cache = TableCache(max_bytes=2048)
+    image = Qcow2Image(open_chain(str(fx["cs512.qcow2"]), cache), cache)
+    with image:
+        for _ in range(2):  # the second pass answers from whatever the budget kept
+            assert depth_rows(image) == expected_depth
+            assert base_rows(image) == expected_base
+        assert 0 < cache.size_bytes <= 2048
+        assert any(table.derived is not None for table in cache._tables.values())
+        assert all(table.nbytes > len(table.entries) * 8 for table in cache._tables.values()
+                   if table.derived is not None and table.derived.nbytes)

@@ -282,3 +282,28 @@ def test_vectorised_l2_classification_matches_the_loop(cluster_bits, version, ki
     assert fast is not None
     for column in ("allocation", "depth"):
         assert list(getattr(fast, column).slice(0, end)) == list(getattr(slow, column).slice(0, end))
+
+
+def test_bitmap_run_cache_is_bounded() -> None:
+    """Chunks of runs are kept up to a count, and a chunk with too many runs is not kept."""
+    from unittest import mock
+
+    from pynbd.image import bitmaps
+
+    g = 1 << 9
+    bits = bitarray(64 * 8, endian="little")
+    bits.setall(0)
+    bits[0:8:2] = 1  # chunk 0: a few runs
+    bits[8 * 8:16 * 8] = bitarray("01" * 32)  # chunk 1: one run per granule
+    with mock.patch.object(bitmaps, "RUN_CHUNK_BYTES", 64 * g), \
+            mock.patch.object(bitmaps, "RUN_CHUNKS_CACHED", 3), \
+            mock.patch.object(bitmaps, "MAX_CACHED_CHUNK_BYTES", 40 * 16):
+        bm = make_bitmap(bits, 9, len(bits) * g)
+        whole = list(bm.dirty_runs(0, len(bits) * g))
+        assert sum(n for n, _ in whole) == len(bits) * g
+        assert len(bm._run_cache) == 3  # 8 chunks asked for, the last 3 kept (LRU)
+        bm._run_cache.clear()
+        list(bm.dirty_runs(0, 64 * g))
+        list(bm.dirty_runs(64 * g, 64 * g))
+        assert list(bm._run_cache) == [0]  # chunk 1 has 64 runs: over the 40-run limit
+        assert list(bm.dirty_runs(0, len(bits) * g)) == whole
