@@ -4,9 +4,9 @@ Block status of a fragmented image is tens of thousands of runs per request.
 Kept as two parallel lists (``lengths``, ``values``) instead of one tuple per
 run, merging, clipping and encoding become ``itertools``/``operator``/``array``
 loops that run in C, and Python code costs per request instead of per run
-(bench/README.md, "block status"). The image drivers produce runs, the
-protocol layer turns them into descriptors; both use this module, which is
-pure (no I/O).
+(bench/README.md, "block status"). The image drivers produce runs (from
+bitarrays with :func:`bit_runs`, or cached as :class:`SpanRuns`), the protocol
+layer turns them into descriptors; both use this module, which is pure (no I/O).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Runs:
         return Runs(self.lengths[:count], self.values[:count], self.normalized, None, self.longest_hint)
 
 
-def interleave(evens: list[int], odds: list[int]) -> list[int]:
+def interleave(evens: Sequence[int], odds: Sequence[int]) -> list[int]:
     """``[evens[0], odds[0], evens[1], odds[1], ...]`` (equal lengths), by slice assignment."""
     out = [0] * (2 * len(evens))
     out[0::2] = evens

@@ -406,8 +406,8 @@ class Connection:
             generation = export.generation
             try:
                 ahead = self._block_status(offset, length, request.flags, export, state)
-            except ImageError:
-                return  # the real request will report it
+            except (ImageError, OSError):
+                return  # the real request, if it comes, reports it
             self._lookahead.keep((offset, length, request.flags, generation), ahead)
 
     def _block_status(self, offset: int, length: int, flags: int, export: Export,
