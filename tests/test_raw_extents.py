@@ -120,3 +120,29 @@ def test_unflushed_write_is_seen(tmp_path):
         assert list(image.extents(0, SIZE).allocation) == runs
     finally:
         image.close()
+
+
+def test_file_system_without_fiemap_falls_back(tmp_path):
+    """tmpfs has SEEK_DATA/SEEK_HOLE but no FIEMAP: the image notices once and uses lseek."""
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.statvfs(shm).f_bsize == 0:
+        pytest.skip("no /dev/shm")
+    path = os.path.join(shm, f"pynbd-test-{os.getpid()}.img")
+    try:
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+            for block in range(0, SIZE // BLOCK, 8):
+                f.seek(block * BLOCK)
+                f.write(b"\x01" * BLOCK)
+        if fiemap_works(path):
+            pytest.skip("/dev/shm supports FIEMAP here")
+        image = RawImage(path, read_only=True)
+        try:
+            runs = list(image.extents(0, SIZE).allocation)
+            assert runs == list(seek_runs(image.fd, 0, SIZE))
+            assert len(runs) == 2 * (SIZE // BLOCK // 8)
+            assert image.fiemap is False
+        finally:
+            image.close()
+    finally:
+        os.unlink(path)
