@@ -962,7 +962,9 @@ def gnutls_version() -> str:
 
 
 def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Group]:
-    raw_servers = [s for s in servers if s.kind != "pynbd" or s.pynbd_args]
+    # raw: every server, the pynbd variants and pynbd with its defaults (zero-copy
+    # auto chooses per READ size, which no single variant shows).
+    raw_servers = list(servers)
     # qcow2: nbdkit 1.32 has no qcow2 reader. pynbd with its defaults everywhere, and for
     # sequential reads also uvloop with zero-copy on and off (the qcow2 read path differs).
     q_servers = [s for s in servers if s.kind == "qemu-nbd" or (s.kind == "pynbd" and not s.pynbd_args)]

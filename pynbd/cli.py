@@ -93,7 +93,8 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default=None,
                    help="event loop (default uvloop when installed)")
     p.add_argument("--zero-copy", choices=["auto", "on", "off"], default="auto",
-                   help="send READ data with sendfile (on), by copying (off), or as measured best (auto)")
+                   help="send READ data with sendfile (on), by copying (off), or as measured best (auto: "
+                        "sendfile from 16 KiB)")
     p.add_argument("--fiemap", choices=["auto", "off"], default="auto",
                    help="raw block status from FIEMAP where the file system has it (auto), "
                         "or from SEEK_DATA/SEEK_HOLE only (off)")

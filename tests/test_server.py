@@ -59,11 +59,23 @@ def test_read_paths_really_run(image, tmp_path, loop, zero_copy, tcp):
     assert f"on {loop}" in log
     sent, copied = read_path_counts(log)
     data_bytes = 1 * MiB + 512 * 1024 + 1 * MiB  # nbdcopy reads only the data extents
-    use_sendfile = zero_copy in ("on", "auto")  # auto = sendfile, as bench/README.md measured
+    use_sendfile = zero_copy in ("on", "auto")  # auto: sendfile for nbdcopy's large reads
     if use_sendfile:
         assert sent >= data_bytes and copied == 0
     else:
         assert copied >= data_bytes and sent == 0
+
+
+def test_auto_zero_copy_by_read_size(image):
+    """--zero-copy auto copies small READs (faster for them, bench/README.md) and sends
+    large ones with sendfile: qemu-io's 4 KiB reads are copied, its 512 KiB read is not."""
+    with PynbdServer(image, "--read-only") as server:
+        p = run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0xbb 2M 4k", "-c", "read -P 0xbb 2M 512k",
+                 server.uri])
+        assert p.stdout.count("read ") == 2 and "verification failed" not in p.stdout
+        sent, copied = read_path_counts(settled_log(server, 1))
+    assert copied >= 4096 and sent >= 512 * 1024
+    assert copied < 512 * 1024 and sent < 512 * 1024 + 65536
 
 
 def test_simple_replies_through_sendfile(image, tmp_path):

@@ -29,8 +29,6 @@ class Channel(Protocol):
     """What connection code needs from a socket-like object."""
 
     supports_sendfile: bool
-    #: The read path ``--zero-copy auto`` picks for this channel.
-    auto_zero_copy: bool
 
     async def recv_into(self, buf: memoryview) -> int: ...
 
@@ -120,9 +118,6 @@ class SocketChannel:
         self.loop = loop
         self.fd = sock.fileno()
         self.reads = ReadWaiter(loop, self.fd)
-        # bench/README.md: sendfile was faster than copying for sequential reads
-        # on both unix sockets and TCP, and no slower for 4 KiB reads.
-        self.auto_zero_copy = True
 
     async def recv_into(self, buf: memoryview) -> int:
         while True:

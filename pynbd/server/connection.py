@@ -143,7 +143,7 @@ class ConnectionSettings:
                  tls_upgrade: Callable[[Channel, logging.LoggerAdapter], Awaitable[Channel]] | None = None
                  ) -> None:
         self.handshake_timeout = handshake_timeout
-        #: True: sendfile, False: copy, None: what the channel's kind measured best.
+        #: True: sendfile, False: copy, None: by READ size (replies.AUTO_ZERO_COPY_MIN).
         self.zero_copy = zero_copy
         self.max_requests = max_requests
         self.max_inflight_bytes = max_inflight_bytes
@@ -247,10 +247,7 @@ class Connection:
         state = TransmissionState.from_handshake(done)
         export = self.exports[done.export.name]
         self.export = export
-        zero_copy = self.settings.zero_copy
-        if zero_copy is None:
-            zero_copy = self.channel.auto_zero_copy
-        writer = ReplyWriter(self.channel, state.structured, zero_copy)
+        writer = ReplyWriter(self.channel, state.structured, self.settings.zero_copy)
         limiter = self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
         tasks: set[asyncio.Task[None]] = set()
         header_size = wire.REQUEST.size
@@ -312,8 +309,7 @@ class Connection:
             except ConnectionError:
                 pass
             self._summary = (f", export {export.name!r}; read data sent: {writer.sendfile_bytes} bytes by "
-                             f"sendfile, {writer.copied_bytes} bytes copied (zero-copy "
-                             f"{'on' if writer.zero_copy else 'off'})")
+                             f"sendfile, {writer.copied_bytes} bytes copied (zero-copy {writer.zero_copy_mode})")
 
     async def _serve(self, request: wire.Request, payload: bytearray | None, export: Export,
                      state: TransmissionState, writer: ReplyWriter) -> None:

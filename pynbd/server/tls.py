@@ -173,7 +173,6 @@ class TlsChannel:
     """
 
     supports_sendfile = False
-    auto_zero_copy = False
 
     def __init__(self, raw: SocketChannel, ctx: ssl.SSLContext) -> None:
         self.loop = raw.loop
