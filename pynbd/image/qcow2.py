@@ -110,6 +110,16 @@ def split_clusters(offset: int, length: int, unit_bits: int) -> Iterator[tuple[i
         pos += n
 
 
+def piece_columns(pieces: Iterable[Run]) -> tuple[list[int], list[int]]:
+    """``(lengths, kinds)`` of classified pieces."""
+    lengths: list[int] = []
+    kinds: list[int] = []
+    for _pos, n, kind, _host in pieces:
+        lengths.append(n)
+        kinds.append(kind)
+    return lengths, kinds
+
+
 class TableRuns:
     """One L2 table classified once: allocation and top-layer depth runs over its guest span."""
 
@@ -121,11 +131,7 @@ class TableRuns:
 
     @classmethod
     def classify(cls, start: int, pieces: Iterable[Run]) -> TableRuns:
-        lengths: list[int] = []
-        kinds: list[int] = []
-        for _pos, n, kind, _host in pieces:
-            lengths.append(n)
-            kinds.append(kind)
+        lengths, kinds = piece_columns(pieces)
         return cls(SpanRuns(start, Runs(lengths, [_ALLOCATION_OF_KIND[k] for k in kinds])),
                    SpanRuns(start, Runs(lengths, [_TOP_DEPTH_OF_KIND[k] for k in kinds])))
 
@@ -306,12 +312,8 @@ class Qcow2Layer:
                 n = table_end - pos
                 parts.append(Runs([n], [value_of_kind[KIND_UNALLOC]], True, n, n))
             else:
-                lengths: list[int] = []
-                values: list[int] = []
-                for _pos, n, kind, _host in self._table_pieces(table, pos, table_end):
-                    lengths.append(n)
-                    values.append(value_of_kind[kind])
-                parts.append(Runs(lengths, values))
+                lengths, kinds = piece_columns(self._table_pieces(table, pos, table_end))
+                parts.append(Runs(lengths, [value_of_kind[k] for k in kinds]))
         return concat(parts)
 
     def _classified(self, l1_index: int, table: Table) -> TableRuns | None:
