@@ -15,7 +15,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, compress, islice, repeat
+from itertools import accumulate, compress, repeat
 from operator import add, ne, sub
 
 from bitarray import bitarray
@@ -147,8 +147,9 @@ def concat(parts: Sequence[Runs]) -> Runs:
     compact = all(is_u32_array(p.lengths) and is_u32_array(p.values) for p in parts)
     lengths: list[int] | array = array("I") if compact else []
     values: list[int] | array = array("I") if compact else []
-    hints = all(p.size_hint is not None and p.longest_hint is not None for p in parts)
-    longest = max((p.longest_hint or 0) for p in parts) if hints else None
+    sizes_known = all(p.size_hint is not None for p in parts)
+    longest_known = all(p.longest_hint is not None for p in parts)
+    longest = max(p.longest_hint or 0 for p in parts) if longest_known else None
     for part in parts:
         if not part.lengths:
             continue
@@ -165,7 +166,7 @@ def concat(parts: Sequence[Runs]) -> Runs:
         else:
             lengths += part.lengths
             values += part.values
-    size = sum(p.total for p in parts) if hints else None
+    size = sum(p.total for p in parts) if sizes_known else None
     return Runs(lengths, values, all(part.normalized for part in parts), size, longest)
 
 
@@ -228,20 +229,16 @@ def split_long(runs: Runs, max_length: int) -> Runs:
     return Runs(lengths, values)
 
 
-def bit_runs(bits: bitarray, limit: int | None = None) -> Runs:
-    """Runs of equal bits (values 0/1, lengths in bits), at most ``limit`` of them.
+def bit_runs(bits: bitarray) -> Runs:
+    """Runs of equal bits (values 0/1, lengths in bits).
 
     Every run boundary is a set bit of (bits XOR bits shifted by one):
     bitarray finds them in C, and the lengths are their differences.
     """
     if not bits:
         return Runs([], [], True)
-    boundaries: Iterable[int] = (bits[1:] ^ bits[:-1]).search(1)
-    if limit is not None:
-        boundaries = islice(boundaries, limit)
-    ends = list(map(add, boundaries, repeat(1)))
-    if limit is None or len(ends) < limit:
-        ends.append(len(bits))
+    ends = list(map(add, (bits[1:] ^ bits[:-1]).search(1), repeat(1)))
+    ends.append(len(bits))
     starts = [0]
     starts += ends[:-1]
     # Runs alternate between the two values, starting with the first bit.

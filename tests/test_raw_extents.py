@@ -76,10 +76,13 @@ def test_fiemap_equals_seek(tmp_path, ops, sync, data):
     limit = data.draw(st.sampled_from([None, 1, 2, 3, 16, 100]))
     fd = os.open(path, os.O_RDONLY)
     try:
-        by_seek = list(seek_runs(fd, offset, offset + length))
+        seek = seek_runs(fd, offset, offset + length)
+        by_seek = list(seek)
         by_fiemap = fiemap_runs(fd, offset, offset + length, limit)
     finally:
         os.close(fd)
+    for runs in (seek, by_fiemap):  # a size hint, when given, is the sum of the lengths
+        assert runs.size_hint in (None, sum(runs.lengths))
     if limit is None:
         assert list(by_fiemap) == by_seek
     else:

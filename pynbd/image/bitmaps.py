@@ -175,14 +175,24 @@ class Qcow2Bitmap(Bitmap):
         return runs if limit is None else runs.head(limit)
 
     def _few_runs(self, offset: int, end: int, first: int, last: int, limit: int) -> Runs:
-        """At most ``limit`` runs from ``offset`` (REQ_ONE), found bit by bit without caching."""
+        """At most ``limit`` runs from ``offset`` (REQ_ONE), found boundary by boundary in C
+        without copying the range or caching."""
         g = self.granularity
-        granules = self._granule_runs(first, last, limit)
+        bits = self.bits()
+        granules: list[int] = []
+        values: list[int] = []
+        k = first
+        while k < last and len(granules) < limit:
+            dirty = bits[k]
+            nxt = bits.find(not dirty, k + 1, last)
+            stop = last if nxt < 0 else nxt
+            granules.append(stop - k)
+            values.append(dirty)
+            k = stop
         # Granules to bytes, clipping the partial first and last granule to the range.
-        lengths = list(map(mul, granules.lengths, repeat(g)))
+        lengths = list(map(mul, granules, repeat(g)))
         lengths[0] -= offset - first * g
-        values = granules.values
-        if first + sum(granules.lengths) == last:
+        if k == last:
             overshoot = last * g - end
             if overshoot > 0:
                 lengths[-1] -= overshoot
@@ -196,39 +206,23 @@ class Qcow2Bitmap(Bitmap):
         return Runs(lengths, values, True)
 
     def _chunk_runs(self, chunk: int) -> SpanRuns:
-        """The runs of one chunk of granules, in bytes (computed once, kept while the cache allows)."""
+        """The runs of one chunk of granules, in bytes (computed once, kept while the cache allows).
+
+        Block status runs on the event loop thread only, so the cache needs no lock.
+        """
         cached = self._run_cache.get(chunk)
         if cached is not None:
             self._run_cache.move_to_end(chunk)
             return cached
         g = self.granularity
         first = chunk * self._chunk_granules
-        granules = self._granule_runs(first, min(first + self._chunk_granules, self.nbits), None)
+        granules = bit_runs(self.bits()[first:min(first + self._chunk_granules, self.nbits)])
         runs = SpanRuns(first * g, Runs(list(map(mul, granules.lengths, repeat(g))), granules.values, True))
         if runs.nbytes <= MAX_CACHED_CHUNK_BYTES:  # a pathological chunk is computed each time instead
-            with self._lock:
-                self._run_cache[chunk] = runs
-                while len(self._run_cache) > RUN_CHUNKS_CACHED:
-                    self._run_cache.popitem(last=False)
+            self._run_cache[chunk] = runs
+            while len(self._run_cache) > RUN_CHUNKS_CACHED:
+                self._run_cache.popitem(last=False)
         return runs
-
-    def _granule_runs(self, first: int, last: int, limit: int | None) -> Runs:
-        """Runs of granules (value 1 dirty, 0 clean) from granule ``first``, at most ``limit``."""
-        bits = self.bits()
-        if limit is not None and limit < 64:
-            # A few runs: find each boundary in C without copying the range.
-            lengths: list[int] = []
-            values: list[int] = []
-            k = first
-            while k < last and len(lengths) < limit:
-                dirty = bits[k]
-                nxt = bits.find(not dirty, k + 1, last)
-                stop = last if nxt < 0 else nxt
-                lengths.append(stop - k)
-                values.append(dirty)
-                k = stop
-            return Runs(lengths, values)
-        return bit_runs(bits[first:last], limit)
 
     def info(self) -> BitmapInfo:
         dirty: int | None = None

@@ -80,16 +80,19 @@ def seek_runs(fd: int, offset: int, end: int, limit: int | None = None) -> Runs:
             if exc.errno == errno.ENXIO:  # only a hole from pos to EOF
                 lengths.append(end - pos)
                 states.append(STATE_HOLE_ZERO)
+                pos = end
                 break
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                 lengths.append(end - pos)
                 states.append(STATE_DATA)
+                pos = end
                 break
             raise
         if found > pos:
             if found >= end:
                 lengths.append(end - pos)
                 states.append(STATE_HOLE_ZERO)
+                pos = end
                 break
             lengths.append(found - pos)
             states.append(STATE_HOLE_ZERO)
@@ -111,7 +114,7 @@ def seek_runs(fd: int, offset: int, end: int, limit: int | None = None) -> Runs:
         states.append(STATE_DATA)
         pos = hole
         count -= 1
-    return Runs(lengths, states)
+    return Runs(lengths, states, size_hint=pos - offset)
 
 
 def data_runs(fd: int, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
@@ -144,8 +147,8 @@ def fiemap_runs(fd: int, offset: int, end: int, limit: int | None = None) -> Run
         if mapped.complete or (limit is not None and count >= limit):
             break
     if pos < end and (limit is None or count < limit):
-        parts.append(Runs([end - pos], [STATE_HOLE_ZERO], True))  # no extent after pos: a hole to the end
-    runs = concat(parts) if parts else Runs([], [], True)
+        parts.append(Runs([end - pos], [STATE_HOLE_ZERO], True, end - pos))  # no extent after pos: a hole to the end
+    runs = concat(parts) if parts else Runs([], [], True, 0)
     return runs if limit is None else runs.head(limit)
 
 
@@ -154,20 +157,23 @@ def _extent_runs(fd: int, pos: int, mapped: MappedExtents) -> Runs:
     gaps = list(map(sub, mapped.starts, [pos] + mapped.ends[:-1]))
     sizes = list(map(sub, mapped.ends, mapped.starts))
     check_order(sizes, gaps, pos, mapped.ends[-1])
+    covered = mapped.ends[-1] - pos
     unwritten = mapped.unwritten
     if not unwritten and 0 not in gaps[1:]:
         # Hole and data strictly alternate: already normalized, but for an
         # empty first hole when the first extent starts at pos.
-        if gaps[0]:
-            return Runs(interleave(gaps, sizes), [STATE_HOLE_ZERO, STATE_DATA] * len(gaps), True)
-        return Runs(interleave(gaps, sizes)[1:], ([STATE_HOLE_ZERO, STATE_DATA] * len(gaps))[1:], True)
+        lengths = interleave(gaps, sizes)
+        states = [STATE_HOLE_ZERO, STATE_DATA] * len(gaps)
+        if not gaps[0]:
+            del lengths[0], states[0]
+        return Runs(lengths, states, True, covered)
     lengths = interleave(gaps, sizes)
     states = [STATE_HOLE_ZERO, STATE_DATA] * len(gaps)
     for index in reversed(unwritten):  # lseek decides inside preallocated extents
         inside = seek_runs(fd, mapped.starts[index], mapped.ends[index])
         lengths[2 * index + 1:2 * index + 2] = inside.lengths
         states[2 * index + 1:2 * index + 2] = inside.values
-    return normalize(Runs(lengths, states))
+    return normalize(Runs(lengths, states, size_hint=covered))
 
 
 SEEK_DATA = os.SEEK_DATA
@@ -222,19 +228,19 @@ class RawImage(Image):
         # call from Python; a range with more runs goes on with FIEMAP.
         allocation = normalize(seek_runs(self.fd, offset, end, min(cap, SEEKS_BEFORE_FIEMAP)))
         covered = offset + allocation.total
-        if covered < end and len(allocation) < cap and self.fiemap and not self._unflushed:
-            try:
-                rest = fiemap_runs(self.fd, covered, end, cap - len(allocation))
-            except FiemapUnsupported as exc:
-                log.info("%s: %s; block status uses SEEK_DATA/SEEK_HOLE", self.path, exc)
-                self.fiemap = False
-            else:
-                allocation = concat([allocation, rest])
-        if offset + allocation.total < end and len(allocation) < cap:
-            rest = seek_runs(self.fd, offset + allocation.total, end, cap - len(allocation))
+        if covered < end and len(allocation) < cap:
+            rest: Runs | None = None
+            if self.fiemap and not self._unflushed:
+                try:
+                    rest = fiemap_runs(self.fd, covered, end, cap - len(allocation))
+                except FiemapUnsupported as exc:
+                    log.info("%s: %s; block status uses SEEK_DATA/SEEK_HOLE", self.path, exc)
+                    self.fiemap = False
+            if rest is None:
+                rest = seek_runs(self.fd, covered, end, cap - len(allocation))
             allocation = concat([allocation, rest])
         # A raw layer is allocated everywhere: depth 1, holes included (§5.5).
-        return Extents(offset, allocation, Runs([allocation.total], [1], True))
+        return Extents(offset, allocation, lambda: Runs([allocation.total], [1], True))
 
     # -- writing --
 

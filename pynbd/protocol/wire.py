@@ -229,9 +229,9 @@ def chunk_block_status(cookie: int, context_id: int, descriptors: Runs, done: bo
 _COOKIE_OFFSET = 8
 
 
-def set_chunk_cookies(chunks: bytes, chunk_starts: Iterable[int], cookie: int) -> bytes:
+def set_chunk_cookies(chunks: bytes, chunk_starts: Iterable[int], cookie: int) -> bytearray:
     """A copy of encoded chunks with ``cookie`` written into each chunk header."""
     out = bytearray(chunks)
     for start in chunk_starts:
         U64.pack_into(out, start + _COOKIE_OFFSET, cookie)
-    return bytes(out)
+    return out

@@ -390,9 +390,13 @@ class Connection:
 
     async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
         key = (request.offset, request.length, request.flags, export.generation)
-        answer = self._lookahead.take(key) or self._block_status(request.offset, request.length,
-                                                                   request.flags, export, state)
-        await writer.chunks(answer.for_cookie(request.cookie))
+        answer = self._lookahead.take(key)
+        if answer is None:
+            answer = self._block_status(request.offset, request.length, request.flags, export, state,
+                                        request.cookie)
+            await writer.chunks(answer.chunks)
+        else:
+            await writer.chunks(answer.for_cookie(request.cookie))
         if request.flags & FLAG_REQ_ONE or writer.batching:
             return  # REQ_ONE answers are tiny; a batching client has its next requests sent already
         upcoming = self._lookahead.next_request(request.offset, request.length, answer, export.image.size)
@@ -407,8 +411,8 @@ class Connection:
             self._lookahead.keep((offset, length, request.flags, generation), ahead)
 
     def _block_status(self, offset: int, length: int, flags: int, export: Export,
-                      state: TransmissionState) -> BlockStatusAnswer:
-        """One chunk per selected context (§5.3), encoded with cookie 0."""
+                      state: TransmissionState, cookie: int = 0) -> BlockStatusAnswer:
+        """One chunk per selected context (§5.3), encoded with ``cookie`` (0 when computed ahead)."""
         req_one = bool(flags & FLAG_REQ_ONE)
         # REQ_ONE wants one descriptor: a few runs suffice (a shorter descriptor is
         # allowed, the client asks again from its end), and computing the whole
@@ -432,7 +436,7 @@ class Connection:
                                name, offset, exc)
                 descriptors = Runs([length], [provider.safe_status])
             covered = min(covered, descriptors.total)
-            chunk = wire.chunk_block_status(0, context_id, descriptors, done=index == len(items) - 1)
+            chunk = wire.chunk_block_status(cookie, context_id, descriptors, done=index == len(items) - 1)
             starts.append(size)
             chunks.append(chunk)
             size += len(chunk)

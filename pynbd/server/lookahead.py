@@ -24,14 +24,14 @@ from pynbd.protocol import wire
 class BlockStatusAnswer:
     """The encoded chunks of one BLOCK_STATUS reply, with their cookie left to fill in."""
 
-    #: Chunks encoded with cookie 0.
+    #: The encoded chunks (with cookie 0 when computed ahead).
     chunks: bytes
     #: Where each chunk starts in ``chunks``.
     chunk_starts: tuple[int, ...]
     #: Bytes described from the request offset (the least over the contexts).
     covered: int
 
-    def for_cookie(self, cookie: int) -> bytes:
+    def for_cookie(self, cookie: int) -> bytearray:
         return wire.set_chunk_cookies(self.chunks, self.chunk_starts, cookie)
 
 

@@ -137,7 +137,7 @@ class ReplyWriter:
         else:
             await self._send(wire.simple_reply(cookie, error))
 
-    async def chunks(self, data: bytes) -> None:
+    async def chunks(self, data: bytes | bytearray) -> None:
         """Pre-encoded structured chunks of one reply (block status)."""
         await self._send(data)
 
