@@ -7,10 +7,14 @@ loops that run in C, and Python code costs per request instead of per run
 (bench/README.md, "block status"). The image drivers produce runs (from
 bitarrays with :func:`bit_runs`, or cached as :class:`SpanRuns`), the protocol
 layer turns them into descriptors; both use this module, which is pure (no I/O).
+Cached spans keep their runs as the wire carries them (:class:`PackedRuns`),
+so answering from a cache is slicing bytes, not work per run.
 """
 
 from __future__ import annotations
 
+import struct
+import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,6 +23,12 @@ from itertools import accumulate, compress, repeat
 from operator import add, ne, sub
 
 from bitarray import bitarray
+
+#: The largest length a descriptor (and a packed run) can carry (§5.3: u32).
+U32_MAX = 0xFFFFFFFF
+_BE_U32 = struct.Struct(">I")
+_LITTLE_ENDIAN = sys.byteorder == "little"
+assert array("I").itemsize == 4
 
 
 @dataclass(slots=True)
@@ -107,7 +117,7 @@ def merged(runs: Runs) -> Runs:
     return Runs(list(map(sub, ends, starts)), list(compress(values, last_of_group)))
 
 
-def first_group(runs: Runs) -> Runs:
+def first_group(runs: AnyRuns) -> AnyRuns:
     """The leading runs up to the first non-empty run with another value than the first non-empty one."""
     if runs.normalized:
         return runs.head(1)
@@ -123,7 +133,7 @@ def first_group(runs: Runs) -> Runs:
     return runs.head(count)
 
 
-def normalize(runs: Runs) -> Runs:
+def normalize(runs: AnyRuns) -> AnyRuns:
     """Without empty runs and with equal neighbours merged, marked so."""
     if runs.normalized:
         return runs
@@ -131,22 +141,122 @@ def normalize(runs: Runs) -> Runs:
     return Runs(out.lengths, out.values, True, runs.size_hint)
 
 
-def is_u32_array(column: Sequence[int]) -> bool:
-    """True for an ``array('I')``: a column the wire encoder copies without converting."""
-    return isinstance(column, array) and column.typecode == "I"
+#: A piece of packed runs: bytes, or a view into a cached span's bytes.
+Buffer = bytes | bytearray | memoryview
 
 
-def concat(parts: Sequence[Runs]) -> Runs:
+class PackedRuns:
+    """Normalized runs as the wire carries them: big-endian u32 ``(length, value)`` pairs.
+
+    This is the body of a BLOCK_STATUS chunk (§5.3). The pairs are kept as a
+    list of buffers whose concatenation is the body: a slice of a cached span
+    is a view into the span's bytes between its two rewritten outer runs
+    (:meth:`SpanRuns.slice`), :func:`concat` joins lists, and the reply goes
+    out with one gathering send. So answering from cached runs copies no run;
+    the kernel's copy into the socket is the only one. Consumers that need
+    columns get them unpacked (:meth:`unpacked`).
+    """
+
+    __slots__ = ("parts", "count", "size_hint", "longest_hint")
+
+    normalized = True
+
+    def __init__(self, parts: list[Buffer], count: int, size: int, longest: int) -> None:
+        self.parts = parts
+        #: Number of runs (8 bytes each over all parts).
+        self.count = count
+        self.size_hint = size
+        self.longest_hint = longest
+
+    @classmethod
+    def pack(cls, runs: Runs) -> PackedRuns:
+        """Pack normalized runs whose lengths fit a u32."""
+        return cls([pack_pairs(runs.lengths, runs.values)], len(runs), runs.total, runs.longest)
+
+    @property
+    def data(self) -> bytes:
+        """All pairs in one bytes object."""
+        return b"".join(self.parts)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.unpacked())
+
+    @property
+    def total(self) -> int:
+        return self.size_hint
+
+    @property
+    def longest(self) -> int:
+        return self.longest_hint
+
+    @property
+    def lengths(self) -> array:
+        return self.unpacked().lengths
+
+    @property
+    def values(self) -> array:
+        return self.unpacked().values
+
+    def unpacked(self) -> Runs:
+        """The same runs in ``array('I')`` columns."""
+        words = array("I")
+        for part in self.parts:
+            words.frombytes(part)
+        if _LITTLE_ENDIAN:
+            words.byteswap()
+        return Runs(words[0::2], words[1::2], True, self.size_hint, self.longest_hint)
+
+    def head(self, count: int) -> PackedRuns:
+        """The first ``count`` runs."""
+        if self.count <= count:
+            return self
+        data = self.data[:8 * count]
+        size = sum(PackedRuns([data], count, 0, 0).unpacked().lengths)
+        return PackedRuns([data], count, size, self.longest_hint)
+
+
+def pack_pairs(lengths: Sequence[int], values: Sequence[int]) -> bytes:
+    """Big-endian u32 ``(length, value)`` pairs (interleaved and byte-swapped in C)."""
+    words = array("I", interleave(lengths, values))
+    if _LITTLE_ENDIAN:
+        words.byteswap()
+    return words.tobytes()
+
+
+#: Runs in either form; every function here takes both.
+AnyRuns = Runs | PackedRuns
+
+
+def columns(runs: AnyRuns) -> Runs:
+    """``runs`` with list or array columns (unpacking packed runs)."""
+    return runs.unpacked() if isinstance(runs, PackedRuns) else runs
+
+
+#: Plain parts this short are packed to join packed neighbours (a hole between cached tables).
+_PACK_PLAIN_PARTS_UP_TO = 8
+
+
+def concat(parts: Sequence[AnyRuns]) -> AnyRuns:
     """Runs of consecutive ranges, one after the other; normalized parts stay normalized.
 
-    Parts in ``array('I')`` columns (slices of cached spans) give arrays, so
-    the answer reaches the encoder without a conversion per run.
+    Packed parts (slices of cached spans) give packed runs, so the answer
+    reaches the encoder as bytes; a seam between parts with equal values is
+    merged in place.
     """
     if len(parts) == 1:
         return parts[0]
-    compact = all(is_u32_array(p.lengths) and is_u32_array(p.values) for p in parts)
-    lengths: list[int] | array = array("I") if compact else []
-    values: list[int] | array = array("I") if compact else []
+    if any(isinstance(p, PackedRuns) for p in parts):
+        packed = [p if isinstance(p, PackedRuns) else _packable(p) for p in parts]
+        if all(p is not None for p in packed):
+            joined = _concat_packed(packed)  # type: ignore[arg-type]
+            if joined is not None:
+                return joined
+        parts = [columns(p) for p in parts]
+    lengths: list[int] = []
+    values: list[int] = []
     sizes_known = all(p.size_hint is not None for p in parts)
     longest_known = all(p.longest_hint is not None for p in parts)
     longest = max(p.longest_hint or 0 for p in parts) if longest_known else None
@@ -154,11 +264,7 @@ def concat(parts: Sequence[Runs]) -> Runs:
         if not part.lengths:
             continue
         if lengths and values[-1] == part.values[0]:  # the seam of two normalized parts
-            try:
-                lengths[-1] += part.lengths[0]
-            except OverflowError:  # a merged run longer than a u32: go on in lists
-                lengths, values = list(lengths), list(values)
-                lengths[-1] += part.lengths[0]
+            lengths[-1] += part.lengths[0]
             if longest is not None:
                 longest = max(longest, lengths[-1])
             lengths += part.lengths[1:]
@@ -170,42 +276,141 @@ def concat(parts: Sequence[Runs]) -> Runs:
     return Runs(lengths, values, all(part.normalized for part in parts), size, longest)
 
 
+def _packable(runs: Runs) -> PackedRuns | None:
+    if len(runs) > _PACK_PLAIN_PARTS_UP_TO or not runs.normalized or runs.longest > U32_MAX:
+        return None
+    return PackedRuns.pack(runs)
+
+
+#: Packed runs gathered from more buffers than this are joined into one (a
+#: request over many small cached tables; a gathering send takes at most IOV_MAX).
+MAX_PACKED_PARTS = 64
+
+
+def _concat_packed(parts: Sequence[PackedRuns]) -> PackedRuns | None:
+    """Packed parts joined, or None when a merged seam would not fit a u32."""
+    out: list[Buffer] = []
+    count = size = longest = 0
+    for part in parts:
+        if not part.count:
+            continue
+        pieces = part.parts
+        if count and _last_value(out) == _first_value(pieces):  # equal values at the seam: one run
+            merged = _last_length(out) + _first_length(pieces)
+            if merged > U32_MAX:
+                return None
+            value = _drop_last_run(out)
+            out.append(_BE_U32.pack(merged) + value)
+            pieces = _without_first_run(pieces)
+            count -= 1
+            longest = max(longest, merged)
+        out += pieces
+        count += part.count
+        size += part.size_hint
+        longest = max(longest, part.longest_hint)
+    if len(out) > MAX_PACKED_PARTS:
+        out = [b"".join(out)]
+    return PackedRuns(out, count, size, longest)
+
+
+# The seam helpers look at the 8 bytes of the first or last run of a list of
+# buffers; a buffer holds whole runs, and none is empty.
+def _first_value(parts: Sequence[Buffer]) -> bytes:
+    return bytes(parts[0][4:8])
+
+
+def _first_length(parts: Sequence[Buffer]) -> int:
+    return _BE_U32.unpack_from(parts[0])[0]
+
+
+def _last_value(parts: Sequence[Buffer]) -> bytes:
+    last = parts[-1]
+    return bytes(last[len(last) - 4:])
+
+
+def _last_length(parts: Sequence[Buffer]) -> int:
+    last = parts[-1]
+    return _BE_U32.unpack_from(last, len(last) - 8)[0]
+
+
+def _drop_last_run(parts: list[Buffer]) -> bytes:
+    """Remove the last run from ``parts`` (in place); returns its value bytes."""
+    last = parts.pop()
+    if len(last) > 8:
+        parts.append(memoryview(last)[:-8])
+    return bytes(last[len(last) - 4:])
+
+
+def _without_first_run(parts: list[Buffer]) -> list[Buffer]:
+    first = parts[0]
+    rest = parts[1:]
+    if len(first) > 8:
+        rest.insert(0, memoryview(first)[8:])
+    return rest
+
+
 class SpanRuns:
     """Normalized runs over a fixed span, indexed for slicing by bisection.
 
-    Compact columns (16 bytes a run) because they are kept in caches; lengths
-    and values are ``array('I')`` when every length fits a u32, so slices go
-    to the wire encoder as they are (:func:`pynbd.protocol.wire.chunk_block_status`).
+    Kept in caches, so compact: packed (:class:`PackedRuns`, 8 bytes a run
+    plus its start) when every length fits a u32, and a slice is then a view
+    of those bytes between its two rewritten outer runs; a span with a longer
+    run keeps ``array('Q')`` lengths and slices into columns.
     """
 
-    __slots__ = ("starts", "lengths", "values", "longest")
+    __slots__ = ("starts", "packed", "lengths", "values", "longest")
 
     def __init__(self, start: int, runs: Runs) -> None:
         runs = normalize(runs)
         self.starts = array("q", accumulate(runs.lengths[:-1], initial=start))
         self.longest = max(runs.lengths, default=0)
-        self.lengths = array("I" if self.longest <= 0xFFFFFFFF else "Q", runs.lengths)
-        self.values = array("I", runs.values)
+        self.packed: bytes | None = None
+        self.lengths: array | None = None
+        self.values: array | None = None
+        if self.longest <= U32_MAX:
+            self.packed = pack_pairs(runs.lengths, runs.values)
+        else:
+            self.lengths = array("Q", runs.lengths)
+            self.values = array("I", runs.values)
 
     @property
     def nbytes(self) -> int:
-        return (8 + self.lengths.itemsize + 4) * len(self.values)
+        if self.packed is not None:
+            return 8 * len(self.starts) + len(self.packed)
+        return (8 + 8 + 4) * len(self.starts)
 
-    def slice(self, pos: int, end: int) -> Runs:
+    def slice(self, pos: int, end: int) -> AnyRuns:
         """The runs of ``[pos, end)`` (inside the span), the outer two clipped."""
-        first = bisect_right(self.starts, pos) - 1
-        stop = bisect_left(self.starts, end)
+        starts = self.starts
+        first = bisect_right(starts, pos) - 1
+        stop = bisect_left(starts, end)
+        # The clipped outer lengths follow from the starts alone.
+        head = (starts[first + 1] if stop - first > 1 else end) - pos
+        tail = end - starts[stop - 1]
+        packed = self.packed
+        if packed is not None:
+            # The outer runs rewritten, the ones between them viewed in place.
+            at = 8 * first
+            parts: list[Buffer] = [_BE_U32.pack(head) + packed[at + 4:at + 8]]
+            if stop - first > 1:
+                if stop - first > 2:
+                    parts.append(memoryview(packed)[at + 8:8 * stop - 8])
+                parts.append(_BE_U32.pack(tail) + packed[8 * stop - 4:8 * stop])
+            return PackedRuns(parts, stop - first, end - pos, self.longest)
+        assert self.lengths is not None and self.values is not None
         lengths = self.lengths[first:stop]
-        lengths[0] -= pos - self.starts[first]
-        lengths[-1] -= self.starts[stop - 1] + self.lengths[stop - 1] - end
+        lengths[0] = head
+        if stop - first > 1:
+            lengths[-1] = tail
         return Runs(lengths, self.values[first:stop], True, end - pos, self.longest)
 
 
-def clipped(runs: Runs, total: int) -> Runs:
+def clipped(runs: AnyRuns, total: int) -> AnyRuns:
     """At most ``total`` bytes: the run that crosses it is shortened, later ones dropped."""
-    lengths = runs.lengths
     if runs.total <= total:
         return runs
+    runs = columns(runs)
+    lengths = runs.lengths
     ends = list(accumulate(lengths))
     last = bisect_left(ends, total)  # first run that reaches ``total``
     out = lengths[:last + 1]
@@ -213,9 +418,9 @@ def clipped(runs: Runs, total: int) -> Runs:
     return Runs(out, runs.values[:last + 1], runs.normalized, total, runs.longest_hint)
 
 
-def split_long(runs: Runs, max_length: int) -> Runs:
+def split_long(runs: AnyRuns, max_length: int) -> AnyRuns:
     """Cut runs longer than ``max_length`` into pieces of at most that length."""
-    if not runs.lengths or runs.longest <= max_length:
+    if not len(runs) or runs.longest <= max_length:
         return runs
     lengths: list[int] = []
     values: list[int] = []

@@ -182,6 +182,19 @@ def test_chunk_layouts():
     assert struct.unpack_from('>IIIII', bs, 20) == (2, 4096, 3, 512, 0)
 
 
+def test_block_status_parts_and_cookies():
+    """An answer computed ahead (cookie 0) gets the request's cookie in copies of
+    its chunk headers only; the descriptor buffers are shared, not copied."""
+    first = wire.chunk_block_status_parts(0, 1, Runs([4096, 512], [3, 0]), done=False)
+    second = wire.chunk_block_status_parts(0, 2, Runs([4608], [1]), done=True)
+    parts = first + second
+    out = wire.with_cookie(parts, (0, len(first)), 0xDEADBEEF)
+    assert out[1] is parts[1] and out[3] is parts[3]
+    assert b"".join(out) == (wire.chunk_block_status(0xDEADBEEF, 1, Runs([4096, 512], [3, 0]), False)
+                             + wire.chunk_block_status(0xDEADBEEF, 2, Runs([4608], [1]), True))
+    assert wire.CHUNK_HEADER.unpack_from(parts[0])[3] == 0  # the kept answer is unchanged
+
+
 def test_b15_error_messages_bounded():
     chunk = wire.chunk_error(1, Error.EINVAL, "x" * 5000)
     assert len(chunk) - 20 < 900

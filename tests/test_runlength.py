@@ -5,7 +5,18 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pynbd.runlength import Runs, SpanRuns, clipped, concat, merged, normalize, split_long, without_empty
+from pynbd.runlength import (
+    PackedRuns,
+    Runs,
+    SpanRuns,
+    clipped,
+    concat,
+    merged,
+    normalize,
+    pack_pairs,
+    split_long,
+    without_empty,
+)
 
 pairs = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 3)), max_size=30)
 nonempty_pairs = st.lists(st.tuples(st.integers(1, 12), st.integers(0, 3)), min_size=1, max_size=30)
@@ -67,15 +78,67 @@ def test_span_slice(p, start, data):
     assert is_normalized(out)
 
 
-def test_span_slices_are_u32_arrays_and_concat_keeps_them():
-    from array import array
+def test_span_slices_are_views_and_concat_keeps_them_packed():
+    a = SpanRuns(0, Runs([100, 50, 7, 3], [1, 0, 1, 0]))
+    b = SpanRuns(160, Runs([30, 20], [0, 1]))
+    first = a.slice(10, 160)
+    assert isinstance(first, PackedRuns)
+    # The runs between the two rewritten outer ones are a view of the span's bytes, not a copy.
+    assert any(isinstance(part, memoryview) and part.obj is a.packed for part in first.parts)
+    out = concat([first, b.slice(160, 210)])
+    assert isinstance(out, PackedRuns)
+    assert list(out) == [(90, 1), (50, 0), (7, 1), (33, 0), (20, 1)]
+    assert (len(out), out.total, out.longest) == (5, 200, 100)
+    assert out.data == pack_pairs([90, 50, 7, 33, 20], [1, 0, 1, 0, 1])
 
-    a = SpanRuns(0, Runs([100, 50], [1, 0]))
-    b = SpanRuns(150, Runs([30, 20], [0, 1]))
-    out = concat([a.slice(10, 150), b.slice(150, 200)])
-    assert isinstance(out.lengths, array) and out.lengths.typecode == "I"
-    assert list(out) == [(90, 1), (80, 0), (20, 1)]
-    assert out.normalized
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(nonempty_pairs, st.data()), min_size=1, max_size=6), st.integers(0, 3))
+def test_concat_of_span_slices_is_the_expansion(spans, plain_value):
+    """Slices of packed spans, with short plain runs between some of them (holes
+    between cached tables), concatenate to the bytes they describe, normalized and
+    packed, and encode as the same chunk as their columns."""
+    from pynbd.protocol import wire
+
+    parts = []
+    expected: list[int] = []
+    pos = 0
+    for index, (p, data) in enumerate(spans):
+        span = SpanRuns(pos, Runs.from_pairs(p))
+        total = sum(n for n, _ in p)
+        start = data.draw(st.integers(pos, pos + total - 1))
+        end = data.draw(st.integers(start + 1, pos + total))
+        parts.append(span.slice(start, end))
+        expected += expand(p)[start - pos:end - pos]
+        if index % 2:
+            parts.append(Runs([3], [plain_value], True, 3, 3))
+            expected += [plain_value] * 3
+        pos += total
+    out = concat(parts)
+    assert isinstance(out, PackedRuns)
+    assert expand(out) == expected
+    assert is_normalized(out.unpacked()) and len(out) == len(out.unpacked())
+    assert out.total == len(expected)
+    assert wire.chunk_block_status(9, 1, out, True) == wire.chunk_block_status(9, 1, out.unpacked(), True)
+
+
+def test_packed_head_and_many_parts():
+    span = SpanRuns(0, Runs([2, 3] * 200, [0, 1] * 200))
+    parts = [span.slice(5 * i, 5 * i + 5) for i in range(200)]  # each slice: runs 2 and 3
+    out = concat(parts)
+    assert len(out.parts) == 1  # more than MAX_PACKED_PARTS buffers are joined
+    assert list(out) == [(2, 0), (3, 1)] * 200
+    head = out.head(3)
+    assert list(head) == [(2, 0), (3, 1), (2, 0)] and head.total == 7 and len(head) == 3
+
+
+def test_span_with_a_run_longer_than_u32_slices_into_columns():
+    big = 0x1_0000_0000 + 5
+    span = SpanRuns(0, Runs([10, big, 10], [0, 1, 0]))
+    assert span.packed is None
+    out = span.slice(5, big + 15)
+    assert not isinstance(out, PackedRuns)
+    assert list(out) == [(5, 0), (big, 1), (5, 0)]
 
 
 def test_concat_seam_longer_than_u32_falls_back_to_lists():

@@ -134,6 +134,37 @@ def test_connection_limit_queues_extra_clients(image):
         assert out.decode().strip() == str(8 * MiB)
 
 
+def test_out_of_file_descriptors_pauses_accepting(image):
+    """EMFILE on accept: logged, accepting pauses instead of spinning, and resumes
+    once descriptors are free; connected clients keep working."""
+    import resource
+
+    with PynbdServer(image, "-r") as server:
+        deadline = time.monotonic() + 10
+        while "serving" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        used = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+        soft, hard = resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (used + 3, hard))
+        clients = []
+        for _ in range(8):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(server.socket)  # the backlog takes it even when accept fails
+            clients.append(s)
+        time.sleep(0.5)
+        assert "accept failed" in server.log()
+        cpu_before = sum(map(int, open(f"/proc/{server.proc.pid}/stat").read().rsplit(")", 1)[1].split()[11:13]))
+        time.sleep(1.0)
+        cpu_after = sum(map(int, open(f"/proc/{server.proc.pid}/stat").read().rsplit(")", 1)[1].split()[11:13]))
+        assert cpu_after - cpu_before < 30, "the server must not spin on a readable listener"
+        assert server.log().count("accept failed") == 1, "one line, not one per retry"
+        for s in clients:
+            s.close()
+        resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        out = subprocess.run(["nbdinfo", "--size", server.uri], capture_output=True, timeout=20)
+        assert out.stdout.decode().strip() == str(8 * MiB)
+
+
 def test_sigterm_finishes_requests_in_flight(image, tmp_path):
     """SIGTERM during a long copy: requests already received are answered, then exit 0."""
     big = make_raw_image(tmp_path / "big.img", 256 * MiB, ("write -P 0x42 0 256M",))

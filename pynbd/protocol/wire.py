@@ -8,9 +8,7 @@ bytes it returns.
 from __future__ import annotations
 
 import struct
-import sys
-from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pynbd.protocol.constants import (
@@ -26,11 +24,8 @@ from pynbd.protocol.constants import (
     ReplyFlag,
     ReplyType,
 )
-from pynbd.runlength import Runs, interleave, is_u32_array
+from pynbd.runlength import AnyRuns, Buffer, PackedRuns, pack_pairs
 
-#: Descriptors are encoded as an ``array('I')``: 4-byte items, swapped to big-endian here.
-_LITTLE_ENDIAN = sys.byteorder == "little"
-assert array("I").itemsize == 4
 
 GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags (§1.2)
 CLIENT_FLAGS = struct.Struct(">I")
@@ -50,6 +45,7 @@ CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length (§
 CHUNK_OFFSET_DATA = struct.Struct(">IHHQIQ")  # chunk header + u64 offset
 CHUNK_OFFSET_HOLE = struct.Struct(">IHHQIQI")  # chunk header + u64 offset + u32 hole size
 CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + u32 error + u16 message length
+CHUNK_BLOCK_STATUS_HEADER = struct.Struct(">IHHQII")  # chunk header + u32 context id
 DESCRIPTOR = struct.Struct(">II")  # block status descriptor: length, status
 
 ZERO_PADDING = bytes(124)  # after EXPORT_NAME unless NO_ZEROES (§1.4)
@@ -205,33 +201,38 @@ def chunk_error(cookie: int, error: int, message: str, offset: int | None = None
     ) + msg + U64.pack(offset)
 
 
-def chunk_block_status(cookie: int, context_id: int, descriptors: Runs, done: bool) -> bytes:
-    """BLOCK_STATUS chunk: context id then (length, status) descriptors (§5.3).
+def chunk_block_status_parts(cookie: int, context_id: int, descriptors: AnyRuns, done: bool) -> list[Buffer]:
+    """BLOCK_STATUS chunk as buffers to send in one gathering write: header and
+    context id, then the (length, status) descriptors (§5.3).
 
-    The descriptors are interleaved into one ``array('I')`` and byte-swapped
-    in C: a fragmented image gives tens of thousands per reply.
+    Packed runs already are the descriptors' bytes (views into cached runs);
+    others are packed here (interleaved and byte-swapped in C: a fragmented
+    image gives tens of thousands per reply).
     """
-    lengths, values = descriptors.lengths, descriptors.values
-    if is_u32_array(lengths) and is_u32_array(values):
-        body = array("I", bytes(8 * len(lengths)))
-        body[0::2] = lengths
-        body[1::2] = values
+    if isinstance(descriptors, PackedRuns):
+        body = descriptors.parts
     else:
-        body = array("I", interleave(lengths, values))
-    if _LITTLE_ENDIAN:
-        body.byteswap()
-    header = CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, ReplyType.BLOCK_STATUS,
-                               cookie, 4 + 4 * len(body))
-    return b"".join((header, U32.pack(context_id), body.tobytes()))
+        body = [pack_pairs(descriptors.lengths, descriptors.values)]
+    header = CHUNK_BLOCK_STATUS_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0,
+                                            ReplyType.BLOCK_STATUS, cookie, 4 + 8 * len(descriptors),
+                                            context_id)
+    return [header, *body]
+
+
+def chunk_block_status(cookie: int, context_id: int, descriptors: AnyRuns, done: bool) -> bytes:
+    """BLOCK_STATUS chunk in one bytes object."""
+    return b"".join(chunk_block_status_parts(cookie, context_id, descriptors, done))
 
 
 #: Offset of the cookie in every reply and chunk header (§4.1).
 _COOKIE_OFFSET = 8
 
 
-def set_chunk_cookies(chunks: bytes, chunk_starts: Iterable[int], cookie: int) -> bytearray:
-    """A copy of encoded chunks with ``cookie`` written into each chunk header."""
-    out = bytearray(chunks)
-    for start in chunk_starts:
-        U64.pack_into(out, start + _COOKIE_OFFSET, cookie)
+def with_cookie(parts: Sequence[Buffer], header_indices: Iterable[int], cookie: int) -> list[Buffer]:
+    """``parts`` of encoded chunks with ``cookie`` written into a copy of each chunk header."""
+    out = list(parts)
+    for index in header_indices:
+        header = bytearray(out[index])
+        U64.pack_into(header, _COOKIE_OFFSET, cookie)
+        out[index] = header
     return out

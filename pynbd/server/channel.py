@@ -18,6 +18,7 @@ import asyncio
 import errno
 import os
 import socket
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -36,6 +37,9 @@ class Channel(Protocol):
 
     async def sendall_more(self, data: bytes | memoryview) -> None:
         """Like sendall, but more data follows at once (cork: header before sendfile)."""
+
+    async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send the concatenation of ``parts`` (a gathering write where the channel has one)."""
 
     async def sendfile(self, fd: int, offset: int, count: int) -> int:
         """Send ``count`` bytes of ``fd`` from ``offset``; returns bytes sent (short at EOF)."""
@@ -136,6 +140,17 @@ class SocketChannel:
         if n < len(data):
             await self.loop.sock_sendall(self.sock, memoryview(data)[n:])
 
+    async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        # One sendmsg gathers the parts (views into cached block-status runs) in
+        # the kernel's copy: joining them first would copy every byte once more.
+        try:
+            n = self.sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        total = sum(map(len, parts))
+        if n < total:  # the socket buffer is full: the rest the slow way
+            await self.loop.sock_sendall(self.sock, memoryview(b"".join(parts))[n:])
+
     async def sendall_more(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
@@ -177,10 +192,18 @@ class SocketChannel:
 
 
 class BufferedReader:
-    """Reads exact byte counts from a channel through a reusable buffer."""
+    """Reads exact byte counts from a channel through a reusable buffer.
 
-    def __init__(self, channel: Channel, size: int = 256 * 1024, initial: bytes = b"") -> None:
+    The buffer starts small and doubles (up to ``max_size``) whenever a
+    receive fills it: a client that pipelines requests or sends small writes
+    back to back gets a buffer that takes many at once, and a connection
+    that never does costs no large allocation.
+    """
+
+    def __init__(self, channel: Channel, size: int = 16 * 1024, initial: bytes = b"",
+                 max_size: int = 256 * 1024) -> None:
         self.channel = channel
+        self.max_size = max(max_size, size)
         self._buf = bytearray(max(size, len(initial)))
         self._view = memoryview(self._buf)
         self._start = 0
@@ -202,6 +225,15 @@ class BufferedReader:
         if got == 0:
             raise ChannelClosed("peer closed the connection")
         self._end += got
+        if self._end == len(self._buf) and len(self._buf) < self.max_size:
+            self._grow()
+
+    def _grow(self) -> None:
+        n = self._end - self._start
+        buf = bytearray(min(2 * len(self._buf), self.max_size))
+        buf[:n] = self._view[self._start:self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, n
 
     async def read_exactly(self, n: int) -> bytes:
         """Return exactly ``n`` bytes (n must fit the buffer: headers, small options)."""

@@ -42,7 +42,7 @@ from pynbd.protocol.transmission import (
     TransmissionState,
     build_descriptors,
 )
-from pynbd.runlength import Runs
+from pynbd.runlength import Buffer, Runs
 from pynbd.server.channel import BufferedReader, Channel, ChannelClosed
 from pynbd.server.contexts import ExtentQuery
 from pynbd.server.exports import Export
@@ -212,7 +212,7 @@ class Connection:
 
     async def _handshake(self) -> tuple[HandshakeComplete | None, BufferedReader]:
         hs = ServerHandshake(self.catalog, tls=self.settings.tls_mode)
-        reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER)
+        reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER, max_size=HANDSHAKE_BUFFER)
         while True:
             if self.shutting_down:
                 hs.begin_shutdown()
@@ -232,7 +232,7 @@ class Connection:
                 upgrade = self.settings.tls_upgrade
                 assert upgrade is not None, "StartTls without TLS configured"
                 self.channel = await upgrade(self.channel, self.log)
-                reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER)
+                reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER, max_size=HANDSHAKE_BUFFER)
                 hs.tls_established()
                 self.log.info("TLS established")
             elif isinstance(event, HandshakeComplete):
@@ -394,7 +394,7 @@ class Connection:
         if answer is None:
             answer = self._block_status(request.offset, request.length, request.flags, export, state,
                                         request.cookie)
-            await writer.chunks(answer.chunks)
+            await writer.chunks(answer.parts)
         else:
             await writer.chunks(answer.for_cookie(request.cookie))
         if request.flags & FLAG_REQ_ONE or writer.batching:
@@ -419,9 +419,8 @@ class Connection:
         # range each time would make qemu-img map O(extents²).
         query = ExtentQuery(export.image, offset, length, REQ_ONE_RUNS if req_one else None)
         items = sorted(state.contexts.items())
-        chunks: list[bytes] = []
-        starts: list[int] = []
-        size = 0
+        parts: list[Buffer] = []
+        headers: list[int] = []
         covered = length
         for index, (context_id, name) in enumerate(items):
             provider = export.contexts.providers[name]
@@ -436,11 +435,10 @@ class Connection:
                                name, offset, exc)
                 descriptors = Runs([length], [provider.safe_status])
             covered = min(covered, descriptors.total)
-            chunk = wire.chunk_block_status(cookie, context_id, descriptors, done=index == len(items) - 1)
-            starts.append(size)
-            chunks.append(chunk)
-            size += len(chunk)
-        return BlockStatusAnswer(b"".join(chunks), tuple(starts), covered)
+            headers.append(len(parts))
+            parts += wire.chunk_block_status_parts(cookie, context_id, descriptors,
+                                                   done=index == len(items) - 1)
+        return BlockStatusAnswer(parts, tuple(headers), covered)
 
     _handlers = {
         Command.READ: _cmd_read,

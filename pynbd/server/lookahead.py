@@ -18,21 +18,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pynbd.protocol import wire
+from pynbd.runlength import Buffer
 
 
 @dataclass(frozen=True, slots=True)
 class BlockStatusAnswer:
-    """The encoded chunks of one BLOCK_STATUS reply, with their cookie left to fill in."""
+    """The encoded chunks of one BLOCK_STATUS reply, as buffers for one gathering send."""
 
-    #: The encoded chunks (with cookie 0 when computed ahead).
-    chunks: bytes
-    #: Where each chunk starts in ``chunks``.
-    chunk_starts: tuple[int, ...]
+    #: The chunks' buffers (with cookie 0 when computed ahead).
+    parts: list[Buffer]
+    #: Which parts are chunk headers (they carry the cookie).
+    header_indices: tuple[int, ...]
     #: Bytes described from the request offset (the least over the contexts).
     covered: int
 
-    def for_cookie(self, cookie: int) -> bytearray:
-        return wire.set_chunk_cookies(self.chunks, self.chunk_starts, cookie)
+    def for_cookie(self, cookie: int) -> list[Buffer]:
+        """The parts with ``cookie`` in copies of the headers (the descriptors are shared)."""
+        return wire.with_cookie(self.parts, self.header_indices, cookie)
 
 
 #: (offset, length, flags, export generation)

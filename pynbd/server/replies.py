@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pynbd.image.base import BytesSegment, HostSegment, ReadSegment, ZeroSegment
 from pynbd.protocol import wire
 from pynbd.protocol.constants import Error
+from pynbd.runlength import Buffer
 from pynbd.server.channel import Channel
 
 log = logging.getLogger(__name__)
@@ -100,13 +101,19 @@ class ReplyWriter:
         #: the reader sets it when more requests are already buffered, so a burst
         #: of pipelined small reads costs one send instead of one per reply.
         self.batching = False
-        self._pending: list[bytes | bytearray | memoryview] = []
+        self._pending: list[Buffer] = []
         self._pending_size = 0
 
-    async def _send(self, data: bytes | bytearray | memoryview) -> None:
-        if self.batching and self._pending_size + len(data) <= BATCH_LIMIT:
-            self._pending.append(data)
-            self._pending_size += len(data)
+    def _hold(self, parts: Sequence[Buffer], size: int) -> bool:
+        """Hold a reply back while batching (True), or say it must go now (False)."""
+        if self.batching and self._pending_size + size <= BATCH_LIMIT:
+            self._pending += parts
+            self._pending_size += size
+            return True
+        return False
+
+    async def _send(self, data: Buffer) -> None:
+        if self._hold((data,), len(data)):
             return
         async with self.lock:
             if self._pending:
@@ -137,9 +144,14 @@ class ReplyWriter:
         else:
             await self._send(wire.simple_reply(cookie, error))
 
-    async def chunks(self, data: bytes | bytearray) -> None:
-        """Pre-encoded structured chunks of one reply (block status)."""
-        await self._send(data)
+    async def chunks(self, parts: Sequence[Buffer]) -> None:
+        """Pre-encoded structured chunks of one reply (block status), as buffers."""
+        if self._hold(parts, sum(map(len, parts))):
+            return
+        async with self.lock:
+            if self._pending:
+                await self._send_pending()
+            await self.channel.sendall_parts(parts)
 
     # -- READ --
 

@@ -10,7 +10,7 @@ import signal
 import socket
 import stat
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pynbd.protocol.handshake import ExportCatalog, TlsMode
@@ -110,7 +110,7 @@ class NbdServer:
         self.shutdown_grace = shutdown_grace
         self.connections: dict[asyncio.Task[None], Connection] = {}
         self._stop = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_connections) if max_connections > 0 else None
+        self._accepting: list[_Acceptor] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -126,12 +126,13 @@ class NbdServer:
         for sock in self.listeners:
             for uri in export_uris(sock, names, tls):
                 log.info("serving %s", uri)
-        accepters = [asyncio.create_task(self._accept_loop(sock)) for sock in self.listeners]
+        self._accepting = [_Acceptor(loop, sock, self._connected, self._resume_accepting)
+                           for sock in self.listeners]
+        self._resume_accepting()
         await self._stop.wait()
         log.info("stopping: no new connections; finishing requests in flight")
-        for task in accepters:
-            task.cancel()
-        await asyncio.gather(*accepters, return_exceptions=True)
+        for acceptor in self._accepting:
+            acceptor.pause()
         for sock in self.listeners:
             self._close_listener(sock)
         await self._shutdown_connections()
@@ -151,41 +152,31 @@ class NbdServer:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    def _at_limit(self) -> bool:
+        return 0 < self.max_connections <= len(self.connections)
+
+    def _resume_accepting(self) -> None:
+        if not self._stop.is_set() and not self._at_limit():
+            for acceptor in self._accepting:
+                acceptor.resume()
+
+    def _connected(self, sock: socket.socket, peer: str) -> bool:
+        """A client was accepted; returns whether to accept more now."""
         loop = asyncio.get_running_loop()
-        while True:
-            if self._slots is not None:
-                # At the connection limit, stop accepting: clients wait in the backlog (qemu -e).
-                await self._slots.acquire()
-            try:
-                sock, addr = await loop.sock_accept(listener)
-            except OSError as exc:
-                if self._slots is not None:
-                    self._slots.release()
-                log.error("accept failed: %s", exc)
-                await asyncio.sleep(0.1)  # e.g. EMFILE: do not spin
-                continue
-            if sock.family == socket.AF_UNIX:
-                # The default unix socket buffer (about 200 KiB) is smaller than one
-                # 256 KiB nbdcopy read: every reply waited for the client to drain.
-                # 1 MiB doubled single-connection reads (bench/README.md). TCP
-                # autotunes its buffers, and setting them there made no difference.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # spec SHOULD (§3.2)
-                peer = f"{_uri_host(addr[0])}:{addr[1]}"
-            else:
-                peer = "unix socket"
-            channel = SocketChannel(sock, loop)
-            conn = Connection(channel, peer, self.exports, self.catalog, self.settings)
-            task = asyncio.create_task(conn.run())
-            self.connections[task] = conn
-            task.add_done_callback(self._connection_done)
+        conn = Connection(SocketChannel(sock, loop), peer, self.exports, self.catalog, self.settings)
+        task = loop.create_task(conn.run())
+        self.connections[task] = conn
+        task.add_done_callback(self._connection_done)
+        if self._at_limit():
+            # At the connection limit, stop accepting: clients wait in the backlog (qemu -e).
+            for acceptor in self._accepting:
+                acceptor.pause()
+            return False
+        return True
 
     def _connection_done(self, task: asyncio.Task[None]) -> None:
         self.connections.pop(task, None)
-        if self._slots is not None:
-            self._slots.release()
+        self._resume_accepting()
 
     async def _shutdown_connections(self) -> None:
         if not self.connections:
@@ -204,3 +195,61 @@ class NbdServer:
     def close_exports(self) -> None:
         for export in self.exports.values():
             export.close()
+
+
+class _Acceptor:
+    """Accepts clients on one listening socket from a reader callback.
+
+    The callback accepts every waiting client and starts its connection at
+    once: awaiting ``loop.sock_accept`` per client cost a task wake-up and a
+    poll registration each (tens of microseconds before the greeting).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket,
+                 connected: Callable[[socket.socket, str], bool], retry: Callable[[], None]) -> None:
+        self.loop = loop
+        self.listener = listener
+        self.connected = connected
+        #: Resumes accepting unless the server stopped or is at its limit.
+        self.retry = retry
+        self.unix = listener.family == socket.AF_UNIX
+        self._registered = False
+        self._failing = False
+
+    def resume(self) -> None:
+        if not self._registered:
+            self.loop.add_reader(self.listener.fileno(), self._ready)
+            self._registered = True
+
+    def pause(self) -> None:
+        if self._registered:
+            self.loop.remove_reader(self.listener.fileno())
+            self._registered = False
+
+    def _ready(self) -> None:
+        while self._registered:
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # e.g. EMFILE: pause instead of spinning on a listener that stays
+                # readable, and say so once until an accept succeeds again.
+                (log.debug if self._failing else log.error)("accept failed: %s (retrying every 0.1 s)", exc)
+                self._failing = True
+                self.pause()
+                self.loop.call_later(0.1, self.retry)
+                return
+            self._failing = False
+            if self.unix:
+                # The default unix socket buffer (about 200 KiB) is smaller than one
+                # 256 KiB nbdcopy read: every reply waited for the client to drain.
+                # 1 MiB doubled single-connection reads (bench/README.md). TCP
+                # autotunes its buffers, and setting them there made no difference.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+                peer = "unix socket"
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # spec SHOULD (§3.2)
+                peer = f"{_uri_host(addr[0])}:{addr[1]}"
+            if not self.connected(sock, peer):
+                return

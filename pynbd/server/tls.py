@@ -246,6 +246,9 @@ class TlsChannel:
     async def sendall_more(self, data: bytes | memoryview) -> None:
         await self.sendall(data)
 
+    async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        await self.sendall(b"".join(parts))  # SSL writes take one buffer
+
     async def sendfile(self, fd: int, offset: int, count: int) -> int:
         data = os.pread(fd, count, offset)
         await self.sendall(data)

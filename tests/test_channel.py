@@ -1,0 +1,87 @@
+"""The socket channel and buffered reader over a real socket pair (pynbd/server/channel.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+from pynbd.server.channel import BufferedReader, SocketChannel
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _pair() -> tuple[SocketChannel, socket.socket]:
+    server, client = socket.socketpair()
+    return SocketChannel(server, asyncio.get_running_loop()), client
+
+
+def test_reader_buffer_grows_only_when_receives_fill_it():
+    burst = os.urandom(200 * 1024)
+
+    async def main() -> tuple[int, int, bytes]:
+        channel, client = await _pair()
+        reader = BufferedReader(channel, size=4096, max_size=64 * 1024)
+        # Small messages, one at a time: the buffer stays small.
+        for _ in range(20):
+            client.sendall(b"x" * 28)
+            assert await reader.read_exactly(28) == b"x" * 28
+        small = len(reader._buf)
+        # A burst larger than the buffer: receives fill it, it doubles up to the limit.
+        client.setblocking(False)
+        sent = 0
+        got = bytearray()
+        while len(got) < len(burst):
+            if sent < len(burst):
+                try:
+                    sent += client.send(burst[sent:sent + 65536])
+                except BlockingIOError:
+                    pass
+            got += await reader.read_exactly(min(1000, len(burst) - len(got)))
+        channel.close()
+        client.close()
+        return small, len(reader._buf), bytes(got)
+
+    small, grown, got = run(main())
+    assert small == 4096
+    assert grown == 64 * 1024
+    assert got == burst
+
+
+def test_reader_keeps_bytes_across_growth():
+    async def main() -> bytes:
+        channel, client = await _pair()
+        reader = BufferedReader(channel, size=16, max_size=1024)
+        data = bytes(range(256)) * 4
+        client.sendall(data)
+        out = b"".join([await reader.read_exactly(10) for _ in range(102)]) + await reader.read_exactly(4)
+        channel.close()
+        client.close()
+        return out
+
+    assert run(main()) == bytes(range(256)) * 4
+
+
+def test_sendall_parts_gathers_buffers_and_survives_a_full_socket():
+    async def main() -> bytes:
+        channel, client = await _pair()
+        big = memoryview(os.urandom(3 * 1024 * 1024))  # more than the socket buffer takes at once
+        parts = [b"head", big[:1000], bytearray(b"mid"), big[1000:]]
+        received = bytearray()
+
+        async def drain() -> None:
+            loop = asyncio.get_running_loop()
+            client.setblocking(False)
+            while len(received) < 7 + len(big):
+                received.extend(await loop.sock_recv(client, 1 << 20))
+
+        await asyncio.gather(channel.sendall_parts(parts), drain())
+        channel.close()
+        client.close()
+        expected = b"head" + bytes(big[:1000]) + b"mid" + bytes(big[1000:])
+        assert bytes(received) == expected
+        return bytes(received[:4])
+
+    assert run(main()) == b"head"
