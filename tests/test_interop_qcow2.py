@@ -492,6 +492,30 @@ def test_inuse_bitmaps_not_offered(fx: dict[str, Path], tmp_path: Path) -> None:
         [["in-use", "auto"], ["in-use"]]
 
 
+def test_unreadable_bitmap_left_out_at_start(fx: dict[str, Path], tmp_path: Path) -> None:
+    """Bitmaps are read when the export opens (as qemu does): one whose data points past
+    the end of the file is left out with a warning naming it, the others are served,
+    and asking for it with --bitmap is a one-line error."""
+    image = tmp_path / "bad-bitmap.qcow2"
+    shutil.copy(fx["bitmaps.qcow2"], image)
+    from pynbd.image.qcow2 import open_qcow2
+    with open_qcow2(str(image), True) as opened:
+        table = opened.top.bitmaps[0].entry.table_offset  # b0's table
+    with open(image, "r+b") as f:
+        f.seek(table)
+        f.write((0x7FFF0000).to_bytes(8, "big"))
+    with PynbdServer(image, "-r", workdir=tmp_path) as server:
+        info = json.loads(nbdinfo("--json", "--no-content", server.uri))
+        assert info["exports"][0]["contexts"] == ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b1"]
+        assert merge_rows(nbdinfo_map(server.uri, "qemu:dirty-bitmap:b1"))
+        log = server.log()
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "left out" in line]
+    assert len(warnings) == 1 and "'b0'" in warnings[0] and "0x7fff0000" in warnings[0]
+    p = serve_fails(str(image), "-r", "-B", "b0", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert len(error_lines(p)) == 1 and "'b0'" in error_lines(p)[0] and "0x7fff0000" in error_lines(p)[0]
+
+
 # --- read-only qcow2, -f raw --------------------------------------------------------------
 
 

@@ -28,7 +28,8 @@ def image(tmp_path) -> Path:
 
 
 def settled_log(server, connections: int) -> str:
-    """The server log once ``connections`` connections have logged their read counters."""
+    """The server log (of a server run with -v) once ``connections`` connections have
+    logged their read counters."""
     deadline = time.monotonic() + 10
     while True:
         log = server.log()
@@ -52,7 +53,7 @@ def read_path_counts(log: str) -> tuple[int, int]:
 def test_read_paths_really_run(image, tmp_path, loop, zero_copy, tcp):
     """The sendfile path is proven by the server's own byte counters, not guessed."""
     out = tmp_path / "out.img"
-    with PynbdServer(image, "--loop", loop, "--zero-copy", zero_copy, "--read-only", tcp=tcp) as server:
+    with PynbdServer(image, "-v", "--loop", loop, "--zero-copy", zero_copy, "--read-only", tcp=tcp) as server:
         nbdcopy("--connections=2", server.uri, out)
         log = settled_log(server, 2)
     assert out.read_bytes() == image.read_bytes()
@@ -69,7 +70,7 @@ def test_read_paths_really_run(image, tmp_path, loop, zero_copy, tcp):
 def test_auto_zero_copy_by_read_size(image):
     """--zero-copy auto copies small READs (faster for them, bench/README.md) and sends
     large ones with sendfile: qemu-io's 4 KiB reads are copied, its 512 KiB read is not."""
-    with PynbdServer(image, "--read-only") as server:
+    with PynbdServer(image, "-v", "--read-only") as server:
         p = run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0xbb 2M 4k", "-c", "read -P 0xbb 2M 512k",
                  server.uri])
         assert p.stdout.count("read ") == 2 and "verification failed" not in p.stdout
@@ -80,7 +81,7 @@ def test_auto_zero_copy_by_read_size(image):
 
 def test_simple_replies_through_sendfile(image, tmp_path):
     """qemu-io in simple-reply mode (x-... no structured) still gets correct data via sendfile."""
-    with PynbdServer(image, "--zero-copy", "on") as server:
+    with PynbdServer(image, "-v", "--zero-copy", "on") as server:
         p = run(["qemu-io", "-f", "raw", "-c", "read -P 0xbb 2M 512k", "-c", "read -P 0 1M 1M",
                  server.uri])
         assert p.stdout.count("read ") == 2 and "verification failed" not in p.stdout

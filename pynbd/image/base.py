@@ -180,6 +180,10 @@ class Bitmap(abc.ABC):
         state (callers merge).
         """
 
+    def preload(self) -> None:
+        """Read the bitmap now (as qemu does when it opens the image), so the first
+        client does not wait for it; raises ImageIOError if it cannot be read."""
+
 
 @dataclass(frozen=True, slots=True)
 class BitmapInfo:

@@ -224,6 +224,12 @@ class Qcow2Bitmap(Bitmap):
                 self._run_cache.popitem(last=False)
         return runs
 
+    def preload(self) -> None:
+        """Load the bits and compute the runs of the chunks the cache keeps."""
+        self.bits()
+        for chunk in range(min(RUN_CHUNKS_CACHED, -(-self.nbits // self._chunk_granules))):
+            self._chunk_runs(chunk)
+
     def info(self) -> BitmapInfo:
         dirty: int | None = None
         if not self.entry.in_use:

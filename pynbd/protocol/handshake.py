@@ -62,13 +62,22 @@ class ExportDescription:
     can_write_zeroes: bool = True
     can_fast_zero: bool = True
     can_multi_conn: bool = True
+    #: transmission_flags(False) and (True), computed once: IntFlag arithmetic is
+    #: slow, and every connection asks (twice with GO).
+    _flags: tuple[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_flags", (self._compute_flags(False), self._compute_flags(True)))
 
     def transmission_flags(self, structured: bool) -> int:
         """Flags for this export on a connection that did (not) negotiate structured replies.
 
-        Computed at GO/INFO/EXPORT_NAME time because SEND_DF depends on the
+        Chosen at GO/INFO/EXPORT_NAME time because SEND_DF depends on the
         connection's own negotiation (§0, transmission flags).
         """
+        return self._flags[structured]
+
+    def _compute_flags(self, structured: bool) -> int:
         flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
                  | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_CACHE)
         if self.read_only:

@@ -41,6 +41,9 @@ class Channel(Protocol):
     async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         """Send the concatenation of ``parts`` (a gathering write where the channel has one)."""
 
+    def send_nowait(self, data: bytes) -> int:
+        """Send what the socket takes without waiting; returns the number of bytes sent."""
+
     async def sendfile(self, fd: int, offset: int, count: int) -> int:
         """Send ``count`` bytes of ``fd`` from ``offset``; returns bytes sent (short at EOF)."""
 
@@ -139,6 +142,12 @@ class SocketChannel:
             n = 0
         if n < len(data):
             await self.loop.sock_sendall(self.sock, memoryview(data)[n:])
+
+    def send_nowait(self, data: bytes) -> int:
+        try:
+            return self.sock.send(data)
+        except OSError:
+            return 0  # full, or the client is gone already: the next await finds out
 
     async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         # One sendmsg gathers the parts (views into cached block-status runs) in

@@ -55,6 +55,7 @@ class Export:
                 if missing:
                     raise ImageError(f"{config.path}: bitmap {missing[0]!r} not found or not exportable")
                 bitmaps = {name: bitmaps[name] for name in config.bitmaps}
+            bitmaps = cls._loaded(config, bitmaps)
         except BaseException:
             image.close()
             raise
@@ -70,6 +71,23 @@ class Export:
             bitmaps=bitmaps,
             contexts=ContextTable.for_image(image, bitmaps),
         )
+
+    @staticmethod
+    def _loaded(config: ExportConfig, bitmaps: dict[str, Bitmap]) -> dict[str, Bitmap]:
+        """The bitmaps read at open, as qemu does: the first client does not wait for
+        them, and one that cannot be read is left out now (or, when asked for with
+        --bitmap, refused) instead of failing requests later."""
+        loaded: dict[str, Bitmap] = {}
+        for name, bitmap in bitmaps.items():
+            try:
+                bitmap.preload()
+            except ImageError as exc:
+                if config.bitmaps is not None:
+                    raise ImageError(f"bitmap {name!r} cannot be exported: {exc}") from None
+                log.warning("export %r: bitmap %r left out: %s", config.name, name, exc)
+                continue
+            loaded[name] = bitmap
+        return loaded
 
     def describe(self) -> ExportDescription:
         return ExportDescription(

@@ -160,10 +160,11 @@ class NbdServer:
             for acceptor in self._accepting:
                 acceptor.resume()
 
-    def _connected(self, sock: socket.socket, peer: str) -> bool:
-        """A client was accepted; returns whether to accept more now."""
+    def _connected(self, sock: socket.socket, peer: str) -> None:
+        """A client was accepted: start its connection."""
         loop = asyncio.get_running_loop()
         conn = Connection(SocketChannel(sock, loop), peer, self.exports, self.catalog, self.settings)
+        conn.greet()
         task = loop.create_task(conn.run())
         self.connections[task] = conn
         task.add_done_callback(self._connection_done)
@@ -171,8 +172,6 @@ class NbdServer:
             # At the connection limit, stop accepting: clients wait in the backlog (qemu -e).
             for acceptor in self._accepting:
                 acceptor.pause()
-            return False
-        return True
 
     def _connection_done(self, task: asyncio.Task[None]) -> None:
         self.connections.pop(task, None)
@@ -200,13 +199,13 @@ class NbdServer:
 class _Acceptor:
     """Accepts clients on one listening socket from a reader callback.
 
-    The callback accepts every waiting client and starts its connection at
-    once: awaiting ``loop.sock_accept`` per client cost a task wake-up and a
-    poll registration each (tens of microseconds before the greeting).
+    The callback accepts a waiting client and starts its connection at once:
+    awaiting ``loop.sock_accept`` per client cost a task wake-up and a poll
+    registration each (tens of microseconds before the greeting).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket,
-                 connected: Callable[[socket.socket, str], bool], retry: Callable[[], None]) -> None:
+                 connected: Callable[[socket.socket, str], None], retry: Callable[[], None]) -> None:
         self.loop = loop
         self.listener = listener
         self.connected = connected
@@ -227,29 +226,31 @@ class _Acceptor:
             self._registered = False
 
     def _ready(self) -> None:
-        while self._registered:
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # e.g. EMFILE: pause instead of spinning on a listener that stays
-                # readable, and say so once until an accept succeeds again.
-                (log.debug if self._failing else log.error)("accept failed: %s (retrying every 0.1 s)", exc)
-                self._failing = True
-                self.pause()
-                self.loop.call_later(0.1, self.retry)
-                return
-            self._failing = False
-            if self.unix:
-                # The default unix socket buffer (about 200 KiB) is smaller than one
-                # 256 KiB nbdcopy read: every reply waited for the client to drain.
-                # 1 MiB doubled single-connection reads (bench/README.md). TCP
-                # autotunes its buffers, and setting them there made no difference.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
-                peer = "unix socket"
-            else:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # spec SHOULD (§3.2)
-                peer = f"{_uri_host(addr[0])}:{addr[1]}"
-            if not self.connected(sock, peer):
-                return
+        # One client per call: the listener stays readable while more wait (level-
+        # triggered polling), and a second accept() would mostly fail with EAGAIN.
+        if not self._registered:
+            return
+        try:
+            sock, addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # e.g. EMFILE: pause instead of spinning on a listener that stays
+            # readable, and say so once until an accept succeeds again.
+            (log.debug if self._failing else log.error)("accept failed: %s (retrying every 0.1 s)", exc)
+            self._failing = True
+            self.pause()
+            self.loop.call_later(0.1, self.retry)
+            return
+        self._failing = False
+        if self.unix:
+            # The default unix socket buffer (about 200 KiB) is smaller than one
+            # 256 KiB nbdcopy read: every reply waited for the client to drain.
+            # 1 MiB doubled single-connection reads (bench/README.md). TCP
+            # autotunes its buffers, and setting them there made no difference.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+            peer = "unix socket"
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # spec SHOULD (§3.2)
+            peer = f"{_uri_host(addr[0])}:{addr[1]}"
+        self.connected(sock, peer)
