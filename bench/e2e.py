@@ -511,13 +511,16 @@ class Workloads:
         except (OSError, ValueError, KeyError, IndexError) as exc:
             raise BenchError(f"fio: cannot parse output: {exc}") from None
 
-    def block_status(self, uri: str, context: str | None) -> tuple[float, float, float, int]:
+    def block_status(self, uri: str, context: str | None,
+                     client_cpu: int | None = None) -> tuple[float, float, float, int]:
         """(extents per second, ms per full map, ms of the first map, extents) for ``nbdinfo --map``.
 
         Rates and times are medians over the reps; the first rep is also reported on
         its own: it is the first map after the server started (metadata not cached yet).
         """
         argv = ["nbdinfo", "--map" if context is None else f"--map={context}", uri]
+        if client_cpu is not None:
+            argv = ["taskset", "-c", str(client_cpu), *argv]
         times, counts = [], set()
         for _ in range(self.st.map_reps):
             t0 = time.perf_counter()
@@ -559,6 +562,8 @@ class Group:
     #: Serve a fresh sparse raw target (writable) instead of ``image``; ``image`` is then the
     #: source the steps copy from (warmed into the page cache like any image).
     write: bool = False
+    #: (server CPU, client CPU) to pin both to with taskset, None to let the scheduler place them.
+    pin: tuple[int, int] | None = None
 
     @property
     def metrics(self) -> list[Metric]:
@@ -608,18 +613,18 @@ def tls_groups(transport: str, servers) -> list[Group]:
 
 
 def map_group(key: str, title: str, image: str, fmt: str, servers, context: str | None = None,
-              extra: dict[str, list[str]] | None = None) -> Group:
+              extra: dict[str, list[str]] | None = None, pin: tuple[int, int] | None = None) -> Group:
     m_rate = metric(f"{key}/extents-per-s", f"{title}: block status, nbdinfo --map", "extents/s")
     m_time = metric(f"{key}/map-ms", f"{title}: time per full map", "ms", higher_better=False)
     m_first = metric(f"{key}/first-map-ms", f"{title}: first map after the server starts", "ms",
                      higher_better=False)
 
     def run(w: Workloads, uri: str, size: int) -> dict[str, float]:
-        rate, ms, first_ms, n = w.block_status(uri, context)
+        rate, ms, first_ms, n = w.block_status(uri, context, None if pin is None else pin[1])
         return {m_rate.key: rate, m_time.key: ms, m_first.key: first_ms, f"{key}/extents": n}
 
     return Group(key, title, image, fmt, "unix", servers, [([m_rate, m_time, m_first], run)], extra or {},
-                 context)
+                 context, pin=pin)
 
 
 # ---------------------------------------------------------------------------
@@ -729,6 +734,8 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
         ep.tls_dir = str(st.pki / "client-bench")
     argv = server_argv(spec, target or image, g.fmt, ep, python, g.extra.get(spec.kind, []),
                        tls_server_dir=tls_server_dir, writable=g.write)
+    if g.pin is not None:
+        argv = ["taskset", "-c", str(g.pin[0]), *argv]
     log = rundir / f"{counter:03d}-{spec.id.replace('/', '_')}-{g.key}.log"
     srv = None
     died: list = []
@@ -985,11 +992,22 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
         groups.append(map_group("qcow2-frag", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
         # pynbd: pass --bitmap if the CLI grows one; otherwise it is expected to expose persistent bitmaps.
         pyextra = ["--bitmap", BITMAP_NAME] if re.search(r"--bitmap\b", pynbd.help) else []
+        bitmap_extra = {"qemu-nbd": ["-B", BITMAP_NAME], "pynbd": pyextra}
         groups.append(map_group(
             "qcow2-bitmap", "dirty bitmap (qcow2, 100× virtual size)", "qcow2-bitmap", "qcow2", q_servers,
-            context=f"qemu:dirty-bitmap:{BITMAP_NAME}",
-            extra={"qemu-nbd": ["-B", BITMAP_NAME], "pynbd": pyextra},
+            context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra,
         ))
+        if len(os.sched_getaffinity(0)) >= 2:
+            # The same map with the scheduler's placement taken out: where it puts a
+            # short-lived client relative to the server decides much of the time above
+            # (bench/README.md, "Block status: where it stands and why").
+            cpus = sorted(os.sched_getaffinity(0))
+            for key, title, pin in (("same-cpu", "server and client on one CPU", (cpus[1], cpus[1])),
+                                    ("cross-cpu", "server and client on two CPUs", (cpus[1], cpus[0]))):
+                groups.append(map_group(
+                    f"qcow2-bitmap-{key}", f"dirty bitmap, {title}", "qcow2-bitmap", "qcow2", q_servers,
+                    context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra, pin=pin,
+                ))
     groups += tls
     return [g for g in groups if g.servers]
 
@@ -1017,6 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-qcow2", dest="qcow2", action="store_false", help="skip the qcow2 rows")
     ap.add_argument("--no-tls", dest="tls", action="store_false", help="skip the TLS rows")
     ap.add_argument("--tls-only", action="store_true", help="run only the TLS rows (pynbd and qemu-nbd)")
+    ap.add_argument("--groups", help="comma-separated group key prefixes to run (e.g. qcow2-bitmap,raw-frag)")
     ap.add_argument("--requests", type=int, default=64, help="nbdcopy --requests (default 64)")
     ap.add_argument("--fio-runtime", type=float, help="seconds per fio run (default 3, quick 1)")
     ap.add_argument("--json", type=Path, help="write all samples and medians to this file")
@@ -1056,6 +1075,11 @@ def main(argv: list[str] | None = None) -> int:
     if not servers:
         ap.error("no servers selected")
     groups = build_groups(args, servers, pynbd)
+    if args.groups:
+        prefixes = [p.strip() for p in args.groups.split(",") if p.strip()]
+        groups = [g for g in groups if any(g.key.startswith(p) for p in prefixes)]
+        if not groups:
+            raise SystemExit(f"error: --groups {args.groups}: no group key starts with that")
 
     # SIGTERM/SIGHUP behave like Ctrl-C: unwind through the finally that kills servers.
     def _interrupt(signum, frame):
