@@ -13,7 +13,7 @@ from pynbd.protocol import wire
 from pynbd.protocol.constants import MAX_EXTENTS_PER_CHUNK
 from pynbd.protocol.contexts import resolve_queries
 from pynbd.protocol.transmission import build_descriptors
-from pynbd.runlength import Runs, SpanRuns
+from pynbd.runlength import Runs, SpanRuns, concat
 from pynbd.server.contexts import PROVIDERS, ExtentQuery
 
 GiB = 1 << 30
@@ -70,6 +70,28 @@ def test_span_slice_32k_runs(benchmark):
     span = SpanRuns(0, frag_runs(normalized=True))
     out = benchmark(span.slice, 100, GiB - 100)
     assert len(out) == 32768
+
+
+def test_scan_request_over_cached_spans(benchmark):
+    """One 4 GiB request of a bitmap scan: three 2 GiB chunks of cached runs (1024 each,
+    a dirty 64 KiB every 4 MiB), sliced, joined and encoded as buffers for one sendmsg."""
+    chunk = 2 * GiB
+    pairs = Runs([65536, 4 * 1024 * 1024 - 65536] * 512, [1, 0] * 512, True)
+    spans = [SpanRuns(i * chunk, pairs) for i in range(3)]
+    start, length = chunk // 2 + 12345, 0xFFFFFFFF
+
+    def one_request():
+        parts, pos, end = [], start, start + length
+        while pos < end:
+            index = pos // chunk
+            stop = min(end, (index + 1) * chunk)
+            parts.append(spans[index].slice(pos, stop))
+            pos = stop
+        descs = build_descriptors(concat(parts), length, False)
+        return wire.chunk_block_status_parts(42, 1, descs, True)
+
+    out = benchmark(one_request)
+    assert sum(map(len, out)) == 24 + 8 * 2049
 
 
 def test_base_allocation_map_pipeline(benchmark):
