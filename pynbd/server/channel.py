@@ -41,8 +41,9 @@ class Channel(Protocol):
     async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         """Send the concatenation of ``parts`` (a gathering write where the channel has one)."""
 
-    def send_nowait(self, data: bytes) -> int:
-        """Send what the socket takes without waiting; returns the number of bytes sent."""
+    def send_nowait(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+        """Send what the socket takes of ``parts`` now; returns the bytes sent (0 when
+        it would wait, or on an error the next await reports)."""
 
     async def sendfile(self, fd: int, offset: int, count: int) -> int:
         """Send ``count`` bytes of ``fd`` from ``offset``; returns bytes sent (short at EOF)."""
@@ -63,6 +64,18 @@ async def wait_writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         await future
     finally:
         loop.remove_writer(fd)
+
+
+def skip_bytes(parts: Sequence[bytes | bytearray | memoryview], n: int) -> list[bytes | bytearray | memoryview]:
+    """What is left of ``parts`` after their first ``n`` bytes (views, no copies)."""
+    rest: list[bytes | bytearray | memoryview] = []
+    for part in parts:
+        if n >= len(part):
+            n -= len(part)
+            continue
+        rest.append(memoryview(part)[n:] if n else part)
+        n = 0
+    return rest
 
 
 class ReadWaiter:
@@ -143,22 +156,23 @@ class SocketChannel:
         if n < len(data):
             await self.loop.sock_sendall(self.sock, memoryview(data)[n:])
 
-    def send_nowait(self, data: bytes) -> int:
+    def send_nowait(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
         try:
-            return self.sock.send(data)
+            return self.sock.sendmsg(parts)
         except OSError:
             return 0  # full, or the client is gone already: the next await finds out
 
     async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         # One sendmsg gathers the parts (views into cached block-status runs) in
         # the kernel's copy: joining them first would copy every byte once more.
-        try:
-            n = self.sock.sendmsg(parts)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        total = sum(map(len, parts))
-        if n < total:  # the socket buffer is full: the rest the slow way
-            await self.loop.sock_sendall(self.sock, memoryview(b"".join(parts))[n:])
+        while parts:
+            try:
+                sent = self.sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            parts = skip_bytes(parts, sent)
+            if parts:
+                await self._writable()
 
     async def sendall_more(self, data: bytes | memoryview) -> None:
         view = memoryview(data)

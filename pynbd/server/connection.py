@@ -116,6 +116,14 @@ class InflightLimiter:
             return True
         return self.requests < self.max_requests and self.bytes + cost <= self.max_bytes
 
+    def try_acquire(self, cost: int) -> bool:
+        """Take room for a request if there is some now (the common case: no await)."""
+        if not self._fits(cost):
+            return False
+        self.requests += 1
+        self.bytes += cost
+        return True
+
     async def acquire(self, cost: int) -> None:
         while not self._fits(cost):
             self._changed.clear()
@@ -177,7 +185,7 @@ class Connection:
         """Send the greeting now, from the accept callback: it depends on nothing the
         client says, and the client's first answer then overlaps this connection's
         setup (§1.2). What the socket does not take at once goes out from run()."""
-        sent = self.channel.send_nowait(self._unsent)
+        sent = self.channel.send_nowait((self._unsent,))
         self._unsent = self._unsent[sent:]
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -265,7 +273,7 @@ class Connection:
         header_size = wire.REQUEST.size
         try:
             while not self.shutting_down:
-                if reader.buffered < header_size:
+                if writer.pending and reader.buffered < header_size:
                     await writer.flush()
                 header = await reader.read_exactly(header_size)
                 request = wire.Request.unpack(header)
@@ -279,11 +287,12 @@ class Connection:
                     await reader.discard(payload_length)
                     payload_length = 0
                 cost = request.length if request.type == Command.READ else payload_length
-                await limiter.acquire(cost)
+                if not limiter.try_acquire(cost):
+                    await limiter.acquire(cost)
                 try:
                     payload = None
                     if payload_length:
-                        if reader.buffered < payload_length:
+                        if writer.pending and reader.buffered < payload_length:
                             await writer.flush()
                         payload = bytearray(payload_length)
                         await reader.readinto(memoryview(payload))

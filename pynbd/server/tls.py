@@ -249,8 +249,8 @@ class TlsChannel:
     async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         await self.sendall(b"".join(parts))  # SSL writes take one buffer
 
-    def send_nowait(self, data: bytes) -> int:
-        return 0  # only the plain greeting is sent this way; a TLS channel sends from run()
+    def send_nowait(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+        return 0  # TLS writes go through sendall (records, renegotiation waits)
 
     async def sendfile(self, fd: int, offset: int, count: int) -> int:
         data = os.pread(fd, count, offset)
