@@ -114,3 +114,23 @@ def test_send_nowait_takes_what_fits_and_never_raises():
     assert small == 5
     assert 0 < big < 64 << 20
     assert gone == 0
+
+
+def test_full_buffer_is_not_end_of_file():
+    """A receive into a full buffer would return 0, which reads as EOF: fill_nowait says
+    "nothing now" instead, and the bytes are there to consume."""
+    async def main() -> tuple[object, bytes, object]:
+        channel, client = await _pair()
+        reader = BufferedReader(channel, size=64, max_size=64)
+        client.sendall(bytes(range(64)) + b"more")
+        first = reader.fill_nowait()
+        full = reader.fill_nowait()
+        head = await reader.read_exactly(64)
+        rest = await reader.read_exactly(4)
+        channel.close()
+        client.close()
+        return (first, full), head, rest
+
+    (first, full), head, rest = run(main())
+    assert first == 64 and full is None
+    assert head == bytes(range(64)) and rest == b"more"

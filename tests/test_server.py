@@ -284,3 +284,71 @@ def test_fiemap_off_gives_the_same_map(tmp_path):
             maps.append(nbdinfo("--map", server.uri))
     assert maps[0] == maps[1]
     assert maps[0].count("data") == 300
+
+
+def _fragmented_image(tmp_path) -> Path:
+    """8 MiB, 4 KiB of data every 64 KiB: 256 extents of data and 256 holes."""
+    return make_raw_image(tmp_path / "frag.img", 8 * MiB,
+                          tuple(f"write -P 0x{i % 250 + 1:02x} {i * 64}k 4k" for i in range(128)))
+
+
+def _expected_extents(image: Path, offset: int, length: int) -> list[tuple[int, int]]:
+    """base:allocation of [offset, offset+length) from a fresh connection, one request at a time."""
+    from tests.support.nbdclient import CMD_BLOCK_STATUS, NbdClient
+    with PynbdServer(image, "-r") as server, \
+            NbdClient.connect(server, meta=["base:allocation"]) as c:
+        (extents,) = c.request(CMD_BLOCK_STATUS, offset, length).extents().values()
+        return extents
+
+
+def test_pipelined_mix_with_block_status_from_the_reader(tmp_path):
+    """Block status is served from the socket's reader callback while the connection's
+    task waits; pipelined with READs and WRITEs on the same connection, every reply is
+    complete, for its own cookie, and equal to the answer of a plain request."""
+    from tests.support.nbdclient import CMD_BLOCK_STATUS, CMD_READ, CMD_WRITE, NbdClient
+    image = _fragmented_image(tmp_path)
+    expected = {off: _expected_extents(image, off, 2 * MiB) for off in range(0, 8 * MiB, 2 * MiB)}
+    data = bytes(image.read_bytes())
+    with PynbdServer(image) as server, NbdClient.connect(server, meta=["base:allocation"]) as c:
+        for round_ in range(20):
+            sent = {}
+            for off in range(0, 8 * MiB, 2 * MiB):
+                sent[c.send_request(CMD_BLOCK_STATUS, off, 2 * MiB)] = ("bs", off)
+                sent[c.send_request(CMD_READ, off + 4096 * round_, 4096)] = ("read", off + 4096 * round_)
+            # A WRITE of what is there already keeps the expected map and data.
+            sent[c.send_request(CMD_WRITE, 64 * 1024 * round_, payload=data[64 * 1024 * round_:
+                                                                            64 * 1024 * round_ + 4096])] = ("write", 0)
+            replies = c.read_replies(len(sent))
+            for cookie, (kind, off) in sent.items():
+                r = replies[cookie]
+                assert r.error == 0, (kind, off, r)
+                if kind == "bs":
+                    assert list(r.extents().values()) == [expected[off]], off
+                elif kind == "read":
+                    assert r.data(off, 4096) == data[off:off + 4096]
+        c.disconnect()
+    assert "Traceback" not in server.log()
+
+
+def test_block_status_replies_complete_when_the_client_reads_late(tmp_path):
+    """A client that sends many block-status requests before reading any reply fills
+    the socket: a reply sent partly from the reader callback is finished before any
+    other, and all replies arrive whole and in order of completion."""
+    from tests.support.nbdclient import CMD_BLOCK_STATUS, NbdClient
+    image = _fragmented_image(tmp_path)
+    expected = _expected_extents(image, 0, 8 * MiB)
+    with PynbdServer(image, "-r") as server, NbdClient.connect(server, meta=["base:allocation"]) as c:
+        cookies = []
+        for _ in range(3):
+            # 512 descriptors (4 KiB) per reply, 600 requests: ~2.4 MiB of replies,
+            # more than the socket buffers hold, sent in bursts the server reads as one.
+            burst = b"".join(c.encode_request(CMD_BLOCK_STATUS, 0, 8 * MiB, 0, c.next_cookie())
+                             for _ in range(200))
+            cookies += [int.from_bytes(burst[i + 8:i + 16], "big") for i in range(0, len(burst), 28)]
+            c.send(burst)
+            time.sleep(0.2)
+        replies = c.read_replies(len(cookies), timeout=30)
+        assert sorted(replies) == sorted(cookies)
+        assert all(r.error == 0 and list(r.extents().values()) == [expected] for r in replies.values())
+        c.disconnect()
+    assert "Traceback" not in server.log()

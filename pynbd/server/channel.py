@@ -18,7 +18,7 @@ import asyncio
 import errno
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 
@@ -31,7 +31,12 @@ class Channel(Protocol):
 
     supports_sendfile: bool
 
-    async def recv_into(self, buf: memoryview) -> int: ...
+    def recv_nowait(self, buf: memoryview) -> int | None:
+        """Receive into ``buf`` what is there now: bytes received, 0 at EOF, None when
+        nothing is (then wait_readable())."""
+
+    async def wait_readable(self) -> None:
+        """Wait until recv_nowait() may have something."""
 
     async def sendall(self, data: bytes | memoryview) -> None: ...
 
@@ -81,6 +86,11 @@ def skip_bytes(parts: Sequence[bytes | bytearray | memoryview], n: int) -> list[
 class ReadWaiter:
     """Waits until a socket is readable, keeping its poll registration between waits.
 
+    ``on_readable``, when set, runs first when the socket becomes readable while
+    someone waits; if it returns True it has dealt with the input and the waiter
+    goes on waiting (no task wake-up: the connection serves block-status
+    requests this way).
+
     ``loop.sock_recv_into`` (or an ``add_reader``/``remove_reader`` pair per
     wait) costs six ``epoll_ctl`` calls per request (``strace -c``, uvloop).
     Here the reader stays registered while the connection keeps reading. With
@@ -95,6 +105,7 @@ class ReadWaiter:
         self._future: asyncio.Future[None] | None = None
         self._registered = False
         self._idle_wakeups = 0
+        self.on_readable: Callable[[], bool] | None = None
 
     async def wait(self) -> None:
         self._idle_wakeups = 0
@@ -115,6 +126,8 @@ class ReadWaiter:
             self._idle_wakeups += 1
             if self._idle_wakeups >= 2:
                 self.close()
+            return
+        if self.on_readable is not None and self.on_readable():
             return
         self._future = None
         if not future.done():
@@ -139,12 +152,14 @@ class SocketChannel:
         self.fd = sock.fileno()
         self.reads = ReadWaiter(loop, self.fd)
 
-    async def recv_into(self, buf: memoryview) -> int:
-        while True:
-            try:
-                return self.sock.recv_into(buf)
-            except (BlockingIOError, InterruptedError):
-                await self.reads.wait()
+    def recv_nowait(self, buf: memoryview) -> int | None:
+        try:
+            return self.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    async def wait_readable(self) -> None:
+        await self.reads.wait()
 
     async def sendall(self, data: bytes | memoryview) -> None:
         # Try the send first: most replies fit the socket buffer, and skipping the
@@ -238,18 +253,46 @@ class BufferedReader:
         return self._end - self._start
 
     async def _fill(self) -> None:
+        """Receive into the buffer, waiting for the socket if need be (ChannelClosed at EOF).
+
+        It may return with nothing new: a reader callback (the connection's fast
+        path) can receive and consume buffered requests while this waits, so no
+        view of the buffer is held across the wait and callers re-check what
+        is buffered.
+        """
+        got = self.fill_nowait()
+        if got is None:
+            await self.channel.wait_readable()
+            got = self.fill_nowait()
+        if got == 0:
+            raise ChannelClosed("peer closed the connection")
+
+    def fill_nowait(self) -> int | None:
+        """One receive into the free end of the buffer: bytes received, 0 at EOF,
+        None when nothing is there or the buffer is full (then the caller has
+        buffered bytes to consume first)."""
         if self._start == self._end:
             self._start = self._end = 0
         elif self._end == len(self._buf):
             n = self._end - self._start
             self._buf[:n] = self._view[self._start:self._end]
             self._start, self._end = 0, n
-        got = await self.channel.recv_into(self._view[self._end:])
-        if got == 0:
-            raise ChannelClosed("peer closed the connection")
-        self._end += got
-        if self._end == len(self._buf) and len(self._buf) < self.max_size:
-            self._grow()
+            if n == len(self._buf):
+                return None  # a receive into no room would read as EOF
+        got = self.channel.recv_nowait(self._view[self._end:])
+        if got:
+            self._end += got
+            if self._end == len(self._buf) and len(self._buf) < self.max_size:
+                self._grow()
+        return got
+
+    def peek(self, n: int) -> memoryview:
+        """The next ``n`` buffered bytes without consuming them (``n`` <= buffered)."""
+        return self._view[self._start:self._start + n]
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` buffered bytes."""
+        self._start += n
 
     def _grow(self) -> None:
         n = self._end - self._start
@@ -268,7 +311,7 @@ class BufferedReader:
 
     async def read_some(self) -> bytes:
         """Whatever is buffered, or the next recv's worth."""
-        if self._start == self._end:
+        while self._start == self._end:
             await self._fill()
         data = bytes(self._view[self._start:self._end])
         self._start = self._end
@@ -283,7 +326,10 @@ class BufferedReader:
             self._start += take
             pos = take
         while pos < len(out):
-            got = await self.channel.recv_into(out[pos:])
+            got = self.channel.recv_nowait(out[pos:])
+            if got is None:
+                await self.channel.wait_readable()
+                continue
             if got == 0:
                 raise ChannelClosed("peer closed the connection mid-payload")
             pos += got

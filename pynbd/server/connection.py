@@ -25,6 +25,7 @@ from pynbd.protocol.constants import (
     FLAG_NO_HOLE,
     FLAG_REQ_ONE,
     MAX_PAYLOAD,
+    REQUEST_MAGIC,
     Command,
     Error,
 )
@@ -43,7 +44,7 @@ from pynbd.protocol.transmission import (
     build_descriptors,
 )
 from pynbd.runlength import Buffer, Runs
-from pynbd.server.channel import BufferedReader, Channel, ChannelClosed
+from pynbd.server.channel import BufferedReader, Channel, ChannelClosed, SocketChannel, skip_bytes
 from pynbd.server.contexts import ExtentQuery
 from pynbd.server.exports import Export
 from pynbd.server.lookahead import BlockStatusAnswer, Lookahead
@@ -177,6 +178,11 @@ class Connection:
         #: What the closing log line adds (export, read-path counters).
         self._summary = ""
         self._lookahead = Lookahead()
+        #: (reader, writer, export, state) while requests may be served from the reader
+        #: callback (_serve_from_reader), and whether the task now waits for a request.
+        self._serving: tuple[BufferedReader, ReplyWriter, Export, TransmissionState] | None = None
+        self._awaiting_request = False
+        self._flushing: asyncio.Task[None] | None = None
         self._hs = ServerHandshake(catalog, tls=settings.tls_mode)
         #: Greeting bytes greet() could not send (all of it when greet() was not called).
         self._unsent = self._hs.data_to_send()
@@ -271,11 +277,17 @@ class Connection:
         limiter = self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
         tasks: set[asyncio.Task[None]] = set()
         header_size = wire.REQUEST.size
+        reads = getattr(self.channel, "reads", None)
+        if isinstance(self.channel, SocketChannel) and reads is not None:
+            self._serving = (reader, writer, export, state)
+            reads.on_readable = self._serve_from_reader
         try:
             while not self.shutting_down:
                 if writer.pending and reader.buffered < header_size:
                     await writer.flush()
+                self._awaiting_request = True
                 header = await reader.read_exactly(header_size)
+                self._awaiting_request = False
                 request = wire.Request.unpack(header)
                 state.check_magic(request)
                 if request.type == Command.DISC:
@@ -321,6 +333,10 @@ class Connection:
                 tasks.add(task)
                 task.add_done_callback(lambda t, c=cost: (tasks.discard(t), limiter.release(c)))
         finally:
+            self._serving = None
+            self._awaiting_request = False
+            if reads is not None:
+                reads.on_readable = None
             # Finish (and answer) what is in flight before closing (§3.3 DISC, X23).
             writer.batching = False
             if tasks:
@@ -410,19 +426,28 @@ class Connection:
         await writer.ok(request.cookie)
 
     async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
+        answer, parts = self._block_status_reply(request, export, state)
+        await writer.chunks(parts)
+        if not (request.flags & FLAG_REQ_ONE or writer.batching):
+            # (REQ_ONE answers are tiny; a batching client has its next requests sent already.)
+            self._compute_ahead(request, answer, export, state)
+
+    def _block_status_reply(self, request: wire.Request, export: Export,
+                            state: TransmissionState) -> tuple[BlockStatusAnswer, list[Buffer]]:
+        """The answer to a BLOCK_STATUS request (computed ahead or now) and its reply's buffers."""
         key = (request.offset, request.length, request.flags, export.generation)
         answer = self._lookahead.take(key)
         if answer is None:
             answer = self._block_status(request.offset, request.length, request.flags, export, state,
                                         request.cookie)
-            await writer.chunks(answer.parts)
-        else:
-            await writer.chunks(answer.for_cookie(request.cookie))
-        if request.flags & FLAG_REQ_ONE or writer.batching:
-            return  # REQ_ONE answers are tiny; a batching client has its next requests sent already
+            return answer, answer.parts
+        return answer, answer.for_cookie(request.cookie)
+
+    def _compute_ahead(self, request: wire.Request, answer: BlockStatusAnswer, export: Export,
+                       state: TransmissionState) -> None:
+        """The client reads this answer now: compute the next one of its scan meanwhile."""
         upcoming = self._lookahead.next_request(request.offset, request.length, answer, export.image.size)
         if upcoming is not None:
-            # The client reads this answer now: compute the next one meanwhile.
             offset, length = upcoming
             generation = export.generation
             try:
@@ -430,6 +455,54 @@ class Connection:
             except (ImageError, OSError):
                 return  # the real request, if it comes, reports it
             self._lookahead.keep((offset, length, request.flags, generation), ahead)
+
+    def _serve_from_reader(self) -> bool:
+        """Serve BLOCK_STATUS requests from the socket's reader callback, without waking
+        the connection's task; True when the task can go on waiting for input.
+
+        Waking the task and resuming its coroutines per request cost ~15 us of
+        server CPU here (a minimal server with canned answers: 1.37 ms per 100 GiB
+        bitmap map with a task, 0.58 ms with callbacks, bench/README.md). Only
+        while the task waits for a request header, only BLOCK_STATUS, only when
+        no other reply is being sent; anything else wakes the task, which then
+        finds the request buffered and serves it as always.
+        """
+        serving = self._serving
+        if serving is None or not self._awaiting_request or self.shutting_down:
+            return False
+        reader, writer, export, state = serving
+        try:
+            got = reader.fill_nowait()
+        except OSError:
+            return False
+        if got == 0:
+            return False  # EOF: the task reports it
+        header_size = wire.REQUEST.size
+        while reader.buffered >= header_size and not writer.pending and not writer.lock.locked():
+            request = wire.Request.unpack(bytes(reader.peek(header_size)))
+            if request.magic != REQUEST_MAGIC or request.type != Command.BLOCK_STATUS:
+                break
+            try:
+                state.validate(request)
+                answer, parts = self._block_status_reply(request, export, state)
+            except (RequestError, ImageError, OSError):
+                break  # the task answers it (and logs it)
+            reader.skip(header_size)
+            size = sum(map(len, parts))
+            sent = self.channel.send_nowait(parts)
+            if sent < size:  # the socket is full: the rest goes out before any other reply
+                writer.hold_rest(skip_bytes(parts, sent))
+                self._flushing = self._loop.create_task(self._flush_quietly(writer))
+                break
+            if not request.flags & FLAG_REQ_ONE and reader.buffered < header_size:
+                self._compute_ahead(request, answer, export, state)
+        return reader.buffered < header_size
+
+    async def _flush_quietly(self, writer: ReplyWriter) -> None:
+        try:
+            await writer.flush()
+        except ConnectionError:
+            self.channel.close()  # the reader notices and ends the connection
 
     def _block_status(self, offset: int, length: int, flags: int, export: Export,
                       state: TransmissionState, cookie: int = 0) -> BlockStatusAnswer:

@@ -109,6 +109,12 @@ class ReplyWriter:
         """Replies are held back (batching) and flush() would send them."""
         return bool(self._pending)
 
+    def hold_rest(self, parts: Sequence[Buffer]) -> None:
+        """The rest of a reply that went out partly without the writer (the socket was
+        full): it is sent before any other reply, by flush() or the next send."""
+        self._pending[:0] = parts
+        self._pending_size += sum(map(len, parts))
+
     def _hold(self, parts: Sequence[Buffer], size: int) -> bool:
         """Hold a reply back while batching (True), or say it must go now (False)."""
         if self.batching and self._pending_size + size <= BATCH_LIMIT:

@@ -182,6 +182,8 @@ class TlsChannel:
         # wrap_socket takes over the fd: the plain socket object is detached.
         self.sock = ctx.wrap_socket(raw.sock, server_side=True, do_handshake_on_connect=False)
         self.sock.setblocking(False)
+        #: The last receive could not go on before the socket took a write (SSLWantWriteError).
+        self._read_wants_write = False
 
     async def _wait(self, for_write: bool) -> None:
         if for_write:
@@ -201,28 +203,30 @@ class TlsChannel:
             except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
                 raise ChannelClosed("client closed during the TLS handshake") from None
 
-    async def recv_into(self, buf: memoryview) -> int:
-        while True:
-            try:
-                n = self.sock.recv_into(buf)
-            except ssl.SSLWantReadError:
-                await self._wait(for_write=False)
-                continue
-            except ssl.SSLWantWriteError:  # e.g. answering a TLS 1.3 key update
-                await self._wait(for_write=True)
-                continue
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-                return 0
-            except ssl.SSLError as exc:
-                raise ConnectionResetError(f"TLS error while receiving: {exc}") from None
-            # One call returns one record at most: take what is already buffered
-            # too, so a large payload costs fewer trips through the loop.
-            try:
-                while n < len(buf) and self.sock.pending():
-                    n += self.sock.recv_into(buf[n:])
-            except ssl.SSLError:
-                pass  # the next call reports it; n bytes are good
-            return n
+    def recv_nowait(self, buf: memoryview) -> int | None:
+        try:
+            n = self.sock.recv_into(buf)
+        except ssl.SSLWantReadError:
+            self._read_wants_write = False
+            return None
+        except ssl.SSLWantWriteError:  # e.g. answering a TLS 1.3 key update
+            self._read_wants_write = True
+            return None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return 0
+        except ssl.SSLError as exc:
+            raise ConnectionResetError(f"TLS error while receiving: {exc}") from None
+        # One call returns one record at most: take what is already buffered
+        # too, so a large payload costs fewer trips through the loop.
+        try:
+            while n < len(buf) and self.sock.pending():
+                n += self.sock.recv_into(buf[n:])
+        except ssl.SSLError:
+            pass  # the next call reports it; n bytes are good
+        return n
+
+    async def wait_readable(self) -> None:
+        await self._wait(for_write=self._read_wants_write)
 
     async def sendall(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
