@@ -4,9 +4,10 @@ We own the socket instead of using asyncio transports: stdlib's
 ``loop.sendfile`` pauses reading and blocks every other write for its whole
 duration, and uvloop has no sendfile at all (design-notes.md §3). With an
 owned non-blocking socket, reads with a persistent reader callback
-(:class:`ReadWaiter`) and writes with ``loop.sock_sendall`` work on both loops,
-and ``os.sendfile`` plus a "wait until writable" helper gives zero-copy reads
-without stalling request intake.
+(:class:`ReadWaiter`) and gathering writes (``sendmsg``, waiting for
+writability only when the socket is full) work on both loops, and
+``os.sendfile`` with the same wait gives zero-copy reads without stalling
+request intake.
 
 A TLS channel (see :mod:`pynbd.server.tls`) implements the same interface
 and turns ``sendfile`` into a copy.
@@ -20,6 +21,8 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from typing import Protocol
+
+from pynbd.runlength import Buffer
 
 
 class ChannelClosed(ConnectionError):
@@ -43,10 +46,10 @@ class Channel(Protocol):
     async def sendall_more(self, data: bytes | memoryview) -> None:
         """Like sendall, but more data follows at once (cork: header before sendfile)."""
 
-    async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    async def sendall_parts(self, parts: Sequence[Buffer]) -> None:
         """Send the concatenation of ``parts`` (a gathering write where the channel has one)."""
 
-    def send_nowait(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+    def send_nowait(self, parts: Sequence[Buffer]) -> int:
         """Send what the socket takes of ``parts`` now; returns the bytes sent (0 when
         it would wait, or on an error the next await reports)."""
 
@@ -71,9 +74,9 @@ async def wait_writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_writer(fd)
 
 
-def skip_bytes(parts: Sequence[bytes | bytearray | memoryview], n: int) -> list[bytes | bytearray | memoryview]:
+def skip_bytes(parts: Sequence[Buffer], n: int) -> list[Buffer]:
     """What is left of ``parts`` after their first ``n`` bytes (views, no copies)."""
-    rest: list[bytes | bytearray | memoryview] = []
+    rest: list[Buffer] = []
     for part in parts:
         if n >= len(part):
             n -= len(part)
@@ -162,24 +165,19 @@ class SocketChannel:
         await self.reads.wait()
 
     async def sendall(self, data: bytes | memoryview) -> None:
-        # Try the send first: most replies fit the socket buffer, and skipping the
-        # loop's future machinery halves the cost of a small reply (measured).
-        try:
-            n = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        if n < len(data):
-            await self.loop.sock_sendall(self.sock, memoryview(data)[n:])
+        await self.sendall_parts((data,))
 
-    def send_nowait(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+    def send_nowait(self, parts: Sequence[Buffer]) -> int:
         try:
             return self.sock.sendmsg(parts)
         except OSError:
             return 0  # full, or the client is gone already: the next await finds out
 
-    async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    async def sendall_parts(self, parts: Sequence[Buffer]) -> None:
         # One sendmsg gathers the parts (views into cached block-status runs) in
         # the kernel's copy: joining them first would copy every byte once more.
+        # The send is tried first: most replies fit the socket buffer, and
+        # skipping the loop's future machinery halves the cost of a small reply.
         while parts:
             try:
                 sent = self.sock.sendmsg(parts)

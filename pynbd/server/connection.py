@@ -44,7 +44,7 @@ from pynbd.protocol.transmission import (
     build_descriptors,
 )
 from pynbd.runlength import Buffer, Runs
-from pynbd.server.channel import BufferedReader, Channel, ChannelClosed, SocketChannel, skip_bytes
+from pynbd.server.channel import BufferedReader, Channel, ChannelClosed, SocketChannel
 from pynbd.server.contexts import ExtentQuery
 from pynbd.server.exports import Export
 from pynbd.server.lookahead import BlockStatusAnswer, Lookahead
@@ -126,11 +126,9 @@ class InflightLimiter:
         return True
 
     async def acquire(self, cost: int) -> None:
-        while not self._fits(cost):
+        while not self.try_acquire(cost):
             self._changed.clear()
             await self._changed.wait()
-        self.requests += 1
-        self.bytes += cost
 
     def release(self, cost: int) -> None:
         self.requests -= 1
@@ -182,7 +180,6 @@ class Connection:
         #: callback (_serve_from_reader), and whether the task now waits for a request.
         self._serving: tuple[BufferedReader, ReplyWriter, Export, TransmissionState] | None = None
         self._awaiting_request = False
-        self._flushing: asyncio.Task[None] | None = None
         self._hs = ServerHandshake(catalog, tls=settings.tls_mode)
         #: Greeting bytes greet() could not send (all of it when greet() was not called).
         self._unsent = self._hs.data_to_send()
@@ -277,10 +274,10 @@ class Connection:
         limiter = self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
         tasks: set[asyncio.Task[None]] = set()
         header_size = wire.REQUEST.size
-        reads = getattr(self.channel, "reads", None)
-        if isinstance(self.channel, SocketChannel) and reads is not None:
+        channel = self.channel
+        if isinstance(channel, SocketChannel):
             self._serving = (reader, writer, export, state)
-            reads.on_readable = self._serve_from_reader
+            channel.reads.on_readable = self._serve_from_reader
         try:
             while not self.shutting_down:
                 if writer.pending and reader.buffered < header_size:
@@ -335,8 +332,8 @@ class Connection:
         finally:
             self._serving = None
             self._awaiting_request = False
-            if reads is not None:
-                reads.on_readable = None
+            if isinstance(channel, SocketChannel):
+                channel.reads.on_readable = None
             # Finish (and answer) what is in flight before closing (§3.3 DISC, X23).
             writer.batching = False
             if tasks:
@@ -488,21 +485,13 @@ class Connection:
             except (RequestError, ImageError, OSError):
                 break  # the task answers it (and logs it)
             reader.skip(header_size)
-            size = sum(map(len, parts))
-            sent = self.channel.send_nowait(parts)
-            if sent < size:  # the socket is full: the rest goes out before any other reply
-                writer.hold_rest(skip_bytes(parts, sent))
-                self._flushing = self._loop.create_task(self._flush_quietly(writer))
+            rest = writer.send_nowait(parts, sum(map(len, parts)))
+            if rest is not None:  # the socket is full: the rest goes out before any other reply
+                writer.finish_later(rest)
                 break
             if not request.flags & FLAG_REQ_ONE and reader.buffered < header_size:
                 self._compute_ahead(request, answer, export, state)
         return reader.buffered < header_size
-
-    async def _flush_quietly(self, writer: ReplyWriter) -> None:
-        try:
-            await writer.flush()
-        except ConnectionError:
-            self.channel.close()  # the reader notices and ends the connection
 
     def _block_status(self, offset: int, length: int, flags: int, export: Export,
                       state: TransmissionState, cookie: int = 0) -> BlockStatusAnswer:

@@ -103,17 +103,38 @@ class ReplyWriter:
         self.batching = False
         self._pending: list[Buffer] = []
         self._pending_size = 0
+        #: The task finishing a reply for finish_later() (kept referenced).
+        self._finishing: asyncio.Task[None] | None = None
 
     @property
     def pending(self) -> bool:
         """Replies are held back (batching) and flush() would send them."""
         return bool(self._pending)
 
-    def hold_rest(self, parts: Sequence[Buffer]) -> None:
-        """The rest of a reply that went out partly without the writer (the socket was
-        full): it is sent before any other reply, by flush() or the next send."""
-        self._pending[:0] = parts
-        self._pending_size += sum(map(len, parts))
+    def send_nowait(self, parts: Sequence[Buffer], size: int) -> list[Buffer] | None:
+        """Send a reply now when no other reply is in progress or held back: None when
+        all of it went out, else what is left (all of it when it had to wait).
+
+        Most replies fit the socket buffer, and the lock and the channel's
+        coroutines cost more than the send (bench/README.md, per-request CPU).
+        """
+        if self._pending or self.lock.locked():
+            return list(parts)
+        sent = self.channel.send_nowait(parts)
+        return None if sent == size else skip_bytes(parts, sent)
+
+    def finish_later(self, rest: Sequence[Buffer]) -> None:
+        """The rest of a reply send_nowait() could not finish, from code that cannot
+        await: it goes out before any other reply, from a task of its own."""
+        self._pending[:0] = rest
+        self._pending_size += sum(map(len, rest))
+        self._finishing = asyncio.get_running_loop().create_task(self._flush_or_close())
+
+    async def _flush_or_close(self) -> None:
+        try:
+            await self.flush()
+        except ConnectionError:
+            self.channel.close()  # the reader notices and ends the connection
 
     def _hold(self, parts: Sequence[Buffer], size: int) -> bool:
         """Hold a reply back while batching (True), or say it must go now (False)."""
@@ -129,18 +150,12 @@ class ReplyWriter:
     async def _send_parts(self, parts: Sequence[Buffer], size: int) -> None:
         if self._hold(parts, size):
             return
-        if not self._pending and not self.lock.locked():
-            # No other reply in progress or held back: send now. Most replies fit
-            # the socket buffer, and the lock and the channel's coroutines cost
-            # more than the send (bench/README.md, per-request CPU).
-            sent = self.channel.send_nowait(parts)
-            if sent == size:
-                return
-            parts = skip_bytes(parts, sent)
-        async with self.lock:
-            if self._pending:
-                await self._send_pending()
-            await self.channel.sendall_parts(parts)
+        rest = self.send_nowait(parts, size)
+        if rest is not None:
+            async with self.lock:
+                if self._pending:
+                    await self._send_pending()
+                await self.channel.sendall_parts(rest)
 
     async def flush(self) -> None:
         """Send replies held back while batching (before the reader waits for input)."""

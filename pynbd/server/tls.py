@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pynbd.certs import CA_CERT, SERVER_CERT, SERVER_KEY, distinguished_names
+from pynbd.runlength import Buffer
 from pynbd.server.channel import ChannelClosed, SocketChannel, wait_writable
 
 log = logging.getLogger(__name__)
@@ -250,10 +251,10 @@ class TlsChannel:
     async def sendall_more(self, data: bytes | memoryview) -> None:
         await self.sendall(data)
 
-    async def sendall_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    async def sendall_parts(self, parts: Sequence[Buffer]) -> None:
         await self.sendall(b"".join(parts))  # SSL writes take one buffer
 
-    def send_nowait(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+    def send_nowait(self, parts: Sequence[Buffer]) -> int:
         return 0  # TLS writes go through sendall (records, renegotiation waits)
 
     async def sendfile(self, fd: int, offset: int, count: int) -> int:
