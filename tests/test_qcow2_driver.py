@@ -371,3 +371,20 @@ def test_cached_table_runs_count_against_the_cache_budget(fx: dict[str, Path]) -
         assert any(table.derived is not None for table in cache._tables.values())
         assert all(table.nbytes > len(table.entries) * 8 for table in cache._tables.values()
                    if table.derived is not None and table.derived.nbytes)
+
+
+def test_depth_runs_built_only_when_asked(fx: dict[str, Path]) -> None:
+    """A map of base:allocation classifies each L2 table without building its depth runs
+    (the first qcow2 map paid for both); asking for qemu:allocation-depth builds them, and
+    they equal the per-cluster walk's."""
+    from pynbd.image.chain import KIND_UNALLOC
+
+    with open_fixture(fx, "v3-64k.qcow2") as reference:
+        walk = list(reference.top.runs(0, reference.size))
+        expected_depth = merge_rows((p, n, 0 if k == KIND_UNALLOC else 1) for p, n, k, _h in walk)
+    with open_fixture(fx, "v3-64k.qcow2") as image:
+        list(image.extents(0, image.size).allocation)
+        tables = [t for t in image.top._cache._tables.values() if t.derived is not None]
+        assert tables and all(t.derived._depth is None for t in tables)
+        assert depth_rows(image) == expected_depth
+        assert all(t.derived._depth is not None for t in tables)

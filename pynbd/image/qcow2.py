@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import repeat
 from operator import mul
 
@@ -121,13 +121,20 @@ def piece_columns(pieces: Iterable[Run]) -> tuple[list[int], list[int]]:
 
 
 class TableRuns:
-    """One L2 table classified once: allocation and top-layer depth runs over its guest span."""
+    """One L2 table classified once: allocation and top-layer depth runs over its guest span.
 
-    __slots__ = ("allocation", "depth")
+    The depth runs may come from a function called on first use: only clients
+    that selected ``qemu:allocation-depth`` need them, and building them was
+    half the cost of a table's first classification (the first map of a qcow2
+    image, bench/README.md).
+    """
 
-    def __init__(self, allocation: SpanRuns, depth: SpanRuns) -> None:
+    __slots__ = ("allocation", "_depth", "_depth_source")
+
+    def __init__(self, allocation: SpanRuns, depth: SpanRuns | Callable[[], SpanRuns]) -> None:
         self.allocation = allocation
-        self.depth = depth
+        self._depth: SpanRuns | None = None if callable(depth) else depth
+        self._depth_source = depth if callable(depth) else None
 
     @classmethod
     def classify(cls, start: int, pieces: Iterable[Run]) -> TableRuns:
@@ -136,8 +143,20 @@ class TableRuns:
                    SpanRuns(start, Runs(lengths, [_TOP_DEPTH_OF_KIND[k] for k in kinds])))
 
     @property
+    def depth(self) -> SpanRuns:
+        if self._depth is None:
+            assert self._depth_source is not None
+            self._depth = self._depth_source()
+            self._depth_source = None
+        return self._depth
+
+    @property
     def nbytes(self) -> int:
-        return self.allocation.nbytes + self.depth.nbytes
+        """Bytes to count against the cache budget; depth runs not built yet are
+        counted as large as the allocation runs (both have at most one run per
+        change of cluster kind)."""
+        depth = self._depth
+        return self.allocation.nbytes + (depth.nbytes if depth is not None else self.allocation.nbytes)
 
 
 #: Byte translations for the vectorised L2 classification (one byte column per entry byte).
@@ -366,8 +385,9 @@ class Qcow2Layer:
         ones = int.from_bytes(b"\x01" * count, "big")
         data = host & (zero ^ ones)  # NORMAL: an offset and no zero flag (§3.3)
         unallocated = (host | zero) ^ ones  # no offset and no zero flag
-        return TableRuns(SpanRuns(start, self._cluster_runs(data, count, end - start, (STATE_HOLE_ZERO, STATE_DATA))),
-                         SpanRuns(start, self._cluster_runs(unallocated, count, end - start, (1, 0))))
+        span = end - start
+        return TableRuns(SpanRuns(start, self._cluster_runs(data, count, span, (STATE_HOLE_ZERO, STATE_DATA))),
+                         lambda: SpanRuns(start, self._cluster_runs(unallocated, count, span, (1, 0))))
 
     def _cluster_runs(self, flags: int, count: int, span: int, values: tuple[int, int]) -> Runs:
         """Runs in bytes from a 0/1 byte per cluster (as a big integer); ``values`` for 0 and 1."""
