@@ -352,3 +352,32 @@ def test_block_status_replies_complete_when_the_client_reads_late(tmp_path):
         assert all(r.error == 0 and list(r.extents().values()) == [expected] for r in replies.values())
         c.disconnect()
     assert "Traceback" not in server.log()
+
+
+def test_bug_while_serving_from_the_reader_disconnects_only_that_client(tmp_path, monkeypatch):
+    """Fault injection: an exception (a bug, not a client error) while a BLOCK_STATUS is
+    served from the reader callback ends that connection - no hang, no half reply - and
+    the server goes on serving others."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "from pynbd.server import connection as c\n"
+        "_orig = c.Connection._block_status_reply\n"
+        "def _buggy(self, request, export, state):\n"
+        "    if request.offset == 3 * 1024 * 1024:\n"
+        "        raise RuntimeError('injected bug')\n"
+        "    return _orig(self, request, export, state)\n"
+        "c.Connection._block_status_reply = _buggy\n")
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    image = _fragmented_image(tmp_path)
+    from tests.support.nbdclient import CMD_BLOCK_STATUS, Disconnected, NbdClient
+    with PynbdServer(image, "-r") as server:
+        with NbdClient.connect(server, meta=["base:allocation"]) as c:
+            assert c.request(CMD_BLOCK_STATUS, 0, MiB).error == 0
+            c.send_request(CMD_BLOCK_STATUS, 3 * MiB, MiB)
+            with pytest.raises(Disconnected):
+                c.read_reply(timeout=10)
+        out = run(["nbdinfo", "--map", server.uri])
+        assert "data" in out.stdout
+        log = server.log()
+    assert "injected bug" in log and "BLOCK_STATUS failed unexpectedly; disconnecting" in log

@@ -454,6 +454,17 @@ class Connection:
             self._lookahead.keep((offset, length, request.flags, generation), ahead)
 
     def _serve_from_reader(self) -> bool:
+        """The reader callback's hook (see _serve_buffered_block_status)."""
+        try:
+            return self._serve_buffered_block_status()
+        except Exception:
+            # A bug, not a client error: a request may be half served, so end the
+            # connection as the task does for unexpected errors (_serve).
+            self.log.exception("BLOCK_STATUS failed unexpectedly; disconnecting")
+            self.channel.close()
+            return False
+
+    def _serve_buffered_block_status(self) -> bool:
         """Serve BLOCK_STATUS requests from the socket's reader callback, without waking
         the connection's task; True when the task can go on waiting for input.
 
