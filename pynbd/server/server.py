@@ -211,7 +211,7 @@ class _Acceptor:
         self.connected = connected
         #: Resumes accepting unless the server stopped or is at its limit.
         self.retry = retry
-        self.unix = listener.family == socket.AF_UNIX
+        self.family = listener.family
         self._registered = False
         self._failing = False
 
@@ -243,14 +243,16 @@ class _Acceptor:
             self.loop.call_later(0.1, self.retry)
             return
         self._failing = False
-        if self.unix:
+        if self.family == socket.AF_UNIX:
             # The default unix socket buffer (about 200 KiB) is smaller than one
             # 256 KiB nbdcopy read: every reply waited for the client to drain.
             # 1 MiB doubled single-connection reads (bench/README.md). TCP
             # autotunes its buffers, and setting them there made no difference.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
             peer = "unix socket"
-        else:
+        elif self.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # spec SHOULD (§3.2)
             peer = f"{_uri_host(addr[0])}:{addr[1]}"
+        else:  # e.g. vsock from systemd socket activation
+            peer = str(addr)
         self.connected(sock, peer)
