@@ -252,7 +252,8 @@ class TlsChannel:
         await self.sendall(data)
 
     async def sendall_parts(self, parts: Sequence[Buffer]) -> None:
-        await self.sendall(b"".join(parts))  # SSL writes take one buffer
+        # SSL writes take one buffer; a reply in one piece (READ data) is not copied.
+        await self.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def send_nowait(self, parts: Sequence[Buffer]) -> int:
         return 0  # TLS writes go through sendall (records, renegotiation waits)
