@@ -368,10 +368,10 @@ def test_bug_while_serving_from_the_reader_disconnects_only_that_client(tmp_path
     (hooks / "sitecustomize.py").write_text(
         "from pynbd.server import connection as c\n"
         "_orig = c.Connection._block_status_reply\n"
-        "def _buggy(self, request, export, state):\n"
+        "def _buggy(self, request, export):\n"
         "    if request.offset == 3 * 1024 * 1024:\n"
         "        raise RuntimeError('injected bug')\n"
-        "    return _orig(self, request, export, state)\n"
+        "    return _orig(self, request, export)\n"
         "c.Connection._block_status_reply = _buggy\n")
     monkeypatch.setenv("PYTHONPATH", str(hooks))
     image = _fragmented_image(tmp_path)

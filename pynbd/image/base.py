@@ -211,6 +211,10 @@ class Image(abc.ABC):
     read_only: bool
     #: Short driver name ("raw", "qcow2"), for logs and ``nbdinfo`` descriptions.
     format_name: str
+    #: Extents change only through this object (they come from metadata the
+    #: driver holds, not from asking the host file system each time), so block
+    #: status answers may be kept until the image is changed through the server.
+    stable_extents: bool = False
 
     # -- reading --
 

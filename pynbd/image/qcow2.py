@@ -544,6 +544,8 @@ class Qcow2Image(Image):
         self.path = top.path
         self.size = top.size
         self.read_only = True
+        # A raw layer's holes are asked of the file system at each request.
+        self.stable_extents = all(isinstance(layer, Qcow2Layer) for layer in self.layers)
         self.header = top.header
         self.snapshots = top.snapshots
         self._closed = False

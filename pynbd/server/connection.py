@@ -47,7 +47,7 @@ from pynbd.runlength import Buffer, Runs
 from pynbd.server.channel import BufferedReader, Channel, ChannelClosed, SocketChannel
 from pynbd.server.contexts import ExtentQuery
 from pynbd.server.exports import Export
-from pynbd.server.lookahead import BlockStatusAnswer, Lookahead
+from pynbd.server.answers import AnswerCache, BlockStatusAnswer, RequestKey, ScanTracker
 from pynbd.server.replies import ReplyWriter
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,11 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         #: What the closing log line adds (export, read-path counters).
         self._summary = ""
-        self._lookahead = Lookahead()
+        self._scan = ScanTracker()
+        #: Block status answers: the export's (shared) or this connection's (_transmission).
+        self._answers = AnswerCache(max_answers=1, single_use=True)
+        #: The selected contexts, as the answer caches' keys carry them.
+        self._contexts_key: tuple[tuple[int, str], ...] = ()
         #: (reader, writer, export, state) while requests may be served from the reader
         #: callback (_serve_from_reader), and whether the task now waits for a request.
         self._serving: tuple[BufferedReader, ReplyWriter, Export, TransmissionState] | None = None
@@ -275,6 +279,9 @@ class Connection:
         state = TransmissionState.from_handshake(done)
         export = self.exports[done.export.name]
         self.export = export
+        self._contexts_key = tuple(sorted(state.contexts.items()))
+        if export.image.stable_extents:
+            self._answers = export.answers
         writer = ReplyWriter(self.channel, state.structured, self.settings.zero_copy)
         limiter = self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
         tasks: set[asyncio.Task[None]] = set()
@@ -431,35 +438,37 @@ class Connection:
         await writer.ok(request.cookie)
 
     async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
-        answer, parts = self._block_status_reply(request, export, state)
+        answer, parts = self._block_status_reply(request, export)
         await writer.chunks(parts)
         if not (request.flags & FLAG_REQ_ONE or writer.batching):
             # (REQ_ONE answers are tiny; a batching client has its next requests sent already.)
-            self._compute_ahead(request, answer, export, state)
+            self._compute_ahead(request, answer, export)
 
-    def _block_status_reply(self, request: wire.Request, export: Export,
-                            state: TransmissionState) -> tuple[BlockStatusAnswer, list[Buffer]]:
-        """The answer to a BLOCK_STATUS request (computed ahead or now) and its reply's buffers."""
-        key = (request.offset, request.length, request.flags, export.generation)
-        answer = self._lookahead.take(key)
+    def _block_status_reply(self, request: wire.Request, export: Export) -> tuple[BlockStatusAnswer, list[Buffer]]:
+        """The answer to a BLOCK_STATUS request (kept or computed now) and its reply's buffers."""
+        key: RequestKey = (request.offset, request.length, request.flags, self._contexts_key)
+        generation = export.generation
+        answer = self._answers.get(key, generation)
         if answer is None:
-            answer = self._block_status(request.offset, request.length, request.flags, export, state,
-                                        request.cookie)
-            return answer, answer.parts
+            answer = self._block_status(request.offset, request.length, request.flags, export)
+            self._answers.put(key, generation, answer)
         return answer, answer.for_cookie(request.cookie)
 
-    def _compute_ahead(self, request: wire.Request, answer: BlockStatusAnswer, export: Export,
-                       state: TransmissionState) -> None:
+    def _compute_ahead(self, request: wire.Request, answer: BlockStatusAnswer, export: Export) -> None:
         """The client reads this answer now: compute the next one of its scan meanwhile."""
-        upcoming = self._lookahead.next_request(request.offset, request.length, answer, export.image.size)
-        if upcoming is not None:
-            offset, length = upcoming
-            generation = export.generation
-            try:
-                ahead = self._block_status(offset, length, request.flags, export, state)
-            except (ImageError, OSError):
-                return  # the real request, if it comes, reports it
-            self._lookahead.keep((offset, length, request.flags, generation), ahead)
+        upcoming = self._scan.next_request(request.offset, request.length, answer.covered, export.image.size)
+        if upcoming is None:
+            return
+        offset, length = upcoming
+        key: RequestKey = (offset, length, request.flags, self._contexts_key)
+        if key in self._answers:
+            return
+        generation = export.generation
+        try:
+            ahead = self._block_status(offset, length, request.flags, export)
+        except (ImageError, OSError):
+            return  # the real request, if it comes, reports it
+        self._answers.put(key, generation, ahead)
 
     def _serve_from_reader(self) -> bool:
         """The reader callback's hook (see _serve_buffered_block_status)."""
@@ -501,7 +510,7 @@ class Connection:
             request = wire.Request.unpack(bytes(head))
             try:
                 state.validate(request)
-                answer, parts = self._block_status_reply(request, export, state)
+                answer, parts = self._block_status_reply(request, export)
             except (RequestError, ImageError, OSError):
                 break  # the task answers it (and logs it)
             reader.skip(header_size)
@@ -510,21 +519,21 @@ class Connection:
                 writer.finish_later(rest)
                 break
             if not request.flags & FLAG_REQ_ONE and reader.buffered < header_size:
-                self._compute_ahead(request, answer, export, state)
+                self._compute_ahead(request, answer, export)
         return reader.buffered < header_size
 
-    def _block_status(self, offset: int, length: int, flags: int, export: Export,
-                      state: TransmissionState, cookie: int = 0) -> BlockStatusAnswer:
-        """One chunk per selected context (§5.3), encoded with ``cookie`` (0 when computed ahead)."""
+    def _block_status(self, offset: int, length: int, flags: int, export: Export) -> BlockStatusAnswer:
+        """One chunk per selected context (§5.3), with cookie 0 (see BlockStatusAnswer.for_cookie)."""
         req_one = bool(flags & FLAG_REQ_ONE)
         # REQ_ONE wants one descriptor: a few runs suffice (a shorter descriptor is
         # allowed, the client asks again from its end), and computing the whole
         # range each time would make qemu-img map O(extents²).
         query = ExtentQuery(export.image, offset, length, REQ_ONE_RUNS if req_one else None)
-        items = sorted(state.contexts.items())
+        items = self._contexts_key
         parts: list[Buffer] = []
         headers: list[int] = []
         covered = length
+        reusable = True
         for index, (context_id, name) in enumerate(items):
             provider = export.contexts.providers[name]
             try:
@@ -537,11 +546,12 @@ class Connection:
                 self.log.error("block status for %s at %d failed, reporting safe status: %s",
                                name, offset, exc)
                 descriptors = Runs([length], [provider.safe_status])
+                reusable = False
             covered = min(covered, descriptors.total)
             headers.append(len(parts))
-            parts += wire.chunk_block_status_parts(cookie, context_id, descriptors,
+            parts += wire.chunk_block_status_parts(0, context_id, descriptors,
                                                    done=index == len(items) - 1)
-        return BlockStatusAnswer(parts, tuple(headers), covered)
+        return BlockStatusAnswer(parts, tuple(headers), covered, reusable)
 
     _handlers = {
         Command.READ: _cmd_read,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pynbd.image import open_image
 from pynbd.image.base import Bitmap, Image, ImageError
 from pynbd.protocol.handshake import ExportDescription
+from pynbd.server.answers import AnswerCache
 from pynbd.server.contexts import ContextTable
 from pynbd.server.inline import InlineOrThread
 
@@ -41,8 +42,10 @@ class Export:
     #: How WRITEs to this image run: inline while fast, in threads after a slow one.
     writes: "InlineOrThread" = field(default_factory=lambda: InlineOrThread())
     #: Changes when the image is changed through any connection (before and
-    #: after each change): block status computed ahead is valid only for one value.
+    #: after each change): a block status answer is valid only for one value.
     generation: int = 0
+    #: Block status answers every connection may reuse (images with stable extents).
+    answers: AnswerCache = field(default_factory=AnswerCache)
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":

@@ -1,0 +1,146 @@
+"""Block status answers kept for reuse: computed ahead for scanning clients, and
+shared by every connection to an export whose extents only change through it.
+
+Tools that map a whole image (``nbdinfo --map``, backup tools walking the
+allocation or a dirty bitmap) send one BLOCK_STATUS, wait for the answer, and
+ask again from where it ended, with the same length (cut at the end of the
+export). Two things follow:
+
+- While the client reads one answer the server has nothing to do, so it
+  computes the next one (:class:`ScanTracker` says which); when the request
+  arrives, the answer goes out at once.
+- The next client mapping the image asks the same questions. For images whose
+  extents come from metadata the server keeps (qcow2 tables, dirty bitmaps:
+  :attr:`Image.stable_extents`), answers are kept per export in an
+  :class:`AnswerCache` and a repeated map costs a lookup per request (a 100 GiB
+  dirty-bitmap map: 15 us of server CPU per request less, bench/README.md).
+
+An answer is valid only for the export generation it was computed in; every
+change through any connection moves the generation (before and after it), and
+the cache drops everything older.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pynbd.protocol import wire
+from pynbd.runlength import Buffer
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStatusAnswer:
+    """The encoded chunks of one BLOCK_STATUS reply (cookie 0), as buffers for one gathering send."""
+
+    #: The chunks' buffers, with cookie 0 in the chunk headers.
+    parts: list[Buffer]
+    #: Which parts are chunk headers (they carry the cookie).
+    header_indices: tuple[int, ...]
+    #: Bytes described from the request offset (the least over the contexts).
+    covered: int
+    #: False when a context reported its safe status after an error: such an
+    #: answer is sent once and never kept (the next request tries again).
+    reusable: bool = True
+
+    def for_cookie(self, cookie: int) -> list[Buffer]:
+        """The parts with ``cookie`` in copies of the headers (the descriptors are shared)."""
+        return wire.with_cookie(self.parts, self.header_indices, cookie)
+
+    def retained_bytes(self) -> int:
+        """Memory this answer keeps alive: a view keeps its whole underlying buffer."""
+        return sum(len(part.obj) if isinstance(part, memoryview) else len(part)  # type: ignore[arg-type]
+                   for part in self.parts)
+
+
+#: (offset, length, flags, selected contexts as sorted (id, name) pairs)
+RequestKey = tuple[int, int, int, tuple[tuple[int, str], ...]]
+
+#: Answers one export keeps: enough for a scan of a 1 TiB image in 2 GiB requests...
+MAX_ANSWERS = 1024
+#: ...within this much memory (views count their whole buffer).
+MAX_ANSWER_BYTES = 16 << 20
+
+
+class AnswerCache:
+    """Answers by request, least recently used first out, bounded in count and bytes.
+
+    ``single_use``: an answer is handed out once (for connections to images whose
+    extents may change behind the server's back, e.g. a raw file: only the answer
+    computed ahead for the next request of a scan is kept).
+    """
+
+    def __init__(self, max_answers: int = MAX_ANSWERS, max_bytes: int = MAX_ANSWER_BYTES,
+                 single_use: bool = False) -> None:
+        self.max_answers = max_answers
+        self.max_bytes = max_bytes
+        self.single_use = single_use
+        self._answers: OrderedDict[RequestKey, tuple[BlockStatusAnswer, int]] = OrderedDict()
+        self._bytes = 0
+        self._generation = 0
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    @property
+    def retained_bytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: RequestKey, generation: int) -> BlockStatusAnswer | None:
+        """The answer kept for exactly this request in this generation, if any."""
+        if generation != self._generation:
+            self._reset(generation)
+            return None
+        entry = self._answers.pop(key, None) if self.single_use else self._answers.get(key)
+        if entry is None:
+            return None
+        answer, size = entry
+        if self.single_use:
+            self._bytes -= size
+        else:
+            self._answers.move_to_end(key)
+        return answer
+
+    def __contains__(self, key: RequestKey) -> bool:
+        return key in self._answers
+
+    def put(self, key: RequestKey, generation: int, answer: BlockStatusAnswer) -> None:
+        """Keep ``answer`` (computed in ``generation``) unless it is not reusable or too big."""
+        if generation != self._generation:
+            self._reset(generation)
+        if not answer.reusable:
+            return
+        size = answer.retained_bytes()
+        if size > self.max_bytes:
+            return
+        old = self._answers.pop(key, None)
+        if old is not None:
+            self._bytes -= old[1]
+        self._answers[key] = (answer, size)
+        self._bytes += size
+        while len(self._answers) > self.max_answers or self._bytes > self.max_bytes:
+            _, (_, evicted) = self._answers.popitem(last=False)
+            self._bytes -= evicted
+
+    def _reset(self, generation: int) -> None:
+        self._answers.clear()
+        self._bytes = 0
+        self._generation = generation
+
+
+class ScanTracker:
+    """Where a scanning client's last answer ended, and so what it asks next."""
+
+    def __init__(self) -> None:
+        self._scan_end = -1
+
+    def next_request(self, offset: int, length: int, covered: int, size: int) -> tuple[int, int] | None:
+        """``(offset, length)`` a scanning client asks for next, or None when this is no scan.
+
+        A request continues a scan when it starts at 0 or where the previous answer ended.
+        """
+        continues = offset == 0 or offset == self._scan_end
+        self._scan_end = offset + covered
+        if not continues or self._scan_end >= size or covered <= 0:
+            return None
+        return self._scan_end, min(length, size - self._scan_end)

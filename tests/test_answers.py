@@ -1,0 +1,129 @@
+"""Block status answers kept for reuse (pynbd/server/answers.py): the cache's bounds,
+generations and single use against a model, and the scan tracker."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pynbd.server.answers import AnswerCache, BlockStatusAnswer, ScanTracker
+
+CONTEXTS = ((1, "base:allocation"),)
+
+
+def answer(nbytes: int = 32, reusable: bool = True) -> BlockStatusAnswer:
+    return BlockStatusAnswer([bytes(24), bytes(nbytes - 24)], (0,), 4096, reusable)
+
+
+def key(offset: int) -> tuple:
+    return (offset, 1 << 20, 0, CONTEXTS)
+
+
+def test_kept_answer_is_found_for_the_same_request_only():
+    cache = AnswerCache()
+    a = answer()
+    cache.put(key(0), 0, a)
+    assert cache.get(key(0), 0) is a
+    assert cache.get(key(0), 0) is a  # shared: handed out again
+    assert cache.get(key(4096), 0) is None
+    assert cache.get((0, 1 << 20, 0, ((2, "qemu:dirty-bitmap:b"),)), 0) is None
+
+
+def test_a_new_generation_drops_every_answer():
+    cache = AnswerCache()
+    cache.put(key(0), 4, answer())
+    cache.put(key(1), 4, answer())
+    assert cache.get(key(0), 5) is None  # a change started
+    assert len(cache) == 0 and cache.retained_bytes == 0
+    assert cache.get(key(1), 4) is None  # nor is an older generation trusted again
+
+
+def test_answers_after_an_error_are_never_kept():
+    cache = AnswerCache()
+    cache.put(key(0), 0, answer(reusable=False))
+    assert cache.get(key(0), 0) is None and len(cache) == 0
+
+
+def test_single_use_answers_are_handed_out_once():
+    cache = AnswerCache(max_answers=1, single_use=True)
+    a = answer()
+    cache.put(key(0), 0, a)
+    assert cache.get(key(0), 0) is a
+    assert cache.get(key(0), 0) is None
+    assert cache.retained_bytes == 0
+
+
+def test_a_view_counts_its_whole_buffer():
+    """A slice of a cached span keeps the span's bytes alive, and the bound must say so."""
+    span = bytes(10_000)
+    a = BlockStatusAnswer([bytes(24), memoryview(span)[8:16]], (0,), 4096)
+    assert a.retained_bytes() == 24 + 10_000
+    cache = AnswerCache(max_bytes=15_000)
+    cache.put(key(0), 0, a)
+    cache.put(key(1), 0, BlockStatusAnswer([bytes(24), memoryview(span)[16:24]], (0,), 4096))
+    assert len(cache) == 1 and cache.retained_bytes <= 15_000
+    assert cache.get(key(1), 0) is not None  # the older one went
+
+
+def test_an_answer_bigger_than_the_bound_is_not_kept():
+    cache = AnswerCache(max_bytes=100)
+    cache.put(key(0), 0, answer(200))
+    assert len(cache) == 0
+
+
+# (operation, request offset, the image changed before it, answer size, answer reusable)
+ops = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(0, 7), st.integers(0, 9).map(lambda n: n == 0),
+              st.integers(24, 400), st.integers(0, 9).map(lambda n: n != 0)),
+    st.tuples(st.just("get"), st.integers(0, 7), st.integers(0, 9).map(lambda n: n == 0),
+              st.just(0), st.just(True)),
+), max_size=60)
+
+
+@settings(max_examples=500)
+@given(ops, st.integers(1, 5), st.integers(100, 1500), st.booleans())
+def test_cache_behaves_like_a_bounded_lru_model(sequence, max_answers, max_bytes, single_use):
+    """Against a plain model: an LRU dict bounded in entries and bytes, emptied by a new
+    generation; every answer handed out is the one last kept for that request."""
+    cache = AnswerCache(max_answers=max_answers, max_bytes=max_bytes, single_use=single_use)
+    model: OrderedDict[int, tuple[BlockStatusAnswer, int]] = OrderedDict()
+    generation = 0
+    for op, offset, changed, nbytes, reusable in sequence:
+        if changed:
+            model.clear()
+            generation += 1
+        gen = generation
+        if op == "put":
+            a = answer(nbytes, reusable)
+            cache.put(key(offset), gen, a)
+            if reusable and nbytes <= max_bytes:
+                model.pop(offset, None)
+                model[offset] = (a, nbytes)
+                while len(model) > max_answers or sum(n for _, n in model.values()) > max_bytes:
+                    model.popitem(last=False)
+        else:
+            got = cache.get(key(offset), gen)
+            want = model.get(offset)
+            assert got is (want[0] if want else None)
+            if want:
+                if single_use:
+                    del model[offset]
+                else:
+                    model.move_to_end(offset)
+        assert len(cache) == len(model) <= max_answers
+        assert cache.retained_bytes == sum(n for _, n in model.values()) <= max_bytes
+
+
+def test_scan_tracker_follows_a_scan_and_nothing_else():
+    scan = ScanTracker()
+    size = 10 << 20
+    assert scan.next_request(0, 4 << 20, 1 << 20, size) == (1 << 20, 4 << 20)
+    # The client continues where the answer ended: the next one follows, cut at the end.
+    assert scan.next_request(1 << 20, 4 << 20, 4 << 20, size) == (5 << 20, 4 << 20)
+    assert scan.next_request(5 << 20, 4 << 20, 4 << 20, size) == (9 << 20, 1 << 20)
+    assert scan.next_request(9 << 20, 1 << 20, 1 << 20, size) is None  # at the end
+    # A request elsewhere is no scan; nor is an answer that covers nothing.
+    assert scan.next_request(3 << 20, 4096, 4096, size) is None
+    assert scan.next_request(0, 4096, 0, size) is None
