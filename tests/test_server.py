@@ -359,6 +359,43 @@ def test_block_status_replies_complete_when_the_client_reads_late(tmp_path):
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.parametrize("requests,writes", [(1, 0), (40, 0), (400, 0), (4, 16)])
+def test_disc_closes_only_after_every_reply(tmp_path, requests, writes):
+    """DISC right behind other requests, in one send: the server closes as soon as it
+    sees the DISC only when nothing is unsent or in flight (§3.3): with 400 block-status
+    replies (~1.6 MiB, more than the socket holds) the close waits for the rest, and
+    with WRITEs (served by tasks) for them. Every reply arrives whole, then the end of
+    the stream; nothing answers the DISC."""
+    from tests.support.nbdclient import CMD_BLOCK_STATUS, CMD_DISC, CMD_WRITE, NbdClient
+    image = _fragmented_image(tmp_path)
+    expected = _expected_extents(image, 0, 8 * MiB)
+    data = image.read_bytes()
+    with PynbdServer(image) as server:
+        with NbdClient.connect(server, meta=["base:allocation"]) as c:
+            # One at a time first: the reader callback serves this client from now on.
+            assert list(c.request(CMD_BLOCK_STATUS, 0, 8 * MiB).extents().values()) == [expected]
+            sent = {c.next_cookie(): ("bs", 0) for _ in range(requests)}
+            burst = [c.encode_request(CMD_BLOCK_STATUS, 0, 8 * MiB, 0, ck) for ck in sent]
+            for i in range(writes):  # what is there already: the map stays as expected
+                ck = c.next_cookie()
+                sent[ck] = ("write", i)
+                burst.append(c.encode_request(CMD_WRITE, i * 64 * 1024, 4096, 0, ck)
+                             + data[i * 64 * 1024:i * 64 * 1024 + 4096])
+            c.send(b"".join(burst) + c.encode_request(CMD_DISC, 0, 0, 0, c.next_cookie()))
+            time.sleep(0.2)  # the server works through all of it before the client reads
+            replies = c.read_replies(len(sent), timeout=30)
+            assert sorted(replies) == sorted(sent)
+            for cookie, (kind, _) in sent.items():
+                assert replies[cookie].error == 0
+                if kind == "bs":
+                    assert list(replies[cookie].extents().values()) == [expected]
+            assert c.wait_for_disconnect(5) == b""
+        # The server is still there for the next client.
+        assert "data" in run(["nbdinfo", "--map", server.uri]).stdout
+        log = server.log()
+    assert "Traceback" not in log
+
+
 def test_bug_while_serving_from_the_reader_disconnects_only_that_client(tmp_path, monkeypatch):
     """Fault injection: an exception (a bug, not a client error) while a BLOCK_STATUS is
     served from the reader callback ends that connection - no hang, no half reply - and

@@ -37,6 +37,9 @@ from pynbd.protocol.contexts import resolve_queries
 log = logging.getLogger(__name__)
 
 SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+#: What the server says first, whatever the client (§1.1). ServerHandshake's first
+#: data_to_send() is this; a server may send it at accept and skip those bytes.
+GREETING = wire.greeting(SERVER_HANDSHAKE_FLAGS)
 KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 
 
@@ -189,18 +192,7 @@ class ServerHandshake:
         self.shutting_down = False
         self._neg = _Negotiated()
         self._in = bytearray()
-        self._out = bytearray(wire.greeting(SERVER_HANDSHAKE_FLAGS))
-        self._handlers: dict[int, Callable[[int, bytes], Event | None]] = {
-            Option.EXPORT_NAME: self._opt_export_name,
-            Option.ABORT: self._opt_abort,
-            Option.LIST: self._opt_list,
-            Option.STARTTLS: self._opt_starttls,
-            Option.INFO: self._opt_info_or_go,
-            Option.GO: self._opt_info_or_go,
-            Option.STRUCTURED_REPLY: self._opt_structured_reply,
-            Option.LIST_META_CONTEXT: self._opt_meta_context,
-            Option.SET_META_CONTEXT: self._opt_meta_context,
-        }
+        self._out = bytearray(GREETING)
 
     # -- I/O side -------------------------------------------------------------------
 
@@ -307,7 +299,7 @@ class ServerHandshake:
             self._reply_error(option, Reply.ERR_UNSUP, f"unsupported option {_option_name(option)}")
             return None
         try:
-            return handler(option, data)
+            return handler(self, option, data)
         except OptionError as exc:
             self._reply_error(option, exc.reply, exc.message)
             return None
@@ -445,6 +437,19 @@ class ServerHandshake:
             contexts=dict(contexts),
             flags=export.transmission_flags(self._neg.structured),
         )
+
+    #: One handler per option (asyncssh style), looked up by code in _dispatch.
+    _handlers: dict[int, Callable[[ServerHandshake, int, bytes], Event | None]] = {
+        Option.EXPORT_NAME: _opt_export_name,
+        Option.ABORT: _opt_abort,
+        Option.LIST: _opt_list,
+        Option.STARTTLS: _opt_starttls,
+        Option.INFO: _opt_info_or_go,
+        Option.GO: _opt_info_or_go,
+        Option.STRUCTURED_REPLY: _opt_structured_reply,
+        Option.LIST_META_CONTEXT: _opt_meta_context,
+        Option.SET_META_CONTEXT: _opt_meta_context,
+    }
 
 
 def _option_name(option: int) -> str:

@@ -223,11 +223,13 @@ class SocketChannel:
         await wait_writable(self.loop, self.fd)
 
     def close(self) -> None:
-        self.reads.close()
+        # The client may be waiting for the end of the stream (libnbd after DISC):
+        # shut down first, then drop the poll registration (three epoll_ctl here).
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self.reads.close()
         self.sock.close()
 
 
