@@ -46,6 +46,23 @@ GiB = 1 << 30
 
 REPO = Path(__file__).resolve().parent.parent
 BITMAP_NAME = "bm0"
+#: The block status walk's client (run by an interpreter with libnbd's bindings).
+WALK_CLIENT = REPO / "bench" / "clients" / "walk.py"
+
+
+def libnbd_python() -> str | None:
+    """An interpreter that can import libnbd's bindings (Debian's python3-libnbd is for
+    /usr/bin/python3, not for venvs), or None: then the walk groups are left out."""
+    for candidate in ("/usr/bin/python3", sys.executable):
+        try:
+            if subprocess.run([candidate, "-c", "import nbd"], capture_output=True, timeout=30).returncode == 0:
+                return candidate
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+SYSTEM_PYTHON = libnbd_python()
 
 
 # ---------------------------------------------------------------------------
@@ -534,6 +551,24 @@ class Workloads:
         return n / t, t * 1000, times[0] * 1000, n
 
 
+    def block_status_walk(self, uri: str, context: str | None,
+                          client_cpu: int | None = None) -> tuple[float, float, int]:
+        """(extents per second, ms of the first walk, extents) for ``bench/clients/walk.py``:
+        ``map_reps`` + 1 walks over one libnbd connection. The rate is the median over
+        the walks after the first; the first, on a server started for this group, is
+        also reported on its own (nothing cached yet)."""
+        argv = [SYSTEM_PYTHON, str(WALK_CLIENT), uri, context or "base:allocation", str(self.st.map_reps + 1)]
+        if client_cpu is not None:
+            argv = ["taskset", "-c", str(client_cpu), *argv]
+        proc = run_cmd(argv, timeout=300, what="block status walk")
+        try:
+            out = json.loads(proc.stdout)
+            times, n = [float(t) for t in out["times"]], int(out["extents"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BenchError(f"walk.py: cannot parse output: {exc}") from None
+        return n / statistics.median(times[1:]), times[0] * 1000, n
+
+
 def check_copied(source: Path, target: Path, size: int, samples: int = 16) -> None:
     """Spot check that the write landed: first, last and evenly spaced 64 KiB blocks equal the source."""
     block = 64 * KiB
@@ -625,6 +660,22 @@ def map_group(key: str, title: str, image: str, fmt: str, servers, context: str 
 
     return Group(key, title, image, fmt, "unix", servers, [([m_rate, m_time, m_first], run)], extra or {},
                  context, pin=pin)
+
+
+def walk_group(key: str, title: str, image: str, fmt: str, servers, context: str | None = None,
+               extra: dict[str, list[str]] | None = None) -> Group:
+    """Block status over one connection (bench/clients/walk.py): the server's share of a
+    map without a client process's start and printing, which are most of nbdinfo's time."""
+    m_rate = metric(f"{key}/walk-extents-per-s", f"{title}: block status walk, one libnbd connection",
+                    "extents/s")
+    m_first = metric(f"{key}/first-walk-ms", f"{title}: first walk after the server starts", "ms",
+                     higher_better=False)
+
+    def run(w: Workloads, uri: str, size: int) -> dict[str, float]:
+        rate, first_ms, n = w.block_status_walk(uri, context)
+        return {m_rate.key: rate, m_first.key: first_ms, f"{key}/extents": n}
+
+    return Group(key, title, image, fmt, "unix", servers, [([m_rate, m_first], run)], extra or {}, context)
 
 
 # ---------------------------------------------------------------------------
@@ -985,11 +1036,15 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
     for t in args.transports:
         groups.append(seq_group(f"raw-{t}", f"raw {t}", "raw-full", "raw", t, raw_servers))
     groups.append(map_group("raw-frag", "raw fragmented", "raw-frag", "raw", raw_servers))
+    if SYSTEM_PYTHON:
+        groups.append(walk_group("raw-frag-walk", "raw fragmented", "raw-frag", "raw", raw_servers))
     if args.qcow2 and q_seq_servers:
         groups.append(seq_group("qcow2-unix", "qcow2 unix", "qcow2-full", "qcow2", "unix", q_seq_servers))
         groups.append(seq_group("chain-unix", "qcow2 3-layer chain unix", "qcow2-chain", "qcow2", "unix",
                                 q_seq_servers))
         groups.append(map_group("qcow2-frag", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
+        if SYSTEM_PYTHON:
+            groups.append(walk_group("qcow2-frag-walk", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
         # pynbd: pass --bitmap if the CLI grows one; otherwise it is expected to expose persistent bitmaps.
         pyextra = ["--bitmap", BITMAP_NAME] if re.search(r"--bitmap\b", pynbd.help) else []
         bitmap_extra = {"qemu-nbd": ["-B", BITMAP_NAME], "pynbd": pyextra}
@@ -997,6 +1052,11 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
             "qcow2-bitmap", "dirty bitmap (qcow2, 100× virtual size)", "qcow2-bitmap", "qcow2", q_servers,
             context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra,
         ))
+        if SYSTEM_PYTHON:
+            groups.append(walk_group(
+                "qcow2-bitmap-walk", "dirty bitmap (qcow2, 100× virtual size)", "qcow2-bitmap", "qcow2",
+                q_servers, context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra,
+            ))
         if len(os.sched_getaffinity(0)) >= 2:
             # The same map with the scheduler's placement taken out: where it puts a
             # short-lived client relative to the server decides much of the time above
