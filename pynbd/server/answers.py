@@ -56,7 +56,7 @@ class BlockStatusAnswer:
 #: (offset, length, flags, selected contexts as sorted (id, name) pairs)
 RequestKey = tuple[int, int, int, tuple[tuple[int, str], ...]]
 
-#: Answers one export keeps: enough for a scan of a 1 TiB image in 2 GiB requests...
+#: Answers one export keeps: a scan of 4 TiB in nbdinfo's 4 GiB requests...
 MAX_ANSWERS = 1024
 #: ...within this much memory (views count their whole buffer).
 MAX_ANSWER_BYTES = 16 << 20

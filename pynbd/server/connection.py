@@ -451,7 +451,8 @@ class Connection:
         answer = self._answers.get(key, generation)
         if answer is None:
             answer = self._block_status(request.offset, request.length, request.flags, export)
-            self._answers.put(key, generation, answer)
+            if not self._answers.single_use:  # (single use: only answers computed ahead are kept)
+                self._answers.put(key, generation, answer)
         return answer, answer.for_cookie(request.cookie)
 
     def _compute_ahead(self, request: wire.Request, answer: BlockStatusAnswer, export: Export) -> None:
