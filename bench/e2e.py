@@ -554,10 +554,12 @@ class Workloads:
     def block_status_walk(self, uri: str, context: str | None,
                           client_cpu: int | None = None) -> tuple[float, float, int]:
         """(extents per second, ms of the first walk, extents) for ``bench/clients/walk.py``:
-        ``map_reps`` + 1 walks over one libnbd connection. The rate is the median over
-        the walks after the first; the first, on a server started for this group, is
-        also reported on its own (nothing cached yet)."""
-        argv = [SYSTEM_PYTHON, str(WALK_CLIENT), uri, context or "base:allocation", str(self.st.map_reps + 1)]
+        3 × ``map_reps`` + 1 walks over one libnbd connection. The rate is the median over
+        the walks after the first (many: this VM has episodes of tens of ms where round
+        trips take 1-2 ms instead of 40-100 us, for every server); the first, on a server
+        started for this group, is also reported on its own (nothing cached yet)."""
+        walks = 3 * self.st.map_reps + 1
+        argv = [SYSTEM_PYTHON, str(WALK_CLIENT), uri, context or "base:allocation", str(walks)]
         if client_cpu is not None:
             argv = ["taskset", "-c", str(client_cpu), *argv]
         proc = run_cmd(argv, timeout=300, what="block status walk")
