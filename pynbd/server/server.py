@@ -200,8 +200,8 @@ def send_greeting(sock: socket.socket) -> int:
     out from the connection's task).
 
     It depends on nothing the client says (§1.1), so the client reads it and
-    answers while this server sets the connection up (100-200 us here: caches
-    are cold after each client process's start).
+    answers while this server sets the connection up (~100 us here: caches are
+    cold after each client process's start).
     """
     try:
         return sock.send(GREETING, socket.MSG_DONTWAIT)
