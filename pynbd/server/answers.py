@@ -101,8 +101,9 @@ class AnswerCache:
             self._answers.move_to_end(key)
         return answer
 
-    def __contains__(self, key: RequestKey) -> bool:
-        return key in self._answers
+    def has(self, key: RequestKey, generation: int) -> bool:
+        """Whether an answer for this request in this generation is kept (none is handed out)."""
+        return generation == self._generation and key in self._answers
 
     def put(self, key: RequestKey, generation: int, answer: BlockStatusAnswer) -> None:
         """Keep ``answer`` (computed in ``generation``) unless it is not reusable or too big."""
