@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -394,6 +395,57 @@ def test_disc_closes_only_after_every_reply(tmp_path, requests, writes):
         assert "data" in run(["nbdinfo", "--map", server.uri]).stdout
         log = server.log()
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("order", [("bs", "read", "bs"), ("read", "bs", "bs"), ("bs", "bs", "bs")])
+def test_whole_session_in_one_send(tmp_path, order):
+    """The whole session in one send, nothing awaited: client flags, STRUCTURED_REPLY,
+    SET_META_CONTEXT, GO, three requests and DISC. A plain connection starts without a
+    task (its reader callbacks answer the options and the block status behind them);
+    a READ makes a task take over mid-stream. Every reply comes whole and in order of
+    the options, the requests are all answered, then the stream ends, and the server
+    logs each closing line with the export."""
+    from tests.support.nbdclient import (
+        CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_GO,
+        OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REP_ACK, REP_META_CONTEXT, NbdClient)
+    image = _fragmented_image(tmp_path)
+    expected = _expected_extents(image, 0, 8 * MiB)
+    data = image.read_bytes()
+    with PynbdServer(image, "-v") as server:
+        with NbdClient.for_server(server) as c:
+            c.read_greeting()
+            burst = [struct.pack(">I", FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES),
+                     c.encode_option(OPT_STRUCTURED_REPLY),
+                     c.encode_option(OPT_SET_META_CONTEXT, c.meta_payload("", ["base:allocation"])),
+                     c.encode_option(OPT_GO, c.info_payload("", ()))]
+            sent = {}
+            for kind in order:
+                cookie = c.next_cookie()
+                sent[cookie] = kind
+                if kind == "bs":
+                    burst.append(c.encode_request(CMD_BLOCK_STATUS, 0, 8 * MiB, 0, cookie))
+                else:
+                    burst.append(c.encode_request(CMD_READ, MiB, 64 * 1024, 0, cookie))
+            burst.append(c.encode_request(CMD_DISC, 0, 0, 0, c.next_cookie()))
+            c.send(b"".join(burst))
+            assert [r.type for r in c.read_option_replies()] == [REP_ACK]
+            c.structured = True
+            meta = c.read_option_replies()
+            assert [r.type for r in meta] == [REP_META_CONTEXT, REP_ACK]
+            c.contexts = dict([meta[0].meta_context()])
+            assert c.read_option_replies()[-1].type == REP_ACK
+            replies = c.read_replies(len(sent), timeout=10)
+            assert sorted(replies) == sorted(sent)
+            for cookie, kind in sent.items():
+                assert replies[cookie].error == 0
+                if kind == "bs":
+                    assert list(replies[cookie].extents().values()) == [expected]
+                else:
+                    assert replies[cookie].data(MiB, 64 * 1024) == data[MiB:MiB + 64 * 1024]
+            assert c.wait_for_disconnect(5) == b""
+        log = settled_log(server, 1)
+    assert "Traceback" not in log
+    assert "client sent DISC" in log and "closed: client unix socket, export ''" in log, log
 
 
 def test_bug_while_serving_from_the_reader_disconnects_only_that_client(tmp_path, monkeypatch):

@@ -89,10 +89,11 @@ def skip_bytes(parts: Sequence[Buffer], n: int) -> list[Buffer]:
 class ReadWaiter:
     """Waits until a socket is readable, keeping its poll registration between waits.
 
-    ``on_readable``, when set, runs first when the socket becomes readable while
-    someone waits; if it returns True it has dealt with the input and the waiter
-    goes on waiting (no task wake-up: the connection serves block-status
-    requests this way).
+    ``on_readable``, when set, runs first whenever the socket becomes readable;
+    if it returns True it has dealt with the input and nobody is woken (the
+    connection runs its handshake and serves block-status requests this way,
+    without a task, or without waking its task). With no callback taking the
+    input, a waiting task is woken.
 
     ``loop.sock_recv_into`` (or an ``add_reader``/``remove_reader`` pair per
     wait) costs six ``epoll_ctl`` calls per request (``strace -c``, uvloop).
@@ -121,7 +122,17 @@ class ReadWaiter:
         finally:
             self._future = None
 
+    def listen(self) -> None:
+        """Keep the socket registered with nobody waiting: ``on_readable`` takes the input."""
+        if not self._registered:
+            self.loop.add_reader(self.fd, self._ready)
+            self._registered = True
+
     def _ready(self) -> None:
+        callback = self.on_readable
+        if callback is not None and callback():
+            self._idle_wakeups = 0
+            return
         future = self._future
         if future is None:
             # Readable before the woken reader consumed the data (one extra pass),
@@ -129,8 +140,6 @@ class ReadWaiter:
             self._idle_wakeups += 1
             if self._idle_wakeups >= 2:
                 self.close()
-            return
-        if self.on_readable is not None and self.on_readable():
             return
         self._future = None
         if not future.done():
@@ -154,6 +163,7 @@ class SocketChannel:
         self.loop = loop
         self.fd = sock.fileno()
         self.reads = ReadWaiter(loop, self.fd)
+        self.closed = False
 
     def recv_nowait(self, buf: memoryview) -> int | None:
         try:
@@ -225,6 +235,9 @@ class SocketChannel:
     def close(self) -> None:
         # The client may be waiting for the end of the stream (libnbd after DISC):
         # shut down first, then drop the poll registration (three epoll_ctl here).
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -319,13 +332,17 @@ class BufferedReader:
         self._start += n
         return data
 
+    def take(self) -> bytes:
+        """All buffered bytes (maybe none), consumed."""
+        data = bytes(self._view[self._start:self._end])
+        self._start = self._end
+        return data
+
     async def read_some(self) -> bytes:
         """Whatever is buffered, or the next recv's worth."""
         while self._start == self._end:
             await self._fill()
-        data = bytes(self._view[self._start:self._end])
-        self._start = self._end
-        return data
+        return self.take()
 
     async def readinto(self, out: memoryview) -> None:
         """Fill ``out`` completely (large payloads go straight from the socket)."""

@@ -14,7 +14,7 @@ import errno
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from pynbd.image.base import FastZeroUnsupported, ImageError, ImageIOError
@@ -32,6 +32,7 @@ from pynbd.protocol.constants import (
 )
 from pynbd.protocol.handshake import (
     Close,
+    Event,
     ExportCatalog,
     HandshakeComplete,
     ServerHandshake,
@@ -45,7 +46,7 @@ from pynbd.protocol.transmission import (
     build_descriptors,
 )
 from pynbd.runlength import Buffer, Runs
-from pynbd.server.channel import BufferedReader, Channel, ChannelClosed, SocketChannel
+from pynbd.server.channel import BufferedReader, Channel, ChannelClosed, ReadWaiter, SocketChannel
 from pynbd.server.contexts import ExtentQuery
 from pynbd.server.exports import Export
 from pynbd.server.answers import AnswerCache, BlockStatusAnswer, RequestKey, ScanTracker
@@ -166,12 +167,23 @@ class ConnectionSettings:
 
 
 class Connection:
-    #: Block status answers (set when transmission starts): the export's or this connection's.
-    _answers: AnswerCache
+    """One client, from accept to close.
+
+    A plain socket connection starts without a task: reader callbacks run the
+    handshake and serve BLOCK_STATUS and DISC, so a client that connects,
+    negotiates, asks for block status and leaves (nbdinfo, ``qemu-img info``,
+    a backup tool's map) costs no task, coroutine, future or timeout object.
+    A task takes over, for the rest of the connection, at the first thing that
+    must wait: STARTTLS, a full socket, any other request, an error to report.
+    Cold after each new client process, that machinery was ~45 % of the
+    server's CPU per connection (bench/README.md, connection cost).
+    """
 
     def __init__(self, channel: Channel, peer: str, exports: Mapping[str, Export],
-                 catalog: ExportCatalog, settings: ConnectionSettings, greeted: int = 0) -> None:
-        """``greeted``: bytes of the greeting the server sent already (see send_greeting)."""
+                 catalog: ExportCatalog, settings: ConnectionSettings, greeted: int = 0,
+                 on_end: Callable[[Connection], None] | None = None) -> None:
+        """``greeted``: bytes of the greeting the server sent already (see send_greeting);
+        ``on_end`` runs once the connection is closed."""
         self.id = next(_ids)
         self.channel = channel
         self.peer = peer
@@ -179,42 +191,68 @@ class Connection:
         self.catalog = catalog
         self.settings = settings
         self.log = ConnectionLogger(log, {"conn": self.id})
+        #: Whether the lines of a connection's normal life are logged (-v): checked once,
+        #: as the arguments of some (sorted contexts, read counters) cost to build.
+        self._debug = log.isEnabledFor(logging.DEBUG)
         self.shutting_down = False
         self.in_transmission = False
         self.export: Export | None = None
+        #: The task serving the connection once something had to wait (see the class doc).
+        self.task: asyncio.Task[None] | None = None
+        self._on_end = on_end
+        self._ended = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._timed_out = False
+        self._closed_for_disc = False
         self._limiter: InflightLimiter | None = None
         self._loop = asyncio.get_running_loop()
-        #: What the closing log line adds (export, read-path counters).
-        self._summary = ""
         self._scan = ScanTracker()
         #: The selected contexts, as the answer caches' keys carry them.
         self._contexts_key: tuple[tuple[int, str], ...] = ()
-        #: (reader, writer, export, state) while requests may be served from the reader
-        #: callback (_serve_from_reader), and whether the task now waits for a request.
-        self._serving: tuple[BufferedReader, ReplyWriter, Export, TransmissionState] | None = None
+        #: Set when transmission starts (_begin_transmission).
+        self._answers: AnswerCache
+        self._reader: BufferedReader
+        self._writer: ReplyWriter | None = None
+        self._state: TransmissionState
+        #: Whether the task waits for a request header (the reader callback may serve then).
         self._awaiting_request = False
         self._hs = ServerHandshake(catalog, tls=settings.tls_mode)
-        #: Greeting bytes still to send (from _handshake).
+        #: Handshake bytes still to send (first the rest of the greeting).
         self._unsent = self._hs.data_to_send()[greeted:]
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def run(self) -> None:
+    def start(self) -> None:
+        """Begin serving the client (right after accept)."""
         # A connection's normal life is logged at DEBUG (-v), as qemu-nbd and nbdkit
         # log nothing per connection by default: a log line cost 60 us of the server's
         # 440 us per connection (perf stat, bench/README.md).
-        self.log.debug("connected from %s", self.peer)
+        if self._debug:
+            self.log.debug("connected from %s", self.peer)
+        self._deadline = self._loop.call_later(self.settings.handshake_timeout, self._handshake_expired)
+        reads = self._reads()
+        if reads is None or self._unsent:
+            self._start_task(self._handshake_and_transmission(None, None))
+            return
+        reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER, max_size=HANDSHAKE_BUFFER)
+        reads.on_readable = lambda: self._guarded(self._on_handshake_input, reader, "handshake")
+        reads.listen()
+
+    def _reads(self) -> ReadWaiter | None:
+        """The socket's reader registration, where callbacks may serve (not under TLS)."""
+        channel = self.channel
+        return channel.reads if isinstance(channel, SocketChannel) else None
+
+    def _start_task(self, body: Coroutine[Any, Any, None]) -> None:
+        """From here on a task serves the connection."""
+        reads = self._reads()
+        if reads is not None:
+            reads.on_readable = None
+        self.task = self._loop.create_task(self._run_task(body))
+
+    async def _run_task(self, body: Coroutine[Any, Any, None]) -> None:
         try:
-            try:
-                async with asyncio.timeout(self.settings.handshake_timeout):
-                    done, reader = await self._handshake()
-            except TimeoutError:
-                self.log.warning("handshake not finished within %ss, dropping",
-                                 self.settings.handshake_timeout)
-                return
-            if done is None:
-                return
-            await self._transmission(done, reader)
+            await body
         except ChannelClosed:
             self.log.debug("client closed the connection")
         except ConnectionError as exc:
@@ -222,13 +260,61 @@ class Connection:
         except ProtocolViolation as exc:
             self.log.warning("protocol violation, disconnecting: %s", exc)
         except asyncio.CancelledError:
-            self.log.info("connection cancelled (server stopping)")
-            raise
+            if not self._timed_out:  # (_handshake_expired said why)
+                self.log.info("connection cancelled (server stopping)")
+                raise
         except Exception:
             self.log.exception("unexpected error; closing this connection")
         finally:
-            self.channel.close()
-            self.log.debug("closed: client %s%s", self.peer, self._summary)
+            self._end()
+
+    def _guarded(self, callback: Callable[[BufferedReader], None], reader: BufferedReader, what: str) -> bool:
+        """Run a reader callback: receive into ``reader``, then ``callback`` on what came;
+        the connection ends at EOF, on a socket error or on a bug (nothing escapes
+        into the event loop)."""
+        try:
+            got = reader.fill_nowait()
+            if got == 0:
+                self.log.debug("client closed the connection")
+                self._end()
+            elif got is not None:
+                callback(reader)
+        except OSError as exc:
+            self.log.info("connection lost: %s", exc)
+            self._end()
+        except Exception:
+            # A bug, not a client error: a reply may be half sent, so end the connection.
+            self.log.exception("%s failed unexpectedly; disconnecting", what)
+            self._end()
+        return True
+
+    def _end(self) -> None:
+        """Close the connection (once) and tell the server."""
+        if self._ended:
+            return
+        self._ended = True
+        self._cancel_deadline()
+        self.channel.close()
+        if self._debug:
+            self.log.debug("closed: client %s%s", self.peer, self._summary())
+        if self._on_end is not None:
+            self._on_end(self)
+
+    def abort(self) -> None:
+        """The server stops: end now, whatever is in progress."""
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            self.log.info("connection closed (server stopping)")
+            self._end()
+
+    def _summary(self) -> str:
+        """What the closing log line adds: the export and the read path's counters."""
+        writer = self._writer
+        if writer is None or self.export is None:
+            return ""
+        return (f", export {self.export.name!r}; read data sent: {writer.sendfile_bytes} bytes by "
+                f"sendfile, {writer.copied_bytes} bytes copied (zero-copy {writer.zero_copy_mode})")
 
     async def idle(self) -> None:
         """Wait until no request is in flight (used by a graceful shutdown)."""
@@ -237,61 +323,151 @@ class Connection:
 
     # -- handshake ----------------------------------------------------------------------
 
-    async def _handshake(self) -> tuple[HandshakeComplete | None, BufferedReader]:
+    def _handshake_expired(self) -> None:
+        self._deadline = None
+        self.log.warning("handshake not finished within %ss, dropping", self.settings.handshake_timeout)
+        if self.task is not None:
+            self._timed_out = True
+            self.task.cancel()
+        else:
+            self._end()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _on_handshake_input(self, reader: BufferedReader) -> None:
+        """The reader callback during the handshake: answer what the client sent."""
         hs = self._hs
-        reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER, max_size=HANDSHAKE_BUFFER)
-        if self._unsent:
-            await self.channel.sendall(self._unsent)
+        hs.receive_data(reader.take())
         while True:
             if self.shutting_down:
                 hs.begin_shutdown()
             event = hs.next_event()
             out = hs.data_to_send()
             if out:
-                await self.channel.sendall(out)
+                sent = self.channel.send_nowait((out,))
+                if sent < len(out):
+                    self._unsent = out[sent:]
+                    self._start_task(self._handshake_and_transmission(event, reader))
+                    return
             if event is None:
-                hs.receive_data(await reader.read_some())
-            elif isinstance(event, Close):
-                if event.hard:
-                    self.log.warning("handshake ended: %s", event.reason)
-                else:
-                    self.log.debug("handshake ended: %s", event.reason)
-                return None, reader
-            elif isinstance(event, StartTls):
+                return  # wait for more input
+            if isinstance(event, StartTls):
+                self._start_task(self._handshake_and_transmission(event, reader))
+                return
+            if not self._handshake_ended(event):
+                self._end()
+                return
+            reads = self._reads()
+            assert reads is not None
+            reads.on_readable = lambda: self._guarded(self._on_request_input, self._reader, "BLOCK_STATUS")
+            if self._reader.buffered:
+                self._serve_without_task()
+            return
+
+    async def _handshake_and_transmission(self, event: Event | None, reader: BufferedReader | None) -> None:
+        """The task's way through the handshake (from where the callbacks left it), then transmission."""
+        if await self._handshake(event, reader):
+            await self._transmission()
+
+    async def _handshake(self, event: Event | None, reader: BufferedReader | None) -> bool:
+        """True when transmission starts."""
+        hs = self._hs
+        if reader is None:
+            reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER, max_size=HANDSHAKE_BUFFER)
+        if self._unsent:
+            unsent, self._unsent = self._unsent, b""
+            await self.channel.sendall(unsent)
+        while True:
+            if event is None:
+                if self.shutting_down:
+                    hs.begin_shutdown()
+                event = hs.next_event()
+                out = hs.data_to_send()
+                if out:
+                    await self.channel.sendall(out)
+                if event is None:
+                    hs.receive_data(await reader.read_some())
+                    continue
+            if isinstance(event, StartTls):
                 upgrade = self.settings.tls_upgrade
                 assert upgrade is not None, "StartTls without TLS configured"
                 self.channel = await upgrade(self.channel, self.log)
                 reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER, max_size=HANDSHAKE_BUFFER)
                 hs.tls_established()
                 self.log.debug("TLS established")
-            elif isinstance(event, HandshakeComplete):
-                self.log.debug("export %r: structured=%s contexts=%s flags=%#x", event.export.name,
-                               event.structured, sorted(event.contexts.values()), event.flags)
-                return event, BufferedReader(self.channel, initial=hs.trailing_data)
+                event = None
+                continue
+            return self._handshake_ended(event)
+
+    def _handshake_ended(self, event: Event) -> bool:
+        """Log how the handshake ended; True when transmission starts (then set up)."""
+        if isinstance(event, Close):
+            if event.hard:
+                self.log.warning("handshake ended: %s", event.reason)
+            else:
+                self.log.debug("handshake ended: %s", event.reason)
+            return False
+        assert isinstance(event, HandshakeComplete)
+        self._cancel_deadline()
+        if self._debug:
+            self.log.debug("export %r: structured=%s contexts=%s flags=%#x", event.export.name,
+                           event.structured, sorted(event.contexts.values()), event.flags)
+        self._begin_transmission(event)
+        return True
 
     # -- transmission -------------------------------------------------------------------
 
-    async def _transmission(self, done: HandshakeComplete, reader: BufferedReader) -> None:
+    def _begin_transmission(self, done: HandshakeComplete) -> None:
         self.in_transmission = True
-        state = TransmissionState.from_handshake(done)
-        export = self.exports[done.export.name]
-        self.export = export
+        self._state = state = TransmissionState.from_handshake(done)
+        export = self.export = self.exports[done.export.name]
         self._contexts_key = tuple(sorted(state.contexts.items()))
         # Shared when the image's extents change only through the server; a raw file may
         # change behind its back, so only the answer computed ahead of a scan is kept.
         self._answers = (export.answers if export.image.stable_extents
                          else AnswerCache(max_answers=1, single_use=True))
-        writer = ReplyWriter(self.channel, state.structured, self.settings.zero_copy)
-        limiter = self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
+        self._reader = BufferedReader(self.channel, initial=self._hs.trailing_data)
+        self._writer = ReplyWriter(self.channel, state.structured, self.settings.zero_copy)
+        self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
+
+    def _on_request_input(self, reader: BufferedReader) -> None:
+        """The reader callback in transmission while no task serves the connection."""
+        self._serve_without_task()
+
+    def _serve_without_task(self) -> None:
+        """Serve the buffered requests the callback can; a task takes the rest."""
+        if not self.shutting_down:
+            self._serve_buffered()
+        if self._closed_for_disc:
+            if self._debug:
+                self.log.debug("client sent DISC")
+            self._end()
+            return
+        writer = self._writer
+        assert writer is not None
+        if self._reader.buffered >= wire.REQUEST.size or writer.pending:
+            self._start_task(self._transmission())
+
+    async def _transmission(self) -> None:
+        state = self._state
+        export = self.export
+        reader = self._reader
+        writer = self._writer
+        limiter = self._limiter
+        assert export is not None and writer is not None and limiter is not None
         tasks: set[asyncio.Task[None]] = set()
         header_size = wire.REQUEST.size
-        reads = self.channel.reads if isinstance(self.channel, SocketChannel) else None
+        reads = self._reads()
         if reads is not None:
-            self._serving = (reader, writer, export, state)
             # Until the first request says what kind of client this is (below).
             reads.on_readable = self._serve_from_reader
         try:
-            while not self.shutting_down:
+            # Requests already received when the server began shutting down are
+            # answered too (ESHUTDOWN), then the connection ends.
+            while not self.shutting_down or reader.buffered >= header_size:
                 if writer.pending and reader.buffered < header_size:
                     await writer.flush()
                 self._awaiting_request = True
@@ -347,7 +523,6 @@ class Connection:
                 tasks.add(task)
                 task.add_done_callback(lambda t, c=cost: (tasks.discard(t), limiter.release(c)))
         finally:
-            self._serving = None
             self._awaiting_request = False
             if reads is not None:
                 reads.on_readable = None
@@ -359,8 +534,6 @@ class Connection:
                 await writer.flush()
             except ConnectionError:
                 pass
-            self._summary = (f", export {export.name!r}; read data sent: {writer.sendfile_bytes} bytes by "
-                             f"sendfile, {writer.copied_bytes} bytes copied (zero-copy {writer.zero_copy_mode})")
 
     async def _serve(self, request: wire.Request, payload: bytearray | None, export: Export,
                      state: TransmissionState, writer: ReplyWriter) -> None:
@@ -474,9 +647,23 @@ class Connection:
         self._answers.put(key, generation, ahead)
 
     def _serve_from_reader(self) -> bool:
-        """The reader callback's hook (see _serve_buffered_block_status)."""
+        """The reader callback while the task serves the connection: serve buffered
+        BLOCK_STATUS requests while the task waits for a request header; True when
+        the task can go on waiting.
+
+        Waking the task and resuming its coroutines per request cost ~15 us of
+        server CPU here (a minimal server with canned answers: 1.37 ms per 100 GiB
+        bitmap map with a task, 0.58 ms with callbacks, bench/README.md).
+        """
+        if self._ended or not self._awaiting_request or self.shutting_down:
+            return False
         try:
-            return self._serve_buffered_block_status()
+            got = self._reader.fill_nowait()
+            if not got:
+                return False  # EOF or nothing: the task finds out
+            return self._serve_buffered()
+        except OSError:
+            return False  # the task's read reports it
         except Exception:
             # A bug, not a client error: a request may be half served, so end the
             # connection as the task does for unexpected errors (_serve).
@@ -484,33 +671,24 @@ class Connection:
             self.channel.close()
             return False
 
-    def _serve_buffered_block_status(self) -> bool:
-        """Serve BLOCK_STATUS requests from the socket's reader callback, without waking
-        the connection's task; True when the task can go on waiting for input.
+    def _serve_buffered(self) -> bool:
+        """Serve buffered BLOCK_STATUS requests (and close after a DISC) from a reader
+        callback; True when no whole request is left for the task.
 
-        Waking the task and resuming its coroutines per request cost ~15 us of
-        server CPU here (a minimal server with canned answers: 1.37 ms per 100 GiB
-        bitmap map with a task, 0.58 ms with callbacks, bench/README.md). Only
-        while the task waits for a request header, only BLOCK_STATUS, only when
-        no other reply is being sent; anything else wakes the task, which then
-        finds the request buffered and serves it as always.
+        Only BLOCK_STATUS, only when no other reply is being sent; anything else
+        is left buffered for the task, which serves it as always.
         """
-        serving = self._serving
-        if serving is None or not self._awaiting_request or self.shutting_down:
-            return False
-        reader, writer, export, state = serving
-        try:
-            got = reader.fill_nowait()
-        except OSError:
-            return False
-        if got == 0:
-            return False  # EOF: the task reports it
+        reader = self._reader
+        writer = self._writer
+        export = self.export
+        state = self._state
+        assert writer is not None and export is not None
         header_size = wire.REQUEST.size
         while reader.buffered >= header_size and not writer.pending and not writer.lock.locked():
             head = reader.peek(header_size)
             if head[:4] != _REQUEST_MAGIC_BYTES or head[6:8] != _BLOCK_STATUS_BYTES:
                 if head[6:8] == _DISC_BYTES:
-                    self._close_for_disc(writer)  # the task then finds the DISC and ends as always
+                    self._close_for_disc(writer)  # the task (if any) then finds the DISC and ends
                 break  # not ours: the task parses it once (READs at QD16 felt an extra parse)
             request = wire.Request.unpack(bytes(head))
             try:
@@ -536,9 +714,10 @@ class Connection:
         yielding the CPU to it if it runs on this one, ended ``nbdinfo --map``
         runs 90-130 us sooner (bench/README.md).
         """
-        if (self._limiter is None or self._limiter.requests or writer.pending
-                or writer.lock.locked()):
+        if (self._closed_for_disc or self._limiter is None or self._limiter.requests
+                or writer.pending or writer.lock.locked()):
             return
+        self._closed_for_disc = True
         self.channel.close()
         os.sched_yield()
 

@@ -108,7 +108,7 @@ class NbdServer:
         self.settings = settings
         self.max_connections = max_connections
         self.shutdown_grace = shutdown_grace
-        self.connections: dict[asyncio.Task[None], Connection] = {}
+        self.connections: set[Connection] = set()
         self._stop = asyncio.Event()
         self._accepting: list[_Acceptor] = []
 
@@ -163,30 +163,31 @@ class NbdServer:
     def _connected(self, sock: socket.socket, peer: str, greeted: int) -> None:
         """A client was accepted (and ``greeted`` bytes of the greeting sent): start its connection."""
         loop = asyncio.get_running_loop()
-        conn = Connection(SocketChannel(sock, loop), peer, self.exports, self.catalog, self.settings, greeted)
-        task = loop.create_task(conn.run())
-        self.connections[task] = conn
-        task.add_done_callback(self._connection_done)
+        conn = Connection(SocketChannel(sock, loop), peer, self.exports, self.catalog, self.settings, greeted,
+                          on_end=self._connection_done)
+        self.connections.add(conn)
+        conn.start()
         if self._at_limit():
             # At the connection limit, stop accepting: clients wait in the backlog (qemu -e).
             for acceptor in self._accepting:
                 acceptor.pause()
 
-    def _connection_done(self, task: asyncio.Task[None]) -> None:
-        self.connections.pop(task, None)
+    def _connection_done(self, conn: Connection) -> None:
+        self.connections.discard(conn)
         self._resume_accepting()
 
     async def _shutdown_connections(self) -> None:
         if not self.connections:
             return
-        for conn in self.connections.values():
+        for conn in self.connections:
             conn.shutting_down = True
-        busy = [c.idle() for c in self.connections.values() if c.in_transmission]
+        busy = [c.idle() for c in self.connections if c.in_transmission]
         if busy:
             await asyncio.wait([asyncio.create_task(b) for b in busy], timeout=self.shutdown_grace)
-        tasks = list(self.connections)  # some may have ended while we waited
-        for task in tasks:
-            task.cancel()
+        conns = list(self.connections)  # some may have ended while we waited
+        for conn in conns:
+            conn.abort()
+        tasks = [c.task for c in conns if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.shutdown_grace)
 
@@ -224,6 +225,8 @@ class _Acceptor:
         self.connected = connected
         #: Resumes accepting unless the server stopped or is at its limit.
         self.retry = retry
+        #: socket() arguments for accepted sockets, as plain ints (see _ready).
+        self._socket_args = (int(listener.family), int(listener.type), listener.proto)
         self.family = listener.family
         self._registered = False
         self._failing = False
@@ -244,7 +247,10 @@ class _Acceptor:
         if not self._registered:
             return
         try:
-            sock, addr = self.listener.accept()
+            # socket.accept() without its Python wrapper: that converts the listener's
+            # family and type to enums for each client (~20 us here, cold after each
+            # client process's start).
+            fd, addr = self.listener._accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -256,6 +262,7 @@ class _Acceptor:
             self.loop.call_later(0.1, self.retry)
             return
         self._failing = False
+        sock = socket.socket(*self._socket_args, fileno=fd)
         greeted = send_greeting(sock)
         if self.family == socket.AF_UNIX:
             # The default unix socket buffer (about 200 KiB) is smaller than one
