@@ -175,8 +175,9 @@ class Connection:
     a backup tool's map) costs no task, coroutine, future or timeout object.
     A task takes over, for the rest of the connection, at the first thing that
     must wait: STARTTLS, a full socket, any other request, an error to report.
-    Cold after each new client process, that machinery was ~45 % of the
-    server's CPU per connection (bench/README.md, connection cost).
+    Cold after each new client process, that machinery and the task's wake-ups
+    cost ~80 of the ~330 us of server CPU per ``nbdinfo --size`` connection
+    (bench/README.md, "Connection cost").
     """
 
     def __init__(self, channel: Channel, peer: str, exports: Mapping[str, Export],
