@@ -340,13 +340,9 @@ class Connection:
 
     def _on_handshake_input(self, reader: BufferedReader) -> None:
         """The reader callback during the handshake: answer what the client sent."""
-        hs = self._hs
-        hs.receive_data(reader.take())
+        self._hs.receive_data(reader.take())
         while True:
-            if self.shutting_down:
-                hs.begin_shutdown()
-            event = hs.next_event()
-            out = hs.data_to_send()
+            event, out = self._handshake_step()
             if out:
                 sent = self.channel.send_nowait((out,))
                 if sent < len(out):
@@ -383,10 +379,7 @@ class Connection:
             await self.channel.sendall(unsent)
         while True:
             if event is None:
-                if self.shutting_down:
-                    hs.begin_shutdown()
-                event = hs.next_event()
-                out = hs.data_to_send()
+                event, out = self._handshake_step()
                 if out:
                     await self.channel.sendall(out)
                 if event is None:
@@ -402,6 +395,14 @@ class Connection:
                 event = None
                 continue
             return self._handshake_ended(event)
+
+    def _handshake_step(self) -> tuple[Event | None, bytes]:
+        """The state machine's next event (None: it needs more input) and the bytes to
+        send before acting on it."""
+        hs = self._hs
+        if self.shutting_down:
+            hs.begin_shutdown()
+        return hs.next_event(), hs.data_to_send()
 
     def _handshake_ended(self, event: Event) -> bool:
         """Log how the handshake ended; True when transmission starts (then set up)."""
