@@ -88,7 +88,7 @@ def nbd_error_for(exc: BaseException) -> Error:
 #: Runs fetched per context for a REQ_ONE block status request.
 REQ_ONE_RUNS = 16
 #: Handshake reads: options are small (and larger ones arrive over several reads).
-HANDSHAKE_BUFFER = 4096
+HANDSHAKE_BUFFER = 1024
 
 INLINE_COMMANDS = frozenset({Command.READ, Command.CACHE, Command.BLOCK_STATUS})
 
