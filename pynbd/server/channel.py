@@ -163,7 +163,6 @@ class SocketChannel:
         self.loop = loop
         self.fd = sock.fileno()
         self.reads = ReadWaiter(loop, self.fd)
-        self.closed = False
 
     def recv_nowait(self, buf: memoryview) -> int | None:
         try:
@@ -235,9 +234,8 @@ class SocketChannel:
     def close(self) -> None:
         # The client may be waiting for the end of the stream (libnbd after DISC):
         # shut down first, then drop the poll registration (three epoll_ctl here).
-        if self.closed:
-            return
-        self.closed = True
+        if self.sock.fileno() < 0:
+            return  # closed already (after DISC, then at the connection's end)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

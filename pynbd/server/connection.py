@@ -210,9 +210,10 @@ class Connection:
         self._scan = ScanTracker()
         #: The selected contexts, as the answer caches' keys carry them.
         self._contexts_key: tuple[tuple[int, str], ...] = ()
-        #: Set when transmission starts (_begin_transmission).
-        self._answers: AnswerCache
+        #: The handshake's reader (reader callbacks), then transmission's (set with the rest
+        #: when transmission starts, _begin_transmission).
         self._reader: BufferedReader
+        self._answers: AnswerCache
         self._writer: ReplyWriter | None = None
         self._state: TransmissionState
         #: Whether the task waits for a request header (the reader callback may serve then).
@@ -235,8 +236,8 @@ class Connection:
         if reads is None or self._unsent:
             self._start_task(self._handshake_and_transmission(None, None))
             return
-        reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER, max_size=HANDSHAKE_BUFFER)
-        reads.on_readable = lambda: self._guarded(self._on_handshake_input, reader, "handshake")
+        self._reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER, max_size=HANDSHAKE_BUFFER)
+        reads.on_readable = lambda: self._guarded(self._on_handshake_input, "handshake")
         reads.listen()
 
     def _reads(self) -> ReadWaiter | None:
@@ -269,17 +270,17 @@ class Connection:
         finally:
             self._end()
 
-    def _guarded(self, callback: Callable[[BufferedReader], None], reader: BufferedReader, what: str) -> bool:
-        """Run a reader callback: receive into ``reader``, then ``callback`` on what came;
-        the connection ends at EOF, on a socket error or on a bug (nothing escapes
-        into the event loop)."""
+    def _guarded(self, callback: Callable[[], None], what: str) -> bool:
+        """Run a reader callback: receive into the connection's reader, then ``callback``
+        on what came; the connection ends at EOF, on a socket error or on a bug
+        (nothing escapes into the event loop)."""
         try:
-            got = reader.fill_nowait()
+            got = self._reader.fill_nowait()
             if got == 0:
                 self.log.debug("client closed the connection")
                 self._end()
             elif got is not None:
-                callback(reader)
+                callback()
         except OSError as exc:
             self.log.info("connection lost: %s", exc)
             self._end()
@@ -338,8 +339,9 @@ class Connection:
             self._deadline.cancel()
             self._deadline = None
 
-    def _on_handshake_input(self, reader: BufferedReader) -> None:
+    def _on_handshake_input(self) -> None:
         """The reader callback during the handshake: answer what the client sent."""
+        reader = self._reader
         self._hs.receive_data(reader.take())
         while True:
             event, out = self._handshake_step()
@@ -359,7 +361,7 @@ class Connection:
                 return
             reads = self._reads()
             assert reads is not None
-            reads.on_readable = lambda: self._guarded(self._on_request_input, self._reader, "BLOCK_STATUS")
+            reads.on_readable = lambda: self._guarded(self._serve_without_task, "BLOCK_STATUS")
             if self._reader.buffered:
                 self._serve_without_task()
             return
@@ -435,12 +437,9 @@ class Connection:
         self._writer = ReplyWriter(self.channel, state.structured, self.settings.zero_copy)
         self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
 
-    def _on_request_input(self, reader: BufferedReader) -> None:
-        """The reader callback in transmission while no task serves the connection."""
-        self._serve_without_task()
-
     def _serve_without_task(self) -> None:
-        """Serve the buffered requests the callback can; a task takes the rest."""
+        """The reader callback in transmission while no task serves the connection:
+        serve the buffered requests it can; a task takes the rest."""
         if not self.shutting_down:
             self._serve_buffered()
         if self._closed_for_disc:
