@@ -405,6 +405,49 @@ class SpanRuns:
         return Runs(lengths, self.values[first:stop], True, end - pos, self.longest)
 
 
+
+class RunIndex:
+    """Normalized runs from ``start``, for finding the run that holds an offset.
+
+    Serves clients that ask for one extent at a time (REQ_ONE: QEMU's nbd
+    driver, under ``qemu-img map`` and incremental backups with
+    ``x-dirty-bitmap``): the runs are found once and each request is a
+    bisection. The last run may go on past what is known (``open_end``).
+    """
+
+    __slots__ = ("start", "end", "ends", "values", "open_end")
+
+    @property
+    def last_start(self) -> int:
+        """Where the last run starts."""
+        return self.ends[-2] if len(self.ends) > 1 else self.start
+
+    def __init__(self, start: int, runs: AnyRuns, open_end: bool) -> None:
+        runs = columns(normalize(runs))
+        self.start = start
+        self.ends = array("q", accumulate(runs.lengths, initial=start))
+        del self.ends[0]
+        self.end = self.ends[-1] if self.ends else start
+        self.values = runs.values
+        self.open_end = open_end
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def run_at(self, offset: int, end: int) -> tuple[int, int] | None:
+        """``(length, value)`` from ``offset`` to the end of its run, at most up to ``end``;
+        None when the index cannot tell (``offset`` outside it, or in an open last run
+        that ``end`` reaches past)."""
+        ends = self.ends
+        if offset < self.start or offset >= self.end:
+            return None
+        index = bisect_right(ends, offset)
+        run_end = ends[index]
+        if run_end < end and self.open_end and index == len(ends) - 1:
+            return None
+        return min(run_end, end) - offset, self.values[index]
+
+
 def clipped(runs: AnyRuns, total: int) -> AnyRuns:
     """At most ``total`` bytes: the run that crosses it is shortened, later ones dropped."""
     if runs.total <= total:

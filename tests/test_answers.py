@@ -8,7 +8,16 @@ from collections import OrderedDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pynbd.server.answers import AnswerCache, BlockStatusAnswer, ScanTracker
+from pynbd.protocol.transmission import MAX_DESCRIPTOR_LENGTH
+from pynbd.runlength import RunIndex, Runs
+from pynbd.server.answers import (
+    ONE_EXTENT_FIRST_RUNS,
+    ONE_EXTENT_MAX_RUNS,
+    AnswerCache,
+    BlockStatusAnswer,
+    OneExtentScan,
+    ScanTracker,
+)
 
 CONTEXTS = ((1, "base:allocation"),)
 
@@ -127,3 +136,45 @@ def test_scan_tracker_follows_a_scan_and_nothing_else():
     # A request elsewhere is no scan; nor is an answer that covers nothing.
     assert scan.next_request(3 << 20, 4096, 4096, size) is None
     assert scan.next_request(0, 4096, 0, size) is None
+
+
+# --- REQ_ONE scans --------------------------------------------------------------------
+
+
+def test_one_extent_scan_answers_from_kept_runs_per_context():
+    scan = OneExtentScan([3, 5])
+    assert scan.descriptors(0, 100, 0) is None  # nothing kept yet
+    scan.keep([RunIndex(0, Runs([10, 20, 70], [1, 0, 1]), open_end=True),
+               RunIndex(0, Runs([50, 50], [2, 4]), open_end=False)], generation=7)
+    assert scan.descriptors(0, 100, 7) == [(3, 10, 1), (5, 50, 2)]
+    assert scan.descriptors(15, 100, 7) == [(3, 15, 0), (5, 35, 2)]
+    assert scan.descriptors(15, 3, 7) == [(3, 3, 0), (5, 3, 2)]  # clipped at the request end
+    assert scan.descriptors(15, 100, 8) is None  # another generation: the image changed
+    assert scan.descriptors(35, 100, 7) is None  # the open last run of the first context
+    assert scan.descriptors(35, 60, 7) == [(3, 60, 1), (5, 15, 2)]  # ...known up to this end
+
+
+def test_one_extent_scan_caps_descriptors():
+    scan = OneExtentScan([1])
+    scan.keep([RunIndex(0, Runs([1 << 40], [0]), open_end=False)], generation=0)
+    assert scan.descriptors(0, 0xFFFFFFFF, 0) == [(1, MAX_DESCRIPTOR_LENGTH, 0)]
+
+
+def test_one_extent_scan_finds_more_runs_while_the_client_scans():
+    scan = OneExtentScan([1])
+    assert scan.runs_to_find(0) == ONE_EXTENT_FIRST_RUNS
+
+    def keep_runs(start: int, count: int) -> None:
+        scan.keep([RunIndex(start, Runs([10] * count, [0, 1] * (count // 2)), open_end=True)], 0)
+
+    keep_runs(0, ONE_EXTENT_FIRST_RUNS)
+    pos = 10 * (ONE_EXTENT_FIRST_RUNS - 1)  # the last (open) run: the scan goes on
+    assert scan.descriptors(pos, 1000, 0) is None
+    assert scan.runs_to_find(pos) == 4 * ONE_EXTENT_FIRST_RUNS
+    keep_runs(pos, 4 * ONE_EXTENT_FIRST_RUNS)
+    end = pos + 10 * 4 * ONE_EXTENT_FIRST_RUNS
+    assert scan.runs_to_find(end) == 16 * ONE_EXTENT_FIRST_RUNS  # at the end: still a scan
+    for _ in range(10):
+        scan.runs_to_find(end)
+    assert scan.runs_to_find(end) == ONE_EXTENT_MAX_RUNS  # bounded
+    assert scan.runs_to_find(5) == ONE_EXTENT_FIRST_RUNS  # a jump back: a probe again

@@ -298,6 +298,37 @@ def cb1(ctx, off, entries, err):
     return 0
 h.block_status(size, 0, cb1, nbd.CMD_FLAG_REQ_ONE)
 out["req_one"] = one
+
+
+def one_extent(pos, length):
+    """REQ_ONE block status: each context's one (length, status)."""
+    got = {}
+
+    def cb(ctx, off, entries, err):
+        assert off == pos and len(entries) == 2 and ctx not in got, (ctx, off, entries)
+        got[ctx] = list(entries)
+        return 0
+
+    h.block_status(length, pos, cb, nbd.CMD_FLAG_REQ_ONE)
+    return got
+
+
+# REQ_ONE walks as QEMU's nbd driver does them (qemu-img map, x-dirty-bitmap): each
+# request INT_MAX long from where that context's last descriptor ended.
+walks = {}
+for c in contexts:
+    rows_c, pos = [], 0
+    while pos < size:
+        n, v = one_extent(pos, min(size - pos, 2**31 - 1))[c]
+        rows_c.append([pos, n, v])
+        pos += n
+    walks[c] = rows_c
+out["walks"] = walks
+# Probes at unaligned offsets, each after a jump (no scan to continue).
+probes = {}
+for off in sorted({1, 4095, 65536 + 7, size // 3, size // 2 + 511, size - 1, 513}):
+    probes[off] = one_extent(off, min(size - off, 3 * 65536 + 5))
+out["probes"] = probes
 h.shutdown()
 print(json.dumps(out))
 '''
@@ -336,6 +367,33 @@ def test_block_status_all_contexts(pair: Pair) -> None:
         assert len(chunks) == 1 and len(chunks[0]) == 2 and 0 < chunks[0][0] <= pair.size, (c, chunks)
         if c != "base:allocation":  # base:allocation may differ by the F6 heuristic
             assert chunks == ref["req_one"][c], c
+
+
+def test_req_one_walks_and_probes(pair: Pair) -> None:
+    """QEMU's client asks for one extent at a time (REQ_ONE), from where the last ended:
+    the walks give qemu-nbd's maps, and the full-request map; probes after jumps give
+    the status there, and never a descriptor that crosses a change of status."""
+    mine = pair.libnbd_report("pynbd")
+    ref = pair.libnbd_report("qemu")
+    for c in pair.contexts:
+        a = merge_rows(tuple(r) for r in mine["walks"][c])
+        full = merge_rows(tuple(r) for r in mine["rows"][c])
+        assert a == full, c
+        assert covers(a, pair.size), c
+        b = merge_rows(tuple(r) for r in ref["walks"][c])
+        if c == "base:allocation":
+            a, b = normalise_base_allocation(a), normalise_base_allocation(b)
+        assert a == b, c
+    for off_text, per_context in mine["probes"].items():
+        off = int(off_text)
+        asked = min(pair.size - off, 3 * 65536 + 5)
+        assert set(per_context) == set(pair.contexts)
+        for c, (length, status) in per_context.items():
+            full = merge_rows(tuple(r) for r in mine["rows"][c])
+            start, run_length, run_status = next(r for r in full if r[0] <= off < r[0] + r[1])
+            assert status == run_status, (c, off)
+            # The descriptor reaches the end of the status's run or of the request.
+            assert length == min(start + run_length - off, asked), (c, off, length)
 
 
 # --- raw-socket checks of block status and structured reads ----------------------------

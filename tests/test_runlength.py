@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from pynbd.runlength import (
     PackedRuns,
+    RunIndex,
     Runs,
     SpanRuns,
     clipped,
@@ -167,3 +168,28 @@ def test_first_group_is_the_first_descriptor(p):
     full = list(normalize(runs))
     head = list(normalize(first_group(runs)))
     assert head == full[:1]
+
+
+@settings(max_examples=500)
+@given(pairs, st.integers(0, 50), st.booleans(), st.integers(-5, 420), st.integers(1, 420))
+def test_run_index_answers_like_the_expansion(p, start, open_end, offset, length):
+    """run_at: from ``offset`` to where the value changes (or ``end``); None only outside
+    the runs or in an open last run that ``end`` reaches past."""
+    index = RunIndex(start, Runs.from_pairs(p), open_end)
+    values = expand(p)
+    end = offset + length
+    got = index.run_at(offset, end)
+    inside = start <= offset < start + len(values)
+    if not inside:
+        assert got is None
+        return
+    value = values[offset - start]
+    run_end = offset
+    while run_end - start < len(values) and values[run_end - start] == value:
+        run_end += 1
+    in_last_run = run_end == start + len(values)
+    if open_end and in_last_run and run_end < end:
+        assert got is None
+    else:
+        assert got == (min(run_end, end) - offset, value)
+    assert len(index) == len(normalize(Runs.from_pairs(p)))

@@ -47,6 +47,7 @@ CHUNK_OFFSET_HOLE = struct.Struct(">IHHQIQI")  # chunk header + u64 offset + u32
 CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + u32 error + u16 message length
 CHUNK_BLOCK_STATUS_HEADER = struct.Struct(">IHHQII")  # chunk header + u32 context id
 DESCRIPTOR = struct.Struct(">II")  # block status descriptor: length, status
+CHUNK_BLOCK_STATUS_ONE = struct.Struct(">IHHQIIII")  # chunk header + context id + one descriptor
 
 ZERO_PADDING = bytes(124)  # after EXPORT_NAME unless NO_ZEROES (§1.4)
 
@@ -217,6 +218,23 @@ def chunk_block_status_parts(cookie: int, context_id: int, descriptors: AnyRuns,
                                             ReplyType.BLOCK_STATUS, cookie, 4 + 8 * len(descriptors),
                                             context_id)
     return [header, *body]
+
+
+def block_status_one_reply(cookie: int, descriptors: Sequence[tuple[int, int, int]]) -> bytes:
+    """A whole BLOCK_STATUS reply of one descriptor per context, ``(context id, length,
+    status)`` each, in one chunk per context (§5.3), the last one flagged DONE."""
+    if len(descriptors) == 1:  # (the usual case, per request of a REQ_ONE scan: one pack)
+        return CHUNK_BLOCK_STATUS_ONE.pack(STRUCTURED_REPLY_MAGIC, _DONE, _BLOCK_STATUS, cookie, 12,
+                                           *descriptors[0])
+    last = len(descriptors) - 1
+    return b"".join(
+        CHUNK_BLOCK_STATUS_ONE.pack(STRUCTURED_REPLY_MAGIC, _DONE if index == last else 0, _BLOCK_STATUS,
+                                    cookie, 12, context_id, length, status)
+        for index, (context_id, length, status) in enumerate(descriptors))
+
+
+_DONE = int(ReplyFlag.DONE)
+_BLOCK_STATUS = int(ReplyType.BLOCK_STATUS)
 
 
 def chunk_block_status(cookie: int, context_id: int, descriptors: AnyRuns, done: bool) -> bytes:

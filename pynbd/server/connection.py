@@ -45,11 +45,18 @@ from pynbd.protocol.transmission import (
     TransmissionState,
     build_descriptors,
 )
-from pynbd.runlength import Buffer, Runs
+from pynbd.runlength import Buffer, RunIndex, Runs, clipped
 from pynbd.server.channel import BufferedReader, Channel, ChannelClosed, ReadWaiter, SocketChannel
 from pynbd.server.contexts import ExtentQuery
 from pynbd.server.exports import Export
-from pynbd.server.answers import AnswerCache, BlockStatusAnswer, RequestKey, ScanTracker
+from pynbd.server.answers import (
+    ONE_EXTENT_FIRST_RUNS,
+    AnswerCache,
+    BlockStatusAnswer,
+    OneExtentScan,
+    RequestKey,
+    ScanTracker,
+)
 from pynbd.server.replies import ReplyWriter
 
 log = logging.getLogger(__name__)
@@ -81,15 +88,13 @@ def nbd_error_for(exc: BaseException) -> Error:
     return Error.EIO
 
 
+#: Handshake reads: options are small (and larger ones arrive over several reads).
+HANDSHAKE_BUFFER = 1024
+
 #: Commands whose work runs on the event loop thread (page-cache reads, hints,
 #: metadata lookups): the reader serves them itself, in order. Commands that
 #: block (writes, syncs, hole punching) run in worker threads as tasks and may
 #: complete out of order.
-#: Runs fetched per context for a REQ_ONE block status request.
-REQ_ONE_RUNS = 16
-#: Handshake reads: options are small (and larger ones arrive over several reads).
-HANDSHAKE_BUFFER = 1024
-
 INLINE_COMMANDS = frozenset({Command.READ, Command.CACHE, Command.BLOCK_STATUS})
 
 
@@ -208,6 +213,7 @@ class Connection:
         self._limiter: InflightLimiter | None = None
         self._loop = asyncio.get_running_loop()
         self._scan = ScanTracker()
+        self._one_extent: OneExtentScan | None = None  # (made at the first REQ_ONE request)
         #: The selected contexts, as the answer caches' keys carry them.
         self._contexts_key: tuple[tuple[int, str], ...] = ()
         #: The handshake's reader (reader callbacks), then transmission's (set with the rest
@@ -616,12 +622,21 @@ class Connection:
     async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
         answer, parts = self._block_status_reply(request, export)
         await writer.chunks(parts)
-        if not (request.flags & FLAG_REQ_ONE or writer.batching):
-            # (REQ_ONE answers are tiny; a batching client has its next requests sent already.)
+        if answer is not None and not writer.batching:
+            # (None for REQ_ONE: found ahead already; a batching client has its next requests sent.)
             self._compute_ahead(request, answer, export)
 
-    def _block_status_reply(self, request: wire.Request, export: Export) -> tuple[BlockStatusAnswer, list[Buffer]]:
-        """The answer to a BLOCK_STATUS request (kept or computed now) and its reply's buffers."""
+    def _block_status_reply(self, request: wire.Request,
+                            export: Export) -> tuple[BlockStatusAnswer | None, list[Buffer]]:
+        """The answer to a BLOCK_STATUS request (kept or computed now; None for REQ_ONE,
+        answered from runs found ahead) and its reply's buffers."""
+        if request.flags & FLAG_REQ_ONE:
+            reply = self._one_extent_reply(request, export)
+            if reply is not None:
+                return None, [reply]
+            # (Runs could not be found ahead: the general way reports the error or a safe status.)
+            return None, self._block_status(request.offset, request.length, request.flags,
+                                            export).for_cookie(request.cookie)
         key: RequestKey = (request.offset, request.length, request.flags, self._contexts_key)
         generation = export.generation
         answer = self._answers.get(key, generation)
@@ -630,6 +645,33 @@ class Connection:
             if not self._answers.single_use:  # (single use: only answers computed ahead are kept)
                 self._answers.put(key, generation, answer)
         return answer, answer.for_cookie(request.cookie)
+
+    def _one_extent_reply(self, request: wire.Request, export: Export) -> bytes | None:
+        """A REQ_ONE reply from the runs kept for this connection's scan (found now if
+        they cannot answer it), or None when runs cannot be found (an image error)."""
+        scan = self._one_extent
+        if scan is None:
+            scan = self._one_extent = OneExtentScan([context_id for context_id, _ in self._contexts_key])
+        offset, length, generation = request.offset, request.length, export.generation
+        found = scan.descriptors(offset, length, generation)
+        if found is None:
+            try:
+                scan.keep(self._run_indexes(offset, length, scan.runs_to_find(offset), export), generation)
+            except (ImageError, OSError):
+                return None
+            found = scan.descriptors(offset, length, generation)
+            if found is None:
+                return None
+        return wire.block_status_one_reply(request.cookie, found)
+
+    def _run_indexes(self, offset: int, length: int, runs: int, export: Export) -> list[RunIndex]:
+        """Up to ``runs`` runs from ``offset`` for each selected context, indexed."""
+        query = ExtentQuery(export.image, offset, length, runs)
+        indexes = []
+        for _, name in self._contexts_key:
+            found = clipped(export.contexts.providers[name].runs(name, query, export.bitmaps), length)
+            indexes.append(RunIndex(offset, found, open_end=offset + found.total < export.image.size))
+        return indexes
 
     def _compute_ahead(self, request: wire.Request, answer: BlockStatusAnswer, export: Export) -> None:
         """The client reads this answer now: compute the next one of its scan meanwhile."""
@@ -702,7 +744,7 @@ class Connection:
             if rest is not None:  # the socket is full: the rest goes out before any other reply
                 writer.finish_later(rest)
                 break
-            if not request.flags & FLAG_REQ_ONE and reader.buffered < header_size:
+            if answer is not None and reader.buffered < header_size:
                 self._compute_ahead(request, answer, export)
         return reader.buffered < header_size
 
@@ -728,7 +770,7 @@ class Connection:
         # REQ_ONE wants one descriptor: a few runs suffice (a shorter descriptor is
         # allowed, the client asks again from its end), and computing the whole
         # range each time would make qemu-img map O(extents²).
-        query = ExtentQuery(export.image, offset, length, REQ_ONE_RUNS if req_one else None)
+        query = ExtentQuery(export.image, offset, length, ONE_EXTENT_FIRST_RUNS if req_one else None)
         items = self._contexts_key
         parts: list[Buffer] = []
         headers: list[int] = []
