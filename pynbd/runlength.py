@@ -425,7 +425,8 @@ class RunIndex:
     def __init__(self, start: int, runs: AnyRuns, open_end: bool) -> None:
         runs = columns(normalize(runs))
         self.start = start
-        self.ends = array("q", accumulate(runs.lengths, initial=start))
+        # A list: bisecting an array makes an int object per probe.
+        self.ends = list(accumulate(runs.lengths, initial=start))
         del self.ends[0]
         self.end = self.ends[-1] if self.ends else start
         self.values = runs.values

@@ -14,6 +14,7 @@ import errno
 import itertools
 import logging
 import os
+from functools import partial
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
@@ -243,7 +244,8 @@ class Connection:
             self._start_task(self._handshake_and_transmission(None, None))
             return
         self._reader = BufferedReader(self.channel, size=HANDSHAKE_BUFFER, max_size=HANDSHAKE_BUFFER)
-        reads.on_readable = lambda: self._guarded(self._on_handshake_input, "handshake")
+        # (partial, not a lambda: one Python frame less per wake-up)
+        reads.on_readable = partial(self._guarded, self._on_handshake_input, "handshake")
         reads.listen()
 
     def _reads(self) -> ReadWaiter | None:
@@ -367,7 +369,7 @@ class Connection:
                 return
             reads = self._reads()
             assert reads is not None
-            reads.on_readable = lambda: self._guarded(self._serve_without_task, "BLOCK_STATUS")
+            reads.on_readable = partial(self._guarded, self._serve_without_task, "BLOCK_STATUS")
             if self._reader.buffered:
                 self._serve_without_task()
             return
