@@ -1,15 +1,20 @@
 """Block status answers kept for reuse (pynbd/server/answers.py): the cache's bounds,
-generations and single use against a model, and the scan tracker."""
+generations and single use against a model, the scan tracker, and REQ_ONE scans (runs
+kept per connection, replies made ahead)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pynbd.protocol import wire
+from pynbd.protocol.constants import FLAG_REQ_ONE, REQUEST_MAGIC, Command
 from pynbd.protocol.transmission import MAX_DESCRIPTOR_LENGTH
 from pynbd.runlength import RunIndex, Runs
+from pynbd.server import answers
 from pynbd.server.answers import (
     ONE_EXTENT_FIRST_RUNS,
     ONE_EXTENT_MAX_RUNS,
@@ -178,3 +183,53 @@ def test_one_extent_scan_finds_more_runs_while_the_client_scans():
         scan.runs_to_find(end)
     assert scan.runs_to_find(end) == ONE_EXTENT_MAX_RUNS  # bounded
     assert scan.runs_to_find(5) == ONE_EXTENT_FIRST_RUNS  # a jump back: a probe again
+
+
+def request(offset: int, length: int, flags: int = FLAG_REQ_ONE, cookie: int = 0) -> wire.Request:
+    return wire.Request(REQUEST_MAGIC, flags, int(Command.BLOCK_STATUS), cookie, offset, length)
+
+
+@pytest.mark.parametrize("descriptors", [[(1, 65536, 1)], [(0, 512, 3), (2, 4096, 0), (5, 1, 1)]])
+def test_expected_reply_gets_the_cookie_in_every_chunk(descriptors):
+    scan = OneExtentScan([d[0] for d in descriptors])
+    expected = request(4096, 1 << 20)
+    scan.expect(expected, 3, wire.block_status_one_reply(0, descriptors))
+    assert scan.expected_request is expected
+    header = request(4096, 1 << 20, cookie=0x1122334455667788).pack()
+    assert scan.expected_reply(header, 3) == wire.block_status_one_reply(0x1122334455667788, descriptors)
+    assert scan.expected_reply(header, 3) is None  # used once
+
+
+@pytest.mark.parametrize("other", [
+    request(4096 + 512, 1 << 20), request(4096, (1 << 20) - 512), request(4096, 1 << 20, flags=0),
+    wire.Request(REQUEST_MAGIC, FLAG_REQ_ONE, int(Command.READ), 9, 4096, 1 << 20),
+    wire.Request(0x12345678, FLAG_REQ_ONE, int(Command.BLOCK_STATUS), 9, 4096, 1 << 20),
+])
+def test_expected_reply_only_for_the_expected_request(other):
+    scan = OneExtentScan([1])
+    scan.expect(request(4096, 1 << 20), 0, wire.block_status_one_reply(0, [(1, 512, 0)]))
+    assert scan.expected_reply(other.pack(), 0) is None
+    assert scan.expected_reply(request(4096, 1 << 20, cookie=7).pack(), 1) is None  # image changed
+    assert scan.expected_reply(request(4096, 1 << 20, cookie=7).pack(), 0) is not None
+
+
+def test_runs_of_unstable_images_expire(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(answers.time, "monotonic", lambda: now[0])
+    scan = OneExtentScan([1])
+    index = RunIndex(0, Runs([10, 20], [1, 0]), open_end=False)
+    scan.keep([index], 0, stable=False)
+    assert scan.descriptors(0, 30, 0) == [(1, 10, 1)]
+    now[0] += answers.ONE_EXTENT_UNSTABLE_SECONDS + 0.01
+    assert scan.descriptors(0, 30, 0) is None  # a raw file may have changed behind the server
+    scan.keep([index], 0, stable=True)
+    now[0] += 3600
+    assert scan.descriptors(0, 30, 0) == [(1, 10, 1)]  # stable extents: only writes (generation)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 0xFFFFFFFF), st.integers(0, 3)),
+                min_size=1, max_size=5), st.integers(0, (1 << 64) - 1))
+def test_one_reply_covered_is_the_shortest_descriptor(descriptors, cookie):
+    reply = wire.block_status_one_reply(cookie, descriptors)
+    assert len(reply) == 32 * len(descriptors)
+    assert wire.block_status_one_covered(reply) == min(length for _, length, _ in descriptors)

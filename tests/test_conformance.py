@@ -1007,6 +1007,44 @@ def test_B2_req_one(srv, offset, length):
         assert 0 < ext[0][0] <= length
 
 
+def req_one(c: NbdClient, offset: int) -> tuple[int, int]:
+    """base:allocation from ``offset`` as QEMU's nbd driver asks: REQ_ONE, INT_MAX long."""
+    r = c.block_status(offset, min(SPARSE_SIZE - offset, 0x7FFFFFFF), CMD_FLAG_REQ_ONE)
+    assert r.error == 0, r
+    (ext,) = r.extents().values()
+    assert len(ext) == 1, ext
+    return ext[0]
+
+
+def test_B_req_one_scan_sees_changes(srv, start_server):
+    """A REQ_ONE scan (qemu-img map, convert) answered from runs kept ahead, and with
+    replies made ahead, still sees writes through another connection and through its
+    own, and changes to the file from outside (pynbd: within 0.1 s for a raw file)."""
+    scan = tx_client(srv)  # only block status: served without a task (pynbd)
+    other = tx_client(srv)
+    assert req_one(scan, 0) == (64 * KiB, 0)
+    # Made ahead now: the next request's reply (hole until 1 MiB). Write into that hole.
+    assert other.write(64 * KiB, b"\1" * (4 * KiB)).error == 0
+    assert req_one(scan, 64 * KiB) == (4 * KiB, 0)
+    assert other.write(256 * KiB, b"\2" * (4 * KiB)).error == 0
+    assert req_one(scan, 68 * KiB) == (188 * KiB, 3)
+    assert req_one(scan, 256 * KiB) == (4 * KiB, 0)
+    assert req_one(scan, 260 * KiB) == (MiB - 260 * KiB, 3)
+    # From outside (another process writing the file): the scan goes on from 260 KiB.
+    with open(srv.image, "r+b") as f:
+        os.pwrite(f.fileno(), b"\3" * (4 * KiB), 512 * KiB)
+    time.sleep(0.2)
+    assert req_one(scan, 260 * KiB) == (252 * KiB, 3)
+    assert req_one(scan, 512 * KiB) == (4 * KiB, 0)
+    # Through the scanning connection itself.
+    assert req_one(scan, 516 * KiB) == (MiB - 516 * KiB, 3)
+    assert scan.write(516 * KiB, b"\4" * (4 * KiB)).error == 0
+    assert req_one(scan, 516 * KiB) == (4 * KiB, 0)
+    assert req_one(scan, 520 * KiB) == (MiB - 520 * KiB, 3)
+    other.disconnect()
+    scan.disconnect()
+
+
 def test_B3_unaligned(srv):
     c = tx_client(srv, meta=ALL_RAW_CONTEXTS)
     ids = ctx_ids(c)

@@ -233,6 +233,15 @@ def block_status_one_reply(cookie: int, descriptors: Sequence[tuple[int, int, in
         for index, (context_id, length, status) in enumerate(descriptors))
 
 
+def block_status_one_covered(reply: bytes) -> int:
+    """How far a reply of :func:`block_status_one_reply` describes: its shortest descriptor."""
+    size = CHUNK_BLOCK_STATUS_ONE.size
+    if len(reply) == size:
+        return _DESCRIPTOR_LENGTH.unpack_from(reply, size - 8)[0]
+    return min(_DESCRIPTOR_LENGTH.unpack_from(reply, start + size - 8)[0] for start in range(0, len(reply), size))
+
+
+_DESCRIPTOR_LENGTH = struct.Struct(">I")
 _DONE = int(ReplyFlag.DONE)
 _BLOCK_STATUS = int(ReplyType.BLOCK_STATUS)
 
@@ -243,7 +252,7 @@ def chunk_block_status(cookie: int, context_id: int, descriptors: AnyRuns, done:
 
 
 #: Offset of the cookie in every reply and chunk header (§4.1).
-_COOKIE_OFFSET = 8
+COOKIE_OFFSET = 8
 
 
 def with_cookie(parts: Sequence[Buffer], header_indices: Iterable[int], cookie: int) -> list[Buffer]:
@@ -251,6 +260,6 @@ def with_cookie(parts: Sequence[Buffer], header_indices: Iterable[int], cookie: 
     out = list(parts)
     for index in header_indices:
         header = bytearray(out[index])
-        U64.pack_into(header, _COOKIE_OFFSET, cookie)
+        U64.pack_into(header, COOKIE_OFFSET, cookie)
         out[index] = header
     return out

@@ -630,15 +630,17 @@ class Connection:
 
     def _block_status_reply(self, request: wire.Request,
                             export: Export) -> tuple[BlockStatusAnswer | None, list[Buffer]]:
-        """The answer to a BLOCK_STATUS request (kept or computed now; None for REQ_ONE,
-        answered from runs found ahead) and its reply's buffers."""
+        """The answer to a BLOCK_STATUS request (kept or computed now) and its reply's
+        buffers; for REQ_ONE no answer and the whole reply in one buffer (32 bytes a
+        context: see wire.block_status_one_reply), answered from runs found ahead."""
         if request.flags & FLAG_REQ_ONE:
             reply = self._one_extent_reply(request, export)
-            if reply is not None:
-                return None, [reply]
-            # (Runs could not be found ahead: the general way reports the error or a safe status.)
-            return None, self._block_status(request.offset, request.length, request.flags,
-                                            export).for_cookie(request.cookie)
+            if reply is None:
+                # (Runs could not be found ahead: the general way reports the error or a
+                # safe status, in the same layout: one descriptor per context.)
+                reply = b"".join(self._block_status(request.offset, request.length, request.flags,
+                                                    export).for_cookie(request.cookie))
+            return None, [reply]
         key: RequestKey = (request.offset, request.length, request.flags, self._contexts_key)
         generation = export.generation
         answer = self._answers.get(key, generation)
@@ -658,13 +660,33 @@ class Connection:
         found = scan.descriptors(offset, length, generation)
         if found is None:
             try:
-                scan.keep(self._run_indexes(offset, length, scan.runs_to_find(offset), export), generation)
+                scan.keep(self._run_indexes(offset, length, scan.runs_to_find(offset), export), generation,
+                          stable=export.image.stable_extents)
             except (ImageError, OSError):
                 return None
             found = scan.descriptors(offset, length, generation)
             if found is None:
                 return None
         return wire.block_status_one_reply(request.cookie, found)
+
+    def _one_extent_ahead(self, request: wire.Request, reply: bytes, export: Export) -> None:
+        """The client reads this REQ_ONE reply now: make the reply to the request its scan
+        sends next (from where this one ended), unless that request would be refused."""
+        scan = self._one_extent
+        assert scan is not None
+        upcoming = self._scan.next_request(request.offset, request.length,
+                                           wire.block_status_one_covered(reply), export.image.size)
+        if upcoming is None:
+            return
+        following = wire.Request(REQUEST_MAGIC, request.flags, request.type, 0, *upcoming)
+        generation = export.generation
+        try:
+            self._state.validate(following)
+            ahead = self._one_extent_reply(following, export)
+        except (RequestError, ImageError, OSError):
+            return  # the request, if it comes, is answered (or refused) the usual way
+        if ahead is not None:
+            scan.expect(following, generation, ahead)
 
     def _run_indexes(self, offset: int, length: int, runs: int, export: Export) -> list[RunIndex]:
         """Up to ``runs`` runs from ``offset`` for each selected context, indexed."""
@@ -729,25 +751,36 @@ class Connection:
         state = self._state
         assert writer is not None and export is not None
         header_size = wire.REQUEST.size
+        one_extent = self._one_extent
         while reader.buffered >= header_size and not writer.pending and not writer.lock.locked():
-            head = reader.peek(header_size)
-            if head[:4] != _REQUEST_MAGIC_BYTES or head[6:8] != _BLOCK_STATUS_BYTES:
-                if head[6:8] == _DISC_BYTES:
-                    self._close_for_disc(writer)  # the task (if any) then finds the DISC and ends
-                break  # not ours: the task parses it once (READs at QD16 felt an extra parse)
-            request = wire.Request.unpack(bytes(head))
-            try:
-                state.validate(request)
-                answer, parts = self._block_status_reply(request, export)
-            except (RequestError, ImageError, OSError):
-                break  # the task answers it (and logs it)
+            head = bytes(reader.peek(header_size))
+            # The REQ_ONE request a scan was expected to send: its reply is ready.
+            expected = one_extent.expected_reply(head, export.generation) if one_extent else None
+            if expected is not None:
+                request, answer, parts = one_extent.expected_request, None, [expected]
+            else:
+                if head[:4] != _REQUEST_MAGIC_BYTES or head[6:8] != _BLOCK_STATUS_BYTES:
+                    if head[6:8] == _DISC_BYTES:
+                        self._close_for_disc(writer)  # the task (if any) then finds the DISC and ends
+                    break  # not ours: the task parses it once (READs at QD16 felt an extra parse)
+                try:
+                    request = wire.Request.unpack(head)
+                    state.validate(request)
+                    answer, parts = self._block_status_reply(request, export)
+                except (RequestError, ImageError, OSError):
+                    break  # the task answers it (and logs it)
             reader.skip(header_size)
             rest = writer.send_nowait(parts, sum(map(len, parts)))
             if rest is not None:  # the socket is full: the rest goes out before any other reply
                 writer.finish_later(rest)
                 break
-            if answer is not None and reader.buffered < header_size:
-                self._compute_ahead(request, answer, export)
+            if reader.buffered < header_size:
+                # The client reads this reply now: prepare what its scan asks next.
+                if answer is not None:
+                    self._compute_ahead(request, answer, export)
+                else:
+                    self._one_extent_ahead(request, parts[0], export)
+                one_extent = self._one_extent
         return reader.buffered < header_size
 
     def _close_for_disc(self, writer: ReplyWriter) -> None:
