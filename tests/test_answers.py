@@ -185,6 +185,16 @@ def test_one_extent_scan_finds_more_runs_while_the_client_scans():
     assert scan.runs_to_find(5) == ONE_EXTENT_FIRST_RUNS  # a jump back: a probe again
 
 
+
+def test_one_extent_runs_are_shared_by_the_contexts():
+    """However many contexts (bitmaps) a connection selected, its kept runs stay bounded."""
+    many = OneExtentScan(list(range(40)))
+    assert many.runs_to_find(0) == ONE_EXTENT_FIRST_RUNS  # never fewer than a probe's
+    many.keep([RunIndex(0, Runs([10] * 16, [0, 1] * 8), open_end=True)] * 40, 0)
+    for _ in range(10):
+        per_context = many.runs_to_find(150)
+    assert per_context * 40 <= max(ONE_EXTENT_MAX_RUNS, 40 * ONE_EXTENT_FIRST_RUNS)
+
 def request(offset: int, length: int, flags: int = FLAG_REQ_ONE, cookie: int = 0) -> wire.Request:
     return wire.Request(REQUEST_MAGIC, flags, int(Command.BLOCK_STATUS), cookie, offset, length)
 

@@ -152,9 +152,10 @@ class ScanTracker:
 
 #: Runs found per context for a REQ_ONE request that does not continue a scan...
 ONE_EXTENT_FIRST_RUNS = 16
-#: ...and at most this many while a scan goes on (four times more at each refill; a
-#: refill then costs well under 1 us per request, and the runs ~40 KiB per context).
-ONE_EXTENT_MAX_RUNS = 1024
+#: ...and at most this many over all the connection's contexts while a scan goes on
+#: (four times more at each refill; a refill then costs well under 1 us per request,
+#: and a connection keeps ~100 KiB of runs however many bitmaps it selected).
+ONE_EXTENT_MAX_RUNS = 2048
 #: Runs of an image whose extents may change behind the server's back (a raw file
 #: another process writes) answer requests for this long at most: well within a
 #: scan's pass over them (~70 ms for 1024 here), and changes from outside still show.
@@ -221,7 +222,7 @@ class OneExtentScan:
             self._runs = min(4 * self._runs, ONE_EXTENT_MAX_RUNS)
         else:
             self._runs = ONE_EXTENT_FIRST_RUNS
-        return self._runs
+        return max(ONE_EXTENT_FIRST_RUNS, self._runs // len(self.context_ids))
 
     def keep(self, indexes: list[RunIndex], generation: int, stable: bool = True) -> None:
         """Answer from ``indexes`` while the image stays at ``generation`` (and, unless its
