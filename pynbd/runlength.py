@@ -405,7 +405,6 @@ class SpanRuns:
         return Runs(lengths, self.values[first:stop], True, end - pos, self.longest)
 
 
-
 class RunIndex:
     """Normalized runs from ``start``, for finding the run that holds an offset.
 
@@ -416,11 +415,6 @@ class RunIndex:
     """
 
     __slots__ = ("start", "end", "ends", "values", "open_end")
-
-    @property
-    def last_start(self) -> int:
-        """Where the last run starts."""
-        return self.ends[-2] if len(self.ends) > 1 else self.start
 
     def __init__(self, start: int, runs: AnyRuns, open_end: bool) -> None:
         runs = columns(normalize(runs))
@@ -434,6 +428,11 @@ class RunIndex:
 
     def __len__(self) -> int:
         return len(self.ends)
+
+    @property
+    def last_start(self) -> int:
+        """Where the last run starts."""
+        return self.ends[-2] if len(self.ends) > 1 else self.start
 
     def run_at(self, offset: int, end: int) -> tuple[int, int] | None:
         """``(length, value)`` from ``offset`` to the end of its run, at most up to ``end``;

@@ -236,9 +236,10 @@ def block_status_one_reply(cookie: int, descriptors: Sequence[tuple[int, int, in
 def block_status_one_covered(reply: bytes) -> int:
     """How far a reply of :func:`block_status_one_reply` describes: its shortest descriptor."""
     size = CHUNK_BLOCK_STATUS_ONE.size
+    at = size - 8  # each chunk's descriptor length
     if len(reply) == size:
-        return _DESCRIPTOR_LENGTH.unpack_from(reply, size - 8)[0]
-    return min(_DESCRIPTOR_LENGTH.unpack_from(reply, start + size - 8)[0] for start in range(0, len(reply), size))
+        return _DESCRIPTOR_LENGTH.unpack_from(reply, at)[0]
+    return min(_DESCRIPTOR_LENGTH.unpack_from(reply, start + at)[0] for start in range(0, len(reply), size))
 
 
 _DESCRIPTOR_LENGTH = struct.Struct(">I")

@@ -14,8 +14,8 @@ import errno
 import itertools
 import logging
 import os
-from functools import partial
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from functools import partial
 from typing import Any
 
 from pynbd.image.base import FastZeroUnsupported, ImageError, ImageIOError
