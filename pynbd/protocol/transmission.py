@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pynbd.protocol.constants import (
+    CMD_BLOCK_STATUS,
+    CMD_WRITE,
     MAX_EXTENTS_PER_CHUNK,
     FLAG_DF,
     FLAG_FAST_ZERO,
@@ -46,6 +48,10 @@ ALLOWED_FLAGS: dict[int, int] = {
 WRITING_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 #: Commands whose range past EOF means "no space" rather than "invalid" (§3.4 step 6).
 ENOSPC_COMMANDS = frozenset({Command.WRITE, Command.WRITE_ZEROES})
+#: Commands whose length is payload, capped at MAX_PAYLOAD (§3.4 step 3).
+PAYLOAD_COMMANDS = frozenset({Command.READ, Command.WRITE})
+#: Commands without a range to check against the export size (§3.4 step 6).
+UNRANGED_COMMANDS = frozenset({Command.FLUSH, Command.DISC})
 #: Commands gated by a transmission flag (§0 commands table).
 GATING_FLAG: dict[int, int] = {
     Command.FLUSH: int(TransmissionFlag.SEND_FLUSH),
@@ -92,20 +98,20 @@ class TransmissionState:
     @staticmethod
     def write_payload_length(request: Request) -> int:
         """Bytes of payload that follow this header on the wire (WRITE only in compact mode)."""
-        return request.length if request.type == Command.WRITE else 0
+        return request.length if request.type == CMD_WRITE else 0
 
     def validate(self, request: Request) -> None:
         """Raise RequestError if the request must be refused (§3.4, in its order)."""
         command = request.type
         if command not in ALLOWED_FLAGS:
             raise RequestError(Error.EINVAL, f"unsupported command {command}")
-        if command in (Command.READ, Command.WRITE) and request.length > MAX_PAYLOAD:
+        if command in PAYLOAD_COMMANDS and request.length > MAX_PAYLOAD:
             raise RequestError(Error.EINVAL, f"request length {request.length} exceeds the maximum "
                                              f"payload {MAX_PAYLOAD}")
         if command in WRITING_COMMANDS and self.flags & TFLAG_READ_ONLY:
             raise RequestError(Error.EPERM, "export is read-only")
         size = self.export.size
-        if command not in (Command.FLUSH, Command.DISC):
+        if command not in UNRANGED_COMMANDS:
             if request.offset > size or request.length > size - request.offset:
                 error = Error.ENOSPC if command in ENOSPC_COMMANDS else Error.EINVAL
                 raise RequestError(error, f"operation past EOF; From: {request.offset}, "
@@ -120,7 +126,7 @@ class TransmissionState:
         gate = GATING_FLAG.get(command)
         if gate is not None and not self.flags & gate:
             raise RequestError(Error.EINVAL, f"command {Command(command).name} not negotiated")
-        if command == Command.BLOCK_STATUS:
+        if command == CMD_BLOCK_STATUS:
             if not self.structured or not self.contexts:
                 raise RequestError(Error.EINVAL, "CMD_BLOCK_STATUS not negotiated")
             if request.length == 0:

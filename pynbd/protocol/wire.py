@@ -13,6 +13,13 @@ from dataclasses import dataclass
 
 from pynbd.protocol.constants import (
     IHAVEOPT,
+    REPLY_DONE,
+    REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR,
+    REPLY_TYPE_ERROR_OFFSET,
+    REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA,
+    REPLY_TYPE_OFFSET_HOLE,
     MAX_ERROR_MESSAGE,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
@@ -21,8 +28,6 @@ from pynbd.protocol.constants import (
     STRUCTURED_REPLY_MAGIC,
     Info,
     Reply,
-    ReplyFlag,
-    ReplyType,
 )
 from pynbd.runlength import AnyRuns, Buffer, PackedRuns, pack_pairs
 
@@ -171,20 +176,20 @@ def simple_reply(cookie: int, error: int = 0) -> bytes:
 
 
 def chunk_none(cookie: int) -> bytes:
-    return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, cookie, 0)
+    return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_DONE, REPLY_TYPE_NONE, cookie, 0)
 
 
 def chunk_offset_data_header(cookie: int, offset: int, data_length: int, done: bool) -> bytes:
     """Header (and offset) of an OFFSET_DATA chunk; ``data_length`` bytes of data follow."""
     return CHUNK_OFFSET_DATA.pack(
-        STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, ReplyType.OFFSET_DATA,
+        STRUCTURED_REPLY_MAGIC, REPLY_DONE if done else 0, REPLY_TYPE_OFFSET_DATA,
         cookie, 8 + data_length, offset,
     )
 
 
 def chunk_offset_hole(cookie: int, offset: int, size: int, done: bool) -> bytes:
     return CHUNK_OFFSET_HOLE.pack(
-        STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0, ReplyType.OFFSET_HOLE,
+        STRUCTURED_REPLY_MAGIC, REPLY_DONE if done else 0, REPLY_TYPE_OFFSET_HOLE,
         cookie, 12, offset, size,
     )
 
@@ -192,13 +197,13 @@ def chunk_offset_hole(cookie: int, offset: int, size: int, done: bool) -> bytes:
 def chunk_error(cookie: int, error: int, message: str, offset: int | None = None, done: bool = True) -> bytes:
     """ERROR (or ERROR_OFFSET when ``offset`` is given) chunk (§4.1)."""
     msg = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
-    flags = ReplyFlag.DONE if done else 0
+    flags = REPLY_DONE if done else 0
     if offset is None:
         return CHUNK_ERROR.pack(
-            STRUCTURED_REPLY_MAGIC, flags, ReplyType.ERROR, cookie, 6 + len(msg), error, len(msg)
+            STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_ERROR, cookie, 6 + len(msg), error, len(msg)
         ) + msg
     return CHUNK_ERROR.pack(
-        STRUCTURED_REPLY_MAGIC, flags, ReplyType.ERROR_OFFSET, cookie, 14 + len(msg), error, len(msg)
+        STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_ERROR_OFFSET, cookie, 14 + len(msg), error, len(msg)
     ) + msg + U64.pack(offset)
 
 
@@ -214,8 +219,8 @@ def chunk_block_status_parts(cookie: int, context_id: int, descriptors: AnyRuns,
         body = descriptors.parts
     else:
         body = [pack_pairs(descriptors.lengths, descriptors.values)]
-    header = CHUNK_BLOCK_STATUS_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE if done else 0,
-                                            ReplyType.BLOCK_STATUS, cookie, 4 + 8 * len(descriptors),
+    header = CHUNK_BLOCK_STATUS_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_DONE if done else 0,
+                                            REPLY_TYPE_BLOCK_STATUS, cookie, 4 + 8 * len(descriptors),
                                             context_id)
     return [header, *body]
 
@@ -224,12 +229,12 @@ def block_status_one_reply(cookie: int, descriptors: Sequence[tuple[int, int, in
     """A whole BLOCK_STATUS reply of one descriptor per context, ``(context id, length,
     status)`` each, in one chunk per context (§5.3), the last one flagged DONE."""
     if len(descriptors) == 1:  # (the usual case, per request of a REQ_ONE scan: one pack)
-        return CHUNK_BLOCK_STATUS_ONE.pack(STRUCTURED_REPLY_MAGIC, _DONE, _BLOCK_STATUS, cookie, 12,
+        return CHUNK_BLOCK_STATUS_ONE.pack(STRUCTURED_REPLY_MAGIC, REPLY_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, 12,
                                            *descriptors[0])
     last = len(descriptors) - 1
     return b"".join(
-        CHUNK_BLOCK_STATUS_ONE.pack(STRUCTURED_REPLY_MAGIC, _DONE if index == last else 0, _BLOCK_STATUS,
-                                    cookie, 12, context_id, length, status)
+        CHUNK_BLOCK_STATUS_ONE.pack(STRUCTURED_REPLY_MAGIC, REPLY_DONE if index == last else 0,
+                                    REPLY_TYPE_BLOCK_STATUS, cookie, 12, context_id, length, status)
         for index, (context_id, length, status) in enumerate(descriptors))
 
 
@@ -243,8 +248,6 @@ def block_status_one_covered(reply: bytes) -> int:
 
 
 _DESCRIPTOR_LENGTH = struct.Struct(">I")
-_DONE = int(ReplyFlag.DONE)
-_BLOCK_STATUS = int(ReplyType.BLOCK_STATUS)
 
 
 def chunk_block_status(cookie: int, context_id: int, descriptors: AnyRuns, done: bool) -> bytes:

@@ -21,6 +21,9 @@ from typing import Any
 from pynbd.image.base import FastZeroUnsupported, ImageError, ImageIOError
 from pynbd.protocol import wire
 from pynbd.protocol.constants import (
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_READ,
     FLAG_DF,
     FLAG_FAST_ZERO,
     FLAG_FUA,
@@ -486,9 +489,9 @@ class Connection:
                 if reads is not None:
                     # The reader callback serves a client that sends BLOCK_STATUS; one that
                     # sends other requests would pay for its look at each (4 KiB READs, ~3 %).
-                    reads.on_readable = self._serve_from_reader if request.type == Command.BLOCK_STATUS else None
+                    reads.on_readable = self._serve_from_reader if request.type == CMD_BLOCK_STATUS else None
                 state.check_magic(request)
-                if request.type == Command.DISC:
+                if request.type == CMD_DISC:
                     self.log.debug("client sent DISC")
                     self._close_for_disc(writer)
                     break
@@ -497,7 +500,7 @@ class Connection:
                     # Keep the stream in step (§3.4 step 3) without holding the payload.
                     await reader.discard(payload_length)
                     payload_length = 0
-                cost = request.length if request.type == Command.READ else payload_length
+                cost = request.length if request.type == CMD_READ else payload_length
                 if not limiter.try_acquire(cost):
                     await limiter.acquire(cost)
                 try:
