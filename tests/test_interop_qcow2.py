@@ -650,6 +650,43 @@ def test_corrupt_bit_refused_at_start(fx: dict[str, Path], tmp_path: Path) -> No
     assert len(lines) == 1 and str(image) in lines[0] and "corrupt bit" in lines[0]
 
 
+def test_req_one_on_unreadable_metadata(fx: dict[str, Path], tmp_path: Path) -> None:
+    """REQ_ONE block status where the L2 table cannot be classified (an unaligned entry):
+    base:allocation reports its safe status (data) in one descriptor, as a full request
+    does, also while the client scans on (the reply to its next request cannot be made
+    ahead); with qemu:allocation-depth too (no safe status) the request fails with EIO; the
+    connection and the server go on."""
+    from pynbd.image.qcow2 import Qcow2Image, open_qcow2
+
+    bad = tmp_path / "bad-l2.qcow2"
+    shutil.copy(fx["v3-64k.qcow2"], bad)
+    with open_qcow2(str(bad), True) as image:
+        assert isinstance(image, Qcow2Image)
+        size = image.size
+        entry_at = image.top.l1[0] & 0x00FFFFFFFFFFFE00  # guest offset 0: first L2 entry
+    with open(bad, "r+b") as f:
+        f.seek(entry_at)
+        entry = int.from_bytes(f.read(8), "big")
+        f.seek(entry_at)
+        f.write((entry | 0x200).to_bytes(8, "big"))
+    with PynbdServer(bad, "-r", workdir=tmp_path) as server:
+        with nc.NbdClient.connect(server, meta=["base:allocation"]) as c:
+            one = c.block_status(0, 65536, nc.CMD_FLAG_REQ_ONE)  # the bad cluster
+            assert one.error == 0 and [ch.done for ch in one.chunks] == [True]
+            assert list(one.extents().values()) == [[(65536, 0)]]
+            # The scan goes on past it (the reply to this request was made ahead of it).
+            (want,) = c.block_status(65536, MiB).extents().values()
+            one = c.block_status(65536, MiB, nc.CMD_FLAG_REQ_ONE)
+            assert one.error == 0 and list(one.extents().values()) == [want[:1]]
+            (full,) = c.block_status(0, size).extents().values()
+            assert full == [(size, 0)]  # a whole request: the safe status for all of it
+        with nc.NbdClient.connect(server, meta=["base:allocation", "qemu:allocation-depth"]) as c:
+            assert c.block_status(4096, size - 4096, nc.CMD_FLAG_REQ_ONE).error == nc.EIO
+            assert c.read(MiB, 4).error == 0
+        assert server.proc is not None and server.proc.poll() is None
+    assert "reporting safe status" in server.log()
+
+
 def test_undecompressable_cluster_is_eio(fx: dict[str, Path], tmp_path: Path) -> None:
     """A compressed cluster whose stream is garbage: EIO for that range only; the server
     keeps serving other ranges and new clients."""
