@@ -162,6 +162,8 @@ FLAG_FAST_ZERO = int(CommandFlag.FAST_ZERO)
 TFLAG_READ_ONLY = int(TransmissionFlag.READ_ONLY)
 TFLAG_SEND_DF = int(TransmissionFlag.SEND_DF)
 TFLAG_SEND_FAST_ZERO = int(TransmissionFlag.SEND_FAST_ZERO)
+CFLAG_FIXED_NEWSTYLE = int(ClientFlag.C_FIXED_NEWSTYLE)
+CFLAG_NO_ZEROES = int(ClientFlag.C_NO_ZEROES)
 # Commands and reply codes too: looking an enum member up on its class costs ~40 ns on
 # Python 3.11 (no specialization for class attributes), and a request did several.
 CMD_READ = int(Command.READ)

@@ -22,10 +22,11 @@ from pynbd.protocol.constants import (
     BLOCK_SIZE_MAXIMUM,
     BLOCK_SIZE_MINIMUM,
     BLOCK_SIZE_PREFERRED,
+    CFLAG_FIXED_NEWSTYLE,
+    CFLAG_NO_ZEROES,
     IHAVEOPT,
     MAX_OPTION_LENGTH,
     MAX_STRING,
-    ClientFlag,
     HandshakeFlag,
     Info,
     Option,
@@ -40,10 +41,7 @@ SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 #: What the server says first, whatever the client (§1.1). ServerHandshake's first
 #: data_to_send() is this; a server may send it at accept and skip those bytes.
 GREETING = wire.greeting(SERVER_HANDSHAKE_FLAGS)
-#: Client flags as plain ints: ``int & IntFlag`` runs enum's Python-level ``__rand__``.
-C_FIXED_NEWSTYLE = int(ClientFlag.C_FIXED_NEWSTYLE)
-C_NO_ZEROES = int(ClientFlag.C_NO_ZEROES)
-KNOWN_CLIENT_FLAGS = C_FIXED_NEWSTYLE | C_NO_ZEROES
+KNOWN_CLIENT_FLAGS = CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES
 
 
 class TlsMode(enum.Enum):
@@ -260,8 +258,8 @@ class ServerHandshake:
         del self._in[:4]
         if flags & ~KNOWN_CLIENT_FLAGS:
             return Close(f"unknown client flags {flags:#x}", hard=True)
-        self.fixed_newstyle = bool(flags & C_FIXED_NEWSTYLE)
-        self.no_zeroes = bool(flags & C_NO_ZEROES)
+        self.fixed_newstyle = bool(flags & CFLAG_FIXED_NEWSTYLE)
+        self.no_zeroes = bool(flags & CFLAG_NO_ZEROES)
         if not self.fixed_newstyle and self.tls_mode is TlsMode.REQUIRED:
             return Close("client does not speak fixed newstyle, which TLS needs (§2.1)", hard=True)
         self.state = State.OPTIONS

@@ -114,16 +114,15 @@ class ReadWaiter:
     async def wait(self) -> None:
         self._idle_wakeups = 0
         future = self._future = self.loop.create_future()
-        if not self._registered:
-            self.loop.add_reader(self.fd, self._ready)
-            self._registered = True
+        self.listen()
         try:
             await future
         finally:
             self._future = None
 
     def listen(self) -> None:
-        """Keep the socket registered with nobody waiting: ``on_readable`` takes the input."""
+        """Register the socket unless it is (kept between waits; with nobody waiting,
+        ``on_readable`` takes the input)."""
         if not self._registered:
             self.loop.add_reader(self.fd, self._ready)
             self._registered = True

@@ -805,9 +805,10 @@ class Connection:
     def _block_status(self, offset: int, length: int, flags: int, export: Export) -> BlockStatusAnswer:
         """One chunk per selected context (§5.3), with cookie 0 (see BlockStatusAnswer.for_cookie)."""
         req_one = bool(flags & FLAG_REQ_ONE)
-        # REQ_ONE wants one descriptor: a few runs suffice (a shorter descriptor is
-        # allowed, the client asks again from its end), and computing the whole
-        # range each time would make qemu-img map O(extents²).
+        # REQ_ONE comes here only when runs could not be found ahead (_one_extent_reply):
+        # one descriptor is wanted, a few runs suffice (a shorter descriptor is allowed,
+        # the client asks again from its end), and the whole range each time would make
+        # qemu-img map O(extents²).
         query = ExtentQuery(export.image, offset, length, ONE_EXTENT_FIRST_RUNS if req_one else None)
         items = self._contexts_key
         parts: list[Buffer] = []
