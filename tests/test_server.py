@@ -286,17 +286,24 @@ def test_write_buffers_are_reused(tmp_path):
     """nbdcopy keeps 64 WRITEs of 256 KiB in flight, each payload a fresh buffer: glibc
     would give them back to the kernel as they are freed and fault zeroed pages in for
     the next ones (~26 page faults a write). The server keeps freed buffers
-    (cli.tune_malloc): a second copy faults few pages."""
+    (cli.tune_malloc): later copies fault few pages.
+
+    Measured per 32 MiB copy after the first: 2100-5200 faults without the tuning,
+    0-1030 with it (the heap can still grow in the second copy, when more requests
+    happen to be in flight at once). Three copies are summed so that one such copy
+    cannot fail the test: 6000+ without, ~1100 at most with."""
     source = tmp_path / "source.raw"
     source.write_bytes(os.urandom(32 << 20))
     image = make_raw_image(tmp_path / "disk.img", 32 << 20)
     with PynbdServer(image) as server:
         nbdcopy("--connections=1", "--requests=64", str(source), server.uri)  # the heap grows
         before = minor_faults(server.pid)
-        nbdcopy("--connections=1", "--requests=64", str(source), server.uri)
+        for _ in range(3):
+            nbdcopy("--connections=1", "--requests=64", str(source), server.uri)
         faults = minor_faults(server.pid) - before
     assert image.read_bytes() == source.read_bytes()
-    assert faults < 128 * 4, f"{faults} page faults for 128 writes of 256 KiB"
+    writes = 3 * 128
+    assert faults < writes * 8, f"{faults} page faults for {writes} writes of 256 KiB"
 
 
 def test_fiemap_off_gives_the_same_map(tmp_path):
