@@ -300,6 +300,10 @@ ALL_SERVERS = [
     ServerSpec("pynbd", "pynbd"),
 ]
 
+#: pynbd's defaults without polling for the next request (--poll-us 0), beside them in the
+#: groups where a client sends one request at a time (QEMU's REQ_ONE maps).
+POLL_OFF = ServerSpec("pynbd/poll-off", "pynbd", ("--poll-us", "0"))
+
 
 @dataclass
 class PynbdInfo:
@@ -1066,13 +1070,15 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
     # TLS: qemu-nbd (GnuTLS) and pynbd with its defaults (TLS always takes the copy path).
     tls_servers = [s for s in servers if s.kind == "qemu-nbd" or (s.kind == "pynbd" and not s.pynbd_args)]
     tls = [g for t in args.transports for g in tls_groups(t, tls_servers)] if args.tls else []
+    poll_off = ([POLL_OFF] if re.search(r"--poll-us\b", pynbd.help)
+                and any(s.kind == "pynbd" and not s.pynbd_args for s in servers) else [])
     if args.tls_only:
         return [g for g in tls if g.servers]
     groups = []
     for t in args.transports:
         groups.append(seq_group(f"raw-{t}", f"raw {t}", "raw-full", "raw", t, raw_servers))
     groups.append(map_group("raw-frag", "raw fragmented", "raw-frag", "raw", raw_servers))
-    groups.append(qemu_map_group("raw-frag-qemu", "raw fragmented", "raw-frag", "raw", raw_servers))
+    groups.append(qemu_map_group("raw-frag-qemu", "raw fragmented", "raw-frag", "raw", raw_servers + poll_off))
     if SYSTEM_PYTHON:
         groups.append(walk_group("raw-frag-walk", "raw fragmented", "raw-frag", "raw", raw_servers))
     if args.qcow2 and q_seq_servers:
@@ -1080,7 +1086,8 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
         groups.append(seq_group("chain-unix", "qcow2 3-layer chain unix", "qcow2-chain", "qcow2", "unix",
                                 q_seq_servers))
         groups.append(map_group("qcow2-frag", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
-        groups.append(qemu_map_group("qcow2-frag-qemu", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
+        groups.append(qemu_map_group("qcow2-frag-qemu", "qcow2 fragmented", "qcow2-frag", "qcow2",
+                                     q_servers + poll_off))
         if SYSTEM_PYTHON:
             groups.append(walk_group("qcow2-frag-walk", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
         # pynbd: pass --bitmap if the CLI grows one; otherwise it is expected to expose persistent bitmaps.
@@ -1091,8 +1098,8 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
             context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra,
         ))
         groups.append(qemu_map_group(
-            "qcow2-bitmap-qemu", "dirty bitmap (qcow2, 100× virtual size)", "qcow2-bitmap", "qcow2", q_servers,
-            context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra,
+            "qcow2-bitmap-qemu", "dirty bitmap (qcow2, 100× virtual size)", "qcow2-bitmap", "qcow2",
+            q_servers + poll_off, context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra,
         ))
         if SYSTEM_PYTHON:
             groups.append(walk_group(

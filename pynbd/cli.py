@@ -26,6 +26,7 @@ from pynbd.image.base import ImageError
 from pynbd.protocol.constants import DEFAULT_PORT
 from pynbd.server.connection import ConnectionSettings
 from pynbd.server.exports import ExportConfig, open_exports
+from pynbd.server.polling import DEFAULT_POLL_WINDOW_NS
 from pynbd.certs import ensure_default_creds
 from pynbd.protocol.handshake import TlsMode
 from pynbd.server.server import (
@@ -69,6 +70,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _poll_us(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be 0 to 1000 microseconds, got {text!r}")
+    return value
+
+
 def add_serve_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve", help="serve images over NBD",
@@ -101,6 +109,10 @@ def add_serve_parser(sub: Any) -> None:
                         "or from SEEK_DATA/SEEK_HOLE only (off)")
     p.add_argument("--max-requests", type=int, default=32, metavar="N",
                    help="requests in flight per connection before reading stops (default 32)")
+    p.add_argument("--poll-us", type=_poll_us, default=DEFAULT_POLL_WINDOW_NS // 1000, metavar="US",
+                   help="poll up to US microseconds for a lone client's next block-status request "
+                        "after a reply, while it answers that fast (QEMU's REQ_ONE scans), "
+                        f"instead of sleeping; 0: never (default {DEFAULT_POLL_WINDOW_NS // 1000})")
     tls = p.add_argument_group("TLS")
     tls.add_argument("--tls", action="store_true",
                      help="require TLS; without --tls-creds, credentials are generated on first use")
@@ -249,6 +261,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             handshake_timeout=args.handshake_timeout,
             zero_copy={"on": True, "off": False, "auto": None}[args.zero_copy],
             max_requests=max(1, args.max_requests),
+            poll_window_ns=args.poll_us * 1000,
         )
 
         async def main() -> None:

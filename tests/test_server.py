@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -506,3 +507,89 @@ def test_bug_while_serving_from_the_reader_disconnects_only_that_client(tmp_path
         assert "data" in out.stdout
         log = server.log()
     assert "injected bug" in log and "BLOCK_STATUS failed unexpectedly; disconnecting" in log
+
+
+# --- polling for a lone client's next request (polling.py) ---------------------------
+
+SCAN_EXTENTS = 16384  # data extents; a REQ_ONE map asks once for each and once per hole
+
+
+@pytest.fixture(scope="module")
+def fragmented_raw(tmp_path_factory) -> Path:
+    """A sparse raw file: 4 KiB of data every 8 KiB (64 MiB virtual, 2 x 16384 extents)."""
+    path = tmp_path_factory.mktemp("scan") / "frag.raw"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, SCAN_EXTENTS * 8192)
+        for i in range(SCAN_EXTENTS):
+            os.pwrite(fd, b"\x01" * 4096, i * 8192)
+    finally:
+        os.close(fd)
+    return path
+
+
+def voluntary_switches(pid: int) -> int:
+    """How often the process's main thread (the event loop's) went to sleep so far."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))
+
+
+def qemu_img_map_command(server) -> list[str]:
+    """``qemu-img map`` over NBD: QEMU's driver asks one extent per request (REQ_ONE)."""
+    return ["qemu-img", "map", "--output=json", "--image-opts",
+            f"driver=nbd,server.type=unix,server.path={server.socket}"]
+
+
+def check_scan_map(stdout: str) -> None:
+    rows = json.loads(stdout)
+    assert len(rows) == 2 * SCAN_EXTENTS
+    assert [r["data"] for r in rows[:4]] == [True, False, True, False]
+    assert rows[-1]["start"] + rows[-1]["length"] == SCAN_EXTENTS * 8192
+
+
+@pytest.mark.needs("qemu-img")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+@pytest.mark.parametrize("poll_us, alone", [("50", True), ("0", True), ("50", False)],
+                         ids=["polled", "poll-off", "not-alone"])
+def test_lone_req_one_scan_is_polled(fragmented_raw, poll_us, alone):
+    """The server polls for the next request of a client that sends it right after
+    each reply, instead of sleeping in epoll_wait between requests - not with
+    --poll-us 0, and not while another client is connected (a poll holds the event
+    loop): then it sleeps before each of the 32768 requests."""
+    with PynbdServer(fragmented_raw, "--read-only", "--poll-us", poll_us) as server:
+        other = socket.socket(socket.AF_UNIX)
+        try:
+            if not alone:
+                other.connect(server.socket)  # (in its handshake for the whole scan)
+            before = voluntary_switches(server.pid)
+            check_scan_map(run(qemu_img_map_command(server)).stdout)
+            sleeps = voluntary_switches(server.pid) - before
+        finally:
+            other.close()
+    requests = 2 * SCAN_EXTENTS
+    if poll_us == "0" or not alone:
+        assert sleeps > requests * 0.9
+    else:
+        # A sleep per ~1 ms of polling (the event loop's turn) and where a reply took
+        # the client longer than the window.
+        assert sleeps < requests / 4, f"{sleeps} sleeps for {requests} requests"
+
+
+@pytest.mark.needs("qemu-img")
+def test_polling_leaves_the_event_loop_to_others(fragmented_raw):
+    """While one client's scan is polled for, another is accepted and served (the
+    poll gives the event loop its turn every millisecond, and stops while the
+    client is not alone)."""
+    with PynbdServer(fragmented_raw, "--read-only") as server:
+        scan = subprocess.Popen(qemu_img_map_command(server), stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.3)
+            assert scan.poll() is None, "the scan ended before the other client came"
+            assert nbdinfo("--size", server.uri).strip() == str(SCAN_EXTENTS * 8192)
+            assert scan.poll() is None, "the other client was served only after the scan"
+            stdout, _ = scan.communicate(timeout=60)
+        finally:
+            scan.kill()
+            scan.wait()
+    assert scan.returncode == 0
+    check_scan_map(stdout)

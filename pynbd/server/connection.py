@@ -14,7 +14,7 @@ import errno
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from functools import partial
 from typing import Any
 
@@ -61,6 +61,7 @@ from pynbd.server.answers import (
     RequestKey,
     ScanTracker,
 )
+from pynbd.server.polling import DEFAULT_POLL_WINDOW_NS, RequestPoller
 from pynbd.server.replies import ReplyWriter
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,8 @@ class ConnectionSettings:
     def __init__(self, *, handshake_timeout: float = 10.0, zero_copy: bool | None = None,
                  max_requests: int = 32, max_inflight_bytes: int = 64 * 1024 * 1024,
                  tls_mode: TlsMode = TlsMode.OFF,
-                 tls_upgrade: Callable[[Channel, logging.LoggerAdapter], Awaitable[Channel]] | None = None
-                 ) -> None:
+                 tls_upgrade: Callable[[Channel, logging.LoggerAdapter], Awaitable[Channel]] | None = None,
+                 poll_window_ns: int = DEFAULT_POLL_WINDOW_NS) -> None:
         self.handshake_timeout = handshake_timeout
         #: True: sendfile, False: copy, None: by READ size (replies.AUTO_ZERO_COPY_MIN).
         self.zero_copy = zero_copy
@@ -173,6 +174,9 @@ class ConnectionSettings:
         self.max_inflight_bytes = max_inflight_bytes
         self.tls_mode = tls_mode
         self.tls_upgrade = tls_upgrade
+        #: How long to poll for a lone client's next block-status request (0: never;
+        #: see polling.py).
+        self.poll_window_ns = poll_window_ns
 
 
 class Connection:
@@ -191,9 +195,11 @@ class Connection:
 
     def __init__(self, channel: Channel, peer: str, exports: Mapping[str, Export],
                  catalog: ExportCatalog, settings: ConnectionSettings, greeted: int = 0,
-                 on_end: Callable[[Connection], None] | None = None) -> None:
+                 on_end: Callable[[Connection], None] | None = None,
+                 peers: Collection[Connection] = ()) -> None:
         """``greeted``: bytes of the greeting the server sent already (see send_greeting);
-        ``on_end`` runs once the connection is closed."""
+        ``on_end`` runs once the connection is closed; ``peers``: the server's connections
+        (this one among them), to poll for requests only while it is alone."""
         self.id = next(_ids)
         self.channel = channel
         self.peer = peer
@@ -210,6 +216,8 @@ class Connection:
         #: The task serving the connection once something had to wait (see the class doc).
         self.task: asyncio.Task[None] | None = None
         self._on_end = on_end
+        self._peers = peers
+        self._poller = RequestPoller(settings.poll_window_ns)
         self._ended = False
         self._deadline: asyncio.TimerHandle | None = None
         self._timed_out = False
@@ -452,7 +460,7 @@ class Connection:
         """The reader callback in transmission while no task serves the connection:
         serve the buffered requests it can; a task takes the rest."""
         if not self.shutting_down:
-            self._serve_buffered()
+            self._serve_polling()
         if self._closed_for_disc:
             if self._debug:
                 self.log.debug("client sent DISC")
@@ -731,7 +739,7 @@ class Connection:
             got = self._reader.fill_nowait()
             if not got:
                 return False  # EOF or nothing: the task finds out
-            return self._serve_buffered()
+            return self._serve_polling()
         except OSError:
             return False  # the task's read reports it
         except Exception:
@@ -740,6 +748,26 @@ class Connection:
             self.log.exception("BLOCK_STATUS failed unexpectedly; disconnecting")
             self.channel.close()
             return False
+
+    def _serve_polling(self) -> bool:
+        """Serve buffered BLOCK_STATUS requests (:meth:`_serve_buffered`) and, while the
+        client sends its next one right after each reply (a scan with REQ_ONE), poll
+        for it instead of sleeping until the socket is readable (polling.py); True when
+        no whole request is left for the task.
+
+        Only while this is the server's one connection: a poll holds the event loop,
+        which other clients would wait for.
+        """
+        poller = self._poller
+        poller.woken()
+        receive = self._reader.fill_nowait
+        writer = self._writer
+        assert writer is not None
+        while self._serve_buffered():
+            if (self._closed_for_disc or self._ended or writer.pending or self.shutting_down
+                    or len(self._peers) > 1 or not poller.poll(receive)):
+                return True
+        return False
 
     def _serve_buffered(self) -> bool:
         """Serve buffered BLOCK_STATUS requests (and close after a DISC) from a reader

@@ -164,7 +164,7 @@ class NbdServer:
         """A client was accepted (and ``greeted`` bytes of the greeting sent): start its connection."""
         loop = asyncio.get_running_loop()
         conn = Connection(SocketChannel(sock, loop), peer, self.exports, self.catalog, self.settings, greeted,
-                          on_end=self._connection_done)
+                          on_end=self._connection_done, peers=self.connections)
         self.connections.add(conn)
         conn.start()
         if self._at_limit():
