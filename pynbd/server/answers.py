@@ -246,6 +246,11 @@ class OneExtentScan:
         self._expected = (header[:8], header[16:], generation, pieces)
         self.expected_request = request
 
+    @property
+    def expecting(self) -> bool:
+        """Whether a reply made ahead waits for the scan's next request."""
+        return self._expected is not None
+
     def expected_reply(self, header: bytes, generation: int) -> bytes | None:
         """The reply made ahead, with this request's cookie, if ``header`` is the request
         expected (:attr:`expected_request`, in the same generation); else None. Used once,

@@ -751,12 +751,15 @@ class Connection:
 
     def _serve_polling(self) -> bool:
         """Serve buffered BLOCK_STATUS requests (:meth:`_serve_buffered`) and, while the
-        client sends its next one right after each reply (a scan with REQ_ONE), poll
-        for it instead of sleeping until the socket is readable (polling.py); True when
-        no whole request is left for the task.
+        client scans with REQ_ONE and sends each request right after the last reply,
+        poll for it instead of sleeping until the socket is readable (polling.py); True
+        when no whole request is left for the task.
 
-        Only while this is the server's one connection: a poll holds the event loop,
-        which other clients would wait for.
+        Only for REQ_ONE scans: a client that asks one extent at a time must wait for
+        each reply, while ``nbdinfo --map`` (whole ranges) has its next request sent
+        already or processes a long reply - polls for it failed every few requests,
+        ~50 us of CPU each. Only while this is the server's one connection: a poll
+        holds the event loop, which other clients would wait for.
         """
         poller = self._poller
         poller.woken()
@@ -764,8 +767,10 @@ class Connection:
         writer = self._writer
         assert writer is not None
         while self._serve_buffered():
-            if (self._closed_for_disc or self._ended or writer.pending or self.shutting_down
-                    or len(self._peers) > 1 or not poller.poll(receive)):
+            scan = self._one_extent
+            if (scan is None or not scan.expecting or self._closed_for_disc or self._ended
+                    or writer.pending or self.shutting_down or len(self._peers) > 1
+                    or not poller.poll(receive)):
                 return True
         return False
 
