@@ -1221,7 +1221,8 @@ def main(argv: list[str] | None = None) -> int:
         kill_all_live()
     elapsed = time.monotonic() - t0
 
-    table = build_table(res, groups, servers)
+    # (with the variants only some groups run, such as pynbd/poll-off)
+    table = build_table(res, groups, list(dict.fromkeys(servers + [s for g in groups for s in g.servers])))
     extra = notes(res, servers)
     sugg = suggest_defaults(res, groups)
     print()
