@@ -223,6 +223,21 @@ def test_expected_reply_only_for_the_expected_request(other):
     assert scan.expected_reply(request(4096, 1 << 20, cookie=7).pack(), 0) is not None
 
 
+def test_reply_to_a_parsed_request_is_the_expected_reply():
+    """The task's way (TLS): the same answer for a parsed request, on the same terms."""
+    scan = OneExtentScan([1, 2])
+    descriptors = [(1, 512, 0), (2, 4096, 3)]
+    assert not scan.expecting
+    assert scan.reply_to(request(4096, 1 << 20, cookie=5), 0) is None  # nothing expected
+    scan.expect(request(4096, 1 << 20), 0, wire.block_status_one_reply(0, descriptors))
+    assert scan.expecting
+    assert scan.reply_to(request(4096 + 512, 1 << 20, cookie=5), 0) is None
+    assert scan.reply_to(request(4096, 1 << 20, cookie=5), 1) is None  # image changed
+    assert scan.reply_to(request(4096, 1 << 20, cookie=5), 0) == wire.block_status_one_reply(5, descriptors)
+    assert not scan.expecting
+    assert scan.reply_to(request(4096, 1 << 20, cookie=5), 0) is None  # used once
+
+
 def test_runs_of_unstable_images_expire(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(answers.time, "monotonic", lambda: now[0])

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.servers import PynbdServer, make_raw_image, nbdcopy, nbdinfo, run
+from tests.support.servers import (
+    PynbdServer,
+    make_fragmented_raw,
+    make_raw_image,
+    nbdcopy,
+    nbdinfo,
+    run,
+    voluntary_switches,
+)
 
 pytestmark = [pytest.mark.pynbd, pytest.mark.needs("nbdinfo", "nbdcopy", "qemu-io")]
 
@@ -516,22 +524,7 @@ SCAN_EXTENTS = 16384  # data extents; a REQ_ONE map asks once for each and once 
 
 @pytest.fixture(scope="module")
 def fragmented_raw(tmp_path_factory) -> Path:
-    """A sparse raw file: 4 KiB of data every 8 KiB (64 MiB virtual, 2 x 16384 extents)."""
-    path = tmp_path_factory.mktemp("scan") / "frag.raw"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.ftruncate(fd, SCAN_EXTENTS * 8192)
-        for i in range(SCAN_EXTENTS):
-            os.pwrite(fd, b"\x01" * 4096, i * 8192)
-    finally:
-        os.close(fd)
-    return path
-
-
-def voluntary_switches(pid: int) -> int:
-    """How often the process's main thread (the event loop's) went to sleep so far."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M).group(1))
+    return make_fragmented_raw(tmp_path_factory.mktemp("scan") / "frag.raw", SCAN_EXTENTS)
 
 
 def qemu_img_map_command(server) -> list[str]:

@@ -261,3 +261,9 @@ class OneExtentScan:
             return None
         self._expected = None
         return header[8:16].join(expected[3])
+
+    def reply_to(self, request: wire.Request, generation: int) -> bytes | None:
+        """:meth:`expected_reply` for a request already parsed (the task's way)."""
+        if self._expected is None:
+            return None
+        return self.expected_reply(request.pack(), generation)

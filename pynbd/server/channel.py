@@ -33,6 +33,8 @@ class Channel(Protocol):
     """What connection code needs from a socket-like object."""
 
     supports_sendfile: bool
+    #: The socket's read registration (wake-ups, reader callbacks).
+    reads: ReadWaiter
 
     def recv_nowait(self, buf: memoryview) -> int | None:
         """Receive into ``buf`` what is there now: bytes received, 0 at EOF, None when
@@ -110,6 +112,8 @@ class ReadWaiter:
         self._registered = False
         self._idle_wakeups = 0
         self.on_readable: Callable[[], bool] | None = None
+        #: Runs first at every wake-up, whoever takes the input (the connection's poller).
+        self.on_wake: Callable[[], None] | None = None
 
     async def wait(self) -> None:
         self._idle_wakeups = 0
@@ -128,6 +132,9 @@ class ReadWaiter:
             self._registered = True
 
     def _ready(self) -> None:
+        on_wake = self.on_wake
+        if on_wake is not None:
+            on_wake()
         callback = self.on_readable
         if callback is not None and callback():
             self._idle_wakeups = 0

@@ -455,6 +455,8 @@ class Connection:
         self._reader = BufferedReader(self.channel, initial=self._hs.trailing_data)
         self._writer = ReplyWriter(self.channel, state.structured, self.settings.zero_copy)
         self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
+        if self._poller.window_ns:
+            self.channel.reads.on_wake = self._poller.woken
 
     def _serve_without_task(self) -> None:
         """The reader callback in transmission while no task serves the connection:
@@ -490,6 +492,11 @@ class Connection:
             while not self.shutting_down or reader.buffered >= header_size:
                 if writer.pending and reader.buffered < header_size:
                     await writer.flush()
+                if reader.buffered < header_size and self._polls_for_request():
+                    if self._poller.poll(reader.fill_nowait) is None:
+                        # Not polled (budget spent, or the client is not fast): the
+                        # event loop's turn before the task sleeps (polling.py).
+                        await asyncio.sleep(0)
                 self._awaiting_request = True
                 header = await reader.read_exactly(header_size)
                 self._awaiting_request = False
@@ -635,9 +642,12 @@ class Connection:
     async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
         answer, parts = self._block_status_reply(request, export)
         await writer.chunks(parts)
-        if answer is not None and not writer.batching:
-            # (None for REQ_ONE: found ahead already; a batching client has its next requests sent.)
-            self._compute_ahead(request, answer, export)
+        if not writer.batching:  # (a batching client has its next requests sent)
+            # The client reads this reply now: prepare what its scan asks next.
+            if answer is not None:
+                self._compute_ahead(request, answer, export)
+            else:
+                self._one_extent_ahead(request, parts[0], export)
 
     def _block_status_reply(self, request: wire.Request,
                             export: Export) -> tuple[BlockStatusAnswer | None, list[Buffer]]:
@@ -645,7 +655,10 @@ class Connection:
         buffers; for REQ_ONE no answer and the whole reply in one buffer (32 bytes a
         context: see wire.block_status_one_reply), answered from runs found ahead."""
         if request.flags & FLAG_REQ_ONE:
-            reply = self._one_extent_reply(request, export)
+            scan = self._one_extent
+            reply = scan.reply_to(request, export.generation) if scan is not None else None
+            if reply is None:
+                reply = self._one_extent_reply(request, export)
             if reply is None:
                 # (Runs could not be found ahead: the general way reports the error or a
                 # safe status, in the same layout: one descriptor per context.)
@@ -761,18 +774,20 @@ class Connection:
         ~50 us of CPU each. Only while this is the server's one connection: a poll
         holds the event loop, which other clients would wait for.
         """
-        poller = self._poller
-        poller.woken()
+        poll = self._poller.poll
         receive = self._reader.fill_nowait
-        writer = self._writer
-        assert writer is not None
         while self._serve_buffered():
-            scan = self._one_extent
-            if (scan is None or not scan.expecting or self._closed_for_disc or self._ended
-                    or writer.pending or self.shutting_down or len(self._peers) > 1
-                    or not poller.poll(receive)):
+            if not self._polls_for_request() or not poll(receive):
                 return True
         return False
+
+    def _polls_for_request(self) -> bool:
+        """Whether to poll for the next request now rather than sleep (see _serve_polling)."""
+        scan = self._one_extent
+        writer = self._writer
+        return (scan is not None and scan.expecting and writer is not None and not writer.pending
+                and not self._closed_for_disc and not self._ended and not self.shutting_down
+                and len(self._peers) <= 1)
 
     def _serve_buffered(self) -> bool:
         """Serve buffered BLOCK_STATUS requests (and close after a DISC) from a reader

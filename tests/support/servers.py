@@ -8,6 +8,7 @@ Readiness = a connect() to the socket/port succeeds.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -348,3 +349,25 @@ def make_raw_image(path, size: int, writes=()) -> Path:
     if writes:
         qemu_io(path, *writes)
     return path
+
+
+def make_fragmented_raw(path, extents: int) -> Path:
+    """A sparse raw image of ``extents`` x 8 KiB: 4 KiB of data, then a 4 KiB hole, each
+    time (a REQ_ONE map asks ``2 * extents`` times)."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, extents * 8192)
+        for i in range(extents):
+            os.pwrite(fd, b"\x01" * 4096, i * 8192)
+    finally:
+        os.close(fd)
+    return path
+
+
+def voluntary_switches(pid: int) -> int:
+    """How often the process's main thread (the event loop's) went to sleep so far."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M)
+    assert match, f"/proc/{pid}/status has no voluntary_ctxt_switches"
+    return int(match.group(1))
