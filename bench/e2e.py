@@ -192,6 +192,8 @@ class Images:
         tag = human_size(s)
         self._build("raw-full", f"full-{tag}.raw", [], lambda p: make_full_raw(p, s))
         self._build("raw-frag", f"frag-{tag}.raw", [], lambda p: make_frag_raw(p, s))
+        # 128 data extents: a one-extent map over TLS and TCP is 256 round trips (see tls_map_groups).
+        self._build("raw-frag-8M", "frag-8M.raw", [], lambda p: make_frag_raw(p, 8 * MiB))
         if not want_qcow2:
             return
         full_raw = self.paths["raw-full"]
@@ -581,13 +583,20 @@ class Workloads:
         ``x-dirty-bitmap=CONTEXT`` when given: QEMU's nbd driver asks for one extent at a time
         (REQ_ONE), as incremental backups do reading a dirty bitmap. One map per round (the
         100 GiB bitmap's is 51200 requests, seconds)."""
-        socket_path = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)["socket"][0]
-        opts = f"driver=nbd,server.type=unix,server.path={socket_path}"
+        parts = urllib.parse.urlsplit(uri)
+        query = urllib.parse.parse_qs(parts.query)
+        if parts.scheme.endswith("+unix"):
+            opts = f"driver=nbd,server.type=unix,server.path={query['socket'][0]}"
+        else:
+            opts = f"driver=nbd,server.type=inet,server.host={parts.hostname},server.port={parts.port}"
+        argv = ["qemu-img", "map", "--output=json"]
+        if "tls-certificates" in query:  # (the run's certificates name localhost and 127.0.0.1)
+            argv += ["--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={query['tls-certificates'][0]}"]
+            opts += ",tls-creds=tls0,tls-hostname=localhost"
         if context is not None:
             opts += f",x-dirty-bitmap={context}"
         t0 = time.perf_counter()
-        proc = run_cmd(["qemu-img", "map", "--output=json", "--image-opts", opts], timeout=300,
-                       what="qemu-img map")
+        proc = run_cmd(argv + ["--image-opts", opts], timeout=300, what="qemu-img map")
         elapsed = time.perf_counter() - t0
         try:
             n = len(json.loads(proc.stdout))
@@ -690,7 +699,8 @@ def map_group(key: str, title: str, image: str, fmt: str, servers, context: str 
 
 
 def qemu_map_group(key: str, title: str, image: str, fmt: str, servers, context: str | None = None,
-                   extra: dict[str, list[str]] | None = None) -> Group:
+                   extra: dict[str, list[str]] | None = None, transport: str = "unix",
+                   tls: bool = False) -> Group:
     """Block status as QEMU's nbd driver asks for it: one extent per request (REQ_ONE)."""
     how = "qemu-img map, x-dirty-bitmap" if context else "qemu-img map"
     m_rate = metric(f"{key}/qemu-map-extents-per-s", f"{title}: block status, {how} (REQ_ONE)", "extents/s")
@@ -699,7 +709,21 @@ def qemu_map_group(key: str, title: str, image: str, fmt: str, servers, context:
         rate, n = w.qemu_map(uri, context)
         return {m_rate.key: rate, f"{key}/extents": n}
 
-    return Group(key, title, image, fmt, "unix", servers, [([m_rate], run)], extra or {}, context)
+    return Group(key, title, image, fmt, transport, servers, [([m_rate], run)], extra or {}, context,
+                 tls=tls)
+
+
+def tls_map_groups(servers, bitmap_extra: dict[str, list[str]] | None) -> list[Group]:
+    """QEMU's one-extent maps over TLS, as an incremental backup from a ``--tls`` server
+    reads a dirty bitmap: the 100 GiB bitmap over a unix socket (None: no qcow2 rows),
+    and a small fragmented raw image over TCP, where qemu-nbd 7.2 takes ~44 ms a request."""
+    groups = [qemu_map_group("tls-frag-qemu-tcp", "TLS raw fragmented 8 MiB tcp", "raw-frag-8M", "raw",
+                             servers, transport="tcp", tls=True)]
+    if bitmap_extra is not None:
+        groups.append(qemu_map_group(
+            "tls-bitmap-qemu-unix", "TLS dirty bitmap (qcow2, 100× virtual size) unix", "qcow2-bitmap",
+            "qcow2", servers, context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra, tls=True))
+    return groups
 
 
 def walk_group(key: str, title: str, image: str, fmt: str, servers, context: str | None = None,
@@ -910,6 +934,8 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
 def nbd_size_of(g: Group, images: Images) -> int:
     if g.image == "qcow2-bitmap":
         return 100 * images.size
+    if g.image == "raw-frag-8M":
+        return 8 * MiB
     return images.size
 
 
@@ -1069,9 +1095,15 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
     q_seq_servers = q_servers + [s for s in servers if s.id in ("pynbd/uvloop/zc-on", "pynbd/uvloop/zc-off")]
     # TLS: qemu-nbd (GnuTLS) and pynbd with its defaults (TLS always takes the copy path).
     tls_servers = [s for s in servers if s.kind == "qemu-nbd" or (s.kind == "pynbd" and not s.pynbd_args)]
-    tls = [g for t in args.transports for g in tls_groups(t, tls_servers)] if args.tls else []
     poll_off = ([POLL_OFF] if re.search(r"--poll-us\b", pynbd.help)
                 and any(s.kind == "pynbd" and not s.pynbd_args for s in servers) else [])
+    # pynbd: pass --bitmap if the CLI grows one; otherwise it is expected to expose persistent bitmaps.
+    pyextra = ["--bitmap", BITMAP_NAME] if re.search(r"--bitmap\b", pynbd.help) else []
+    bitmap_extra = {"qemu-nbd": ["-B", BITMAP_NAME], "pynbd": pyextra}
+    tls = []
+    if args.tls:
+        tls = [g for t in args.transports for g in tls_groups(t, tls_servers)]
+        tls += tls_map_groups(tls_servers + poll_off, bitmap_extra if args.qcow2 else None)
     if args.tls_only:
         return [g for g in tls if g.servers]
     groups = []
@@ -1090,9 +1122,6 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
                                      q_servers + poll_off))
         if SYSTEM_PYTHON:
             groups.append(walk_group("qcow2-frag-walk", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
-        # pynbd: pass --bitmap if the CLI grows one; otherwise it is expected to expose persistent bitmaps.
-        pyextra = ["--bitmap", BITMAP_NAME] if re.search(r"--bitmap\b", pynbd.help) else []
-        bitmap_extra = {"qemu-nbd": ["-B", BITMAP_NAME], "pynbd": pyextra}
         groups.append(map_group(
             "qcow2-bitmap", "dirty bitmap (qcow2, 100× virtual size)", "qcow2-bitmap", "qcow2", q_servers,
             context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra,
