@@ -174,8 +174,8 @@ class ConnectionSettings:
         self.max_inflight_bytes = max_inflight_bytes
         self.tls_mode = tls_mode
         self.tls_upgrade = tls_upgrade
-        #: How long to poll for a lone client's next block-status request (0: never;
-        #: see polling.py).
+        #: How long to poll for a lone client's next REQ_ONE request (0: never; see
+        #: polling.py).
         self.poll_window_ns = poll_window_ns
 
 

@@ -32,8 +32,8 @@ from collections.abc import Callable
 #: and 60 us at the 99.9th percentile, counted from where the poll begins.
 DEFAULT_POLL_WINDOW_NS = 50_000
 
-#: Polling stays with one reader callback for at most this long; then the event
-#: loop runs (timers, signals, accepting) before the next request is served.
+#: Polling goes on for at most this long after a wake-up; then the event loop runs
+#: (timers, signals, accepting) before the next request is served.
 POLL_BUDGET_NS = 1_000_000
 
 
@@ -52,7 +52,7 @@ class RequestPoller:
         self._active = window_ns > 0
         #: When the last poll gave up (or the connection last served without polling).
         self._idle_since = 0
-        #: Where this reader callback's polling budget ends.
+        #: Where the polling budget ends that began at the last wake-up.
         self._budget_end = 0
 
     @property
@@ -61,7 +61,9 @@ class RequestPoller:
         return self._active
 
     def woken(self) -> None:
-        """A reader callback began: input came while the connection slept."""
+        """The event loop woke the connection for input (its socket's ReadWaiter.on_wake):
+        the budget starts again, and a request that came soon after the reply re-enables
+        polling."""
         now = self._clock()
         self._budget_end = now + POLL_BUDGET_NS
         if not self._active and self.window_ns and now - self._idle_since <= self.wake_gap_ns:
