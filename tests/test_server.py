@@ -21,6 +21,7 @@ from tests.support.servers import (
     make_raw_image,
     nbdcopy,
     nbdinfo,
+    qemu_img_map_argv,
     run,
     voluntary_switches,
 )
@@ -527,12 +528,6 @@ def fragmented_raw(tmp_path_factory) -> Path:
     return make_fragmented_raw(tmp_path_factory.mktemp("scan") / "frag.raw", SCAN_EXTENTS)
 
 
-def qemu_img_map_command(server) -> list[str]:
-    """``qemu-img map`` over NBD: QEMU's driver asks one extent per request (REQ_ONE)."""
-    return ["qemu-img", "map", "--output=json", "--image-opts",
-            f"driver=nbd,server.type=unix,server.path={server.socket}"]
-
-
 def check_scan_map(stdout: str) -> None:
     rows = json.loads(stdout)
     assert len(rows) == 2 * SCAN_EXTENTS
@@ -555,7 +550,7 @@ def test_lone_req_one_scan_is_polled(fragmented_raw, poll_us, alone):
             if not alone:
                 other.connect(server.socket)  # (in its handshake for the whole scan)
             before = voluntary_switches(server.pid)
-            check_scan_map(run(qemu_img_map_command(server)).stdout)
+            check_scan_map(run(qemu_img_map_argv(server)).stdout)
             sleeps = voluntary_switches(server.pid) - before
         finally:
             other.close()
@@ -574,7 +569,7 @@ def test_polling_leaves_the_event_loop_to_others(fragmented_raw):
     poll gives the event loop its turn every millisecond, and stops while the
     client is not alone)."""
     with PynbdServer(fragmented_raw, "--read-only") as server:
-        scan = subprocess.Popen(qemu_img_map_command(server), stdout=subprocess.PIPE, text=True)
+        scan = subprocess.Popen(qemu_img_map_argv(server), stdout=subprocess.PIPE, text=True)
         try:
             time.sleep(0.3)
             assert scan.poll() is None, "the scan ended before the other client came"

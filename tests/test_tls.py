@@ -24,6 +24,7 @@ from tests.support.servers import (
     nbdcopy,
     nbdinfo,
     qemu_img,
+    qemu_img_map_argv,
     run,
     voluntary_switches,
 )
@@ -384,19 +385,13 @@ def test_req_one_scan_over_tls(pki, tmp_path, poll_us):
     extents = 4096
     image = make_fragmented_raw(tmp_path / "frag.raw", extents)
 
-    def qemu_map(server) -> str:
-        return run(["qemu-img", "map", "--output=json", "--object",
-                    f"tls-creds-x509,id=tls0,endpoint=client,dir={pki['client']}", "--image-opts",
-                    f"driver=nbd,server.type=unix,server.path={server.socket},tls-creds=tls0,"
-                    "tls-hostname=localhost"]).stdout
-
     with PynbdServer(image, "--read-only", "--poll-us", poll_us, "--tls-creds", pki["server"]) as ours, \
             QemuNbdServer(image, "-r", "--object", f"tls-creds-x509,id=tls0,endpoint=server,"
                           f"dir={pki['server']},verify-peer=off", "--tls-creds", "tls0", "-e", "2") as ref:
         before = voluntary_switches(ours.pid)
-        mine = qemu_map(ours)
+        mine = run(qemu_img_map_argv(ours, pki["client"])).stdout
         sleeps = voluntary_switches(ours.pid) - before
-        theirs = qemu_map(ref)
+        theirs = run(qemu_img_map_argv(ref, pki["client"])).stdout
     assert mine == theirs
     assert len(json.loads(mine)) == 2 * extents
     requests = 2 * extents

@@ -455,8 +455,6 @@ class Connection:
         self._reader = BufferedReader(self.channel, initial=self._hs.trailing_data)
         self._writer = ReplyWriter(self.channel, state.structured, self.settings.zero_copy)
         self._limiter = InflightLimiter(self.settings.max_requests, self.settings.max_inflight_bytes)
-        if self._poller.window_ns:
-            self.channel.reads.on_wake = self._poller.woken
 
     def _serve_without_task(self) -> None:
         """The reader callback in transmission while no task serves the connection:
@@ -492,7 +490,7 @@ class Connection:
             while not self.shutting_down or reader.buffered >= header_size:
                 if writer.pending and reader.buffered < header_size:
                     await writer.flush()
-                if reader.buffered < header_size and self._polls_for_request():
+                if self._one_extent is not None and reader.buffered < header_size and self._polls_for_request():
                     if self._poller.poll(reader.fill_nowait) is None:
                         # Not polled (budget spent, or the client is not fast): the
                         # event loop's turn before the task sleeps (polling.py).
@@ -680,6 +678,12 @@ class Connection:
         scan = self._one_extent
         if scan is None:
             scan = self._one_extent = OneExtentScan([context_id for context_id, _ in self._contexts_key])
+            poller = self._poller
+            if poller.window_ns:
+                # From the first REQ_ONE request on, wake-ups reach the poller (polling.py);
+                # other clients' wake-ups need not.
+                self.channel.reads.on_wake = poller.woken
+                poller.woken()
         offset, length, generation = request.offset, request.length, export.generation
         found = scan.descriptors(offset, length, generation)
         if found is None:

@@ -371,3 +371,15 @@ def voluntary_switches(pid: int) -> int:
     match = re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.M)
     assert match, f"/proc/{pid}/status has no voluntary_ctxt_switches"
     return int(match.group(1))
+
+
+def qemu_img_map_argv(server, tls_dir=None) -> list[str]:
+    """``qemu-img map --output=json`` of ``server``'s export on its unix socket, through
+    QEMU's nbd driver (one extent per request, REQ_ONE); over TLS with the client
+    credentials in ``tls_dir``."""
+    opts = f"driver=nbd,server.type=unix,server.path={server.socket}"
+    argv = ["qemu-img", "map", "--output=json"]
+    if tls_dir is not None:
+        argv += ["--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={tls_dir}"]
+        opts += ",tls-creds=tls0,tls-hostname=localhost"
+    return argv + ["--image-opts", opts]
