@@ -518,11 +518,12 @@ class Workloads:
         check_copied(self.source, self.target, size)
         return size / min(best) / MiB
 
-    def rand_read(self, uri: str, size: int) -> float:
+    def rand_read(self, uri: str, size: int, depth: int = 16) -> float:
+        """4 KiB random-read IOPS from fio's nbd engine with ``depth`` requests in flight."""
         out = self.st.workdir / "fio.json"
         argv = [
             "fio", "--name=randread4k", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
-            "--iodepth=16", "--numjobs=1", f"--size={size}", "--time_based", f"--runtime={self.st.fio_runtime}",
+            f"--iodepth={depth}", "--numjobs=1", f"--size={size}", "--time_based", f"--runtime={self.st.fio_runtime}",
             f"--ramp_time={self.st.fio_ramp}", "--randrepeat=0", "--output-format=json", f"--output={out}",
         ]
         run_cmd(argv, timeout=self.st.fio_runtime + self.st.fio_ramp + 60, what="fio")
@@ -661,6 +662,9 @@ def seq_group(key: str, title: str, image: str, fmt: str, transport: str, server
     if image == "raw-full":
         rr = metric(f"{key}/rand4k", f"{title}: 4 KiB random read, fio nbd QD16", "IOPS")
         steps.append(([rr], lambda w, uri, size: {rr.key: w.rand_read(uri, size)}))
+        # One request in flight: every read is a round trip (a guest or tool that waits).
+        r1 = metric(f"{key}/rand4k-qd1", f"{title}: 4 KiB random read, fio nbd QD1", "IOPS")
+        steps.append(([r1], lambda w, uri, size: {r1.key: w.rand_read(uri, size, depth=1)}))
     return Group(key, title, image, fmt, transport, servers, steps)
 
 

@@ -110,9 +110,10 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--max-requests", type=int, default=32, metavar="N",
                    help="requests in flight per connection before reading stops (default 32)")
     p.add_argument("--poll-us", type=_poll_us, default=DEFAULT_POLL_WINDOW_NS // 1000, metavar="US",
-                   help="poll up to US microseconds for a lone client's next REQ_ONE block-status "
-                        "request after a reply, while it answers that fast (QEMU's scans), "
-                        f"instead of sleeping; 0: never (default {DEFAULT_POLL_WINDOW_NS // 1000})")
+                   help="poll up to US microseconds for a lone client's next request, after a "
+                        "one-extent block-status reply (QEMU's scans) or a READ with nothing else "
+                        "in flight, while it answers that fast, instead of sleeping; 0: never "
+                        f"(default {DEFAULT_POLL_WINDOW_NS // 1000})")
     tls = p.add_argument_group("TLS")
     tls.add_argument("--tls", action="store_true",
                      help="require TLS; without --tls-creds, credentials are generated on first use")

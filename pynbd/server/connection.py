@@ -174,8 +174,8 @@ class ConnectionSettings:
         self.max_inflight_bytes = max_inflight_bytes
         self.tls_mode = tls_mode
         self.tls_upgrade = tls_upgrade
-        #: How long to poll for a lone client's next REQ_ONE request (0: never; see
-        #: polling.py).
+        #: How long to poll for a lone client's next request in a REQ_ONE scan or after
+        #: a READ (0: never; see polling.py).
         self.poll_window_ns = poll_window_ns
 
 
@@ -484,13 +484,20 @@ class Connection:
         if reads is not None:
             # Until the first request says what kind of client this is (below).
             reads.on_readable = self._serve_from_reader
+        last_type = -1  # (the last request's command)
+        self._hook_poller()
         try:
             # Requests already received when the server began shutting down are
             # answered too (ESHUTDOWN), then the connection ends.
             while not self.shutting_down or reader.buffered >= header_size:
                 if writer.pending and reader.buffered < header_size:
                     await writer.flush()
-                if self._one_extent is not None and reader.buffered < header_size and self._polls_for_request():
+                # Poll for the next request (polling.py) in a REQ_ONE scan, and after a
+                # READ with nothing else in flight: a client reading one block at a time
+                # (a task in flight must run: a WRITE's reply is still to come).
+                if reader.buffered < header_size and (
+                        (self._one_extent is not None and self._polls_for_request())
+                        or (last_type == CMD_READ and not limiter.requests and self._may_poll())):
                     if self._poller.poll(reader.fill_nowait) is None:
                         # Not polled (budget spent, or the client is not fast): the
                         # event loop's turn before the task sleeps (polling.py).
@@ -499,6 +506,7 @@ class Connection:
                 header = await reader.read_exactly(header_size)
                 self._awaiting_request = False
                 request = wire.Request.unpack(header)
+                last_type = request.type
                 if reads is not None:
                     # The reader callback serves a client that sends BLOCK_STATUS; one that
                     # sends other requests would pay for its look at each (4 KiB READs, ~3 %).
@@ -678,12 +686,10 @@ class Connection:
         scan = self._one_extent
         if scan is None:
             scan = self._one_extent = OneExtentScan([context_id for context_id, _ in self._contexts_key])
-            poller = self._poller
-            if poller.window_ns:
-                # From the first REQ_ONE request on, wake-ups reach the poller (polling.py);
-                # other clients' wake-ups need not.
-                self.channel.reads.on_wake = poller.woken
-                poller.woken()
+            # From the first REQ_ONE request on, wake-ups reach the poller (a connection
+            # served without a task polls only in such scans).
+            self._hook_poller()
+            self._poller.woken()
         offset, length, generation = request.offset, request.length, export.generation
         found = scan.descriptors(offset, length, generation)
         if found is None:
@@ -770,7 +776,8 @@ class Connection:
         """Serve buffered BLOCK_STATUS requests (:meth:`_serve_buffered`) and, while the
         client scans with REQ_ONE and sends each request right after the last reply,
         poll for it instead of sleeping until the socket is readable (polling.py); True
-        when no whole request is left for the task.
+        when no whole request is left for the task. (The task polls the same way, and
+        also after READs: see _transmission.)
 
         Only for REQ_ONE scans: a client that asks one extent at a time must wait for
         each reply, while ``nbdinfo --map`` (whole ranges) has its next request sent
@@ -788,10 +795,19 @@ class Connection:
     def _polls_for_request(self) -> bool:
         """Whether to poll for the next request now rather than sleep (see _serve_polling)."""
         scan = self._one_extent
+        return scan is not None and scan.expecting and self._may_poll()
+
+    def _hook_poller(self) -> None:
+        """Let the socket's wake-ups reach the poller (RequestPoller.woken)."""
+        if self._poller.window_ns:
+            self.channel.reads.on_wake = self._poller.woken
+
+    def _may_poll(self) -> bool:
+        """Whether nothing stands against a poll now: a reply still unsent, the connection
+        ending, or another client (a poll holds the event loop)."""
         writer = self._writer
-        return (scan is not None and scan.expecting and writer is not None and not writer.pending
-                and not self._closed_for_disc and not self._ended and not self.shutting_down
-                and len(self._peers) <= 1)
+        return (writer is not None and not writer.pending and not self._closed_for_disc and not self._ended
+                and not self.shutting_down and len(self._peers) <= 1)
 
     def _serve_buffered(self) -> bool:
         """Serve buffered BLOCK_STATUS requests (and close after a DISC) from a reader
