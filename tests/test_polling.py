@@ -99,8 +99,9 @@ def test_one_callback_polls_within_its_budget():
     # The budget ends the loop (each poll takes 10-40 us of this clock), and the poller
     # stays active for the next callback.
     assert POLL_BUDGET_NS // 40_000 <= served <= POLL_BUDGET_NS // 10_000
-    assert poller.active
+    assert poller.active and poller.budget_spent
     poller.woken()
+    assert not poller.budget_spent
     assert poller.poll(receiver([28])) == 28
 
 

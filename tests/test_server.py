@@ -564,23 +564,31 @@ def test_lone_req_one_scan_is_polled(fragmented_raw, poll_us, alone):
 
 
 @pytest.mark.needs("qemu-img")
-def test_polling_leaves_the_event_loop_to_others(fragmented_raw):
-    """While one client's scan is polled for, another is accepted and served (the
+@pytest.mark.parametrize("client", ["req-one-scan", "reads-one-at-a-time"])
+def test_polling_leaves_the_event_loop_to_others(fragmented_raw, client):
+    """While one client is polled for - a REQ_ONE scan served from reader callbacks,
+    or READs one at a time served by the task - another is accepted and served (the
     poll gives the event loop its turn every millisecond, and stops while the
     client is not alone)."""
     with PynbdServer(fragmented_raw, "--read-only") as server:
-        scan = subprocess.Popen(qemu_img_map_argv(server), stdout=subprocess.PIPE, text=True)
+        if client == "req-one-scan":
+            argv = qemu_img_map_argv(server)
+        else:
+            argv = ["qemu-img", "bench", "-c", "60000", "-d", "1", "-s", "4k", "--image-opts",
+                    f"driver=nbd,server.type=unix,server.path={server.socket}"]
+        busy = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         try:
             time.sleep(0.3)
-            assert scan.poll() is None, "the scan ended before the other client came"
+            assert busy.poll() is None, "the polled client ended before the other came"
             assert nbdinfo("--size", server.uri).strip() == str(SCAN_EXTENTS * 8192)
-            assert scan.poll() is None, "the other client was served only after the scan"
-            stdout, _ = scan.communicate(timeout=60)
+            assert busy.poll() is None, "the other client was served only after the polled one"
+            stdout, _ = busy.communicate(timeout=60)
         finally:
-            scan.kill()
-            scan.wait()
-    assert scan.returncode == 0
-    check_scan_map(stdout)
+            busy.kill()
+            busy.wait()
+    assert busy.returncode == 0
+    if client == "req-one-scan":
+        check_scan_map(stdout)
 
 
 @pytest.mark.needs("qemu-img")

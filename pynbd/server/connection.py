@@ -498,9 +498,10 @@ class Connection:
                 if reader.buffered < header_size and (
                         (self._one_extent is not None and self._polls_for_request())
                         or (last_type == CMD_READ and not limiter.requests and self._may_poll())):
-                    if self._poller.poll(reader.fill_nowait) is None:
-                        # Not polled (budget spent, or the client is not fast): the
-                        # event loop's turn before the task sleeps (polling.py).
+                    poller = self._poller
+                    if poller.poll(reader.fill_nowait) is None and poller.budget_spent:
+                        # The event loop's turn (polling.py): a request already there
+                        # would be read without the task yielding.
                         await asyncio.sleep(0)
                 self._awaiting_request = True
                 header = await reader.read_exactly(header_size)

@@ -63,6 +63,12 @@ class RequestPoller:
         """Whether the next reply is followed by a poll (the client answered fast)."""
         return self._active
 
+    @property
+    def budget_spent(self) -> bool:
+        """Whether polling since the last wake-up took its budget: the event loop must
+        run before the next request is served."""
+        return self._clock() >= self._budget_end
+
     def woken(self) -> None:
         """The event loop woke the connection for input (its socket's ReadWaiter.on_wake):
         the budget starts again, and a request that came soon after the reply re-enables
