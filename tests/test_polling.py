@@ -39,6 +39,7 @@ def test_poll_returns_what_arrives_within_the_window():
     assert poller.poll(receive) == 28
     assert len(receive.calls) == 3
     assert poller.active
+    assert (poller.polled, poller.empty_windows) == (1, 0)
 
 
 def test_eof_is_returned_as_received():
@@ -57,6 +58,7 @@ def test_an_empty_window_stops_polling_for_the_next_replies():
     # It polled for the whole window (one reading per call), and no longer.
     assert WINDOW <= clock.now - start <= WINDOW + 3 * clock.step
     assert not poller.active
+    assert (poller.polled, poller.empty_windows) == (0, 1)
     again = receiver([28])
     assert poller.poll(again) is None and not again.calls
 

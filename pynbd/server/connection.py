@@ -334,8 +334,10 @@ class Connection:
         writer = self._writer
         if writer is None or self.export is None:
             return ""
+        poller = self._poller
         return (f", export {self.export.name!r}; read data sent: {writer.sendfile_bytes} bytes by "
-                f"sendfile, {writer.copied_bytes} bytes copied (zero-copy {writer.zero_copy_mode})")
+                f"sendfile, {writer.copied_bytes} bytes copied (zero-copy {writer.zero_copy_mode}); "
+                f"polled for {poller.polled} requests, {poller.empty_windows} windows empty")
 
     async def idle(self) -> None:
         """Wait until no request is in flight (used by a graceful shutdown)."""

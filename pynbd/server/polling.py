@@ -57,6 +57,10 @@ class RequestPoller:
         self._idle_since = 0
         #: Where the polling budget ends that began at the last wake-up.
         self._budget_end = 0
+        #: Requests (or parts of one) that polls received, and windows that ended empty
+        #: (the connection's closing line at -v).
+        self.polled = 0
+        self.empty_windows = 0
 
     @property
     def active(self) -> bool:
@@ -91,10 +95,12 @@ class RequestPoller:
         while True:
             got = receive()
             if got is not None:
+                self.polled += 1
                 return got
             now = clock()
             if now >= deadline:
                 # Nothing came: the client is not answering fast (any more).
+                self.empty_windows += 1
                 self._active = False
                 self._idle_since = now
                 return None

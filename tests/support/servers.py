@@ -383,3 +383,38 @@ def qemu_img_map_argv(server, tls_dir=None) -> list[str]:
         argv += ["--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={tls_dir}"]
         opts += ",tls-creds=tls0,tls-hostname=localhost"
     return argv + ["--image-opts", opts]
+
+
+def settled_log(server, connections: int) -> str:
+    """The server log (of a server run with -v) once ``connections`` connections have
+    logged their read counters."""
+    deadline = time.monotonic() + 10
+    while True:
+        log = server.log()
+        if log.count("read data sent:") >= connections or time.monotonic() > deadline:
+            return log
+        time.sleep(0.05)
+
+
+def polled_counts(server) -> tuple[int, int]:
+    """(requests polled for, windows that ended empty) from the closing line of the one
+    connection of a server run with -v."""
+    log = settled_log(server, 1)
+    match = re.search(r"polled for (\d+) requests, (\d+) windows empty", log)
+    assert match, log
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_polled(server, sleeps: int, requests: int, polled_expected: bool) -> None:
+    """Polling received many of the requests and the server slept before few, or (not
+    expected) polling received none. Counted, not timed: how often an unpolled server
+    sleeps depends on where the scheduler puts the client (on a busy CPU, or on the
+    server's, a reply lets it send the next request before the server is back in
+    epoll_wait), and so does how many requests are there before a poll begins (on
+    one CPU a third of qemu-img bench's, against nearly all on two)."""
+    polled, _ = polled_counts(server)
+    if polled_expected:
+        assert polled > requests / 10, f"{polled} of {requests} requests polled for"
+        assert sleeps < requests / 4, f"{sleeps} sleeps for {requests} requests"
+    else:
+        assert polled == 0
