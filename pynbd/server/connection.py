@@ -649,7 +649,14 @@ class Connection:
         await writer.ok(request.cookie)
 
     async def _cmd_block_status(self, request, payload, export, state, writer) -> None:
-        answer, parts = self._block_status_reply(request, export)
+        scan = self._one_extent
+        # The REQ_ONE request a scan was expected to send: its reply is ready (the reader
+        # callbacks check the raw header instead, _serve_buffered).
+        made_ahead = scan.reply_to(request, export.generation) if scan is not None else None
+        if made_ahead is not None:
+            answer, parts = None, [made_ahead]
+        else:
+            answer, parts = self._block_status_reply(request, export)
         await writer.chunks(parts)
         if not writer.batching:  # (a batching client has its next requests sent)
             # The client reads this reply now: prepare what its scan asks next.
@@ -664,10 +671,7 @@ class Connection:
         buffers; for REQ_ONE no answer and the whole reply in one buffer (32 bytes a
         context: see wire.block_status_one_reply), answered from runs found ahead."""
         if request.flags & FLAG_REQ_ONE:
-            scan = self._one_extent
-            reply = scan.reply_to(request, export.generation) if scan is not None else None
-            if reply is None:
-                reply = self._one_extent_reply(request, export)
+            reply = self._one_extent_reply(request, export)
             if reply is None:
                 # (Runs could not be found ahead: the general way reports the error or a
                 # safe status, in the same layout: one descriptor per context.)
