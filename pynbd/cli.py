@@ -34,6 +34,7 @@ from pynbd.server.server import (
     ListenError,
     NbdServer,
     export_uris,
+    hold_stop_signals,
     listen,
     systemd_sockets,
 )
@@ -254,6 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     factory = event_loop_factory(args.loop)
     exports = open_exports(configs)
     try:
+        hold_stop_signals()
         sockets = listen_sockets(args)
         tls_mode, tls_upgrade = tls_settings(args, sockets)
         settings = ConnectionSettings(

@@ -20,8 +20,20 @@ from pynbd.server.exports import Export
 
 log = logging.getLogger(__name__)
 
-SD_LISTEN_FDS_START = 3
-UNIX_SNDBUF = 1 << 20  # sd_listen_fds(3)
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3)
+UNIX_SNDBUF = 1 << 20
+#: The signals that stop the server cleanly.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def hold_stop_signals() -> None:
+    """Keep SIGTERM and SIGINT pending until :meth:`NbdServer.serve` handles them.
+
+    Call it on the main thread before the first listener exists: a client may connect
+    (and a supervisor may stop the server) from then on, and a stop asked for before
+    ``serve`` began must be the same clean stop, not the default action's death.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 class ListenError(Exception):
@@ -118,9 +130,11 @@ class NbdServer:
     async def serve(self) -> None:
         """Accept until stop(); then finish in-flight requests and close everything."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        # A signal held since hold_stop_signals() reaches its handler now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         names = list(self.exports)
         tls = self.settings.tls_mode is TlsMode.REQUIRED
         for sock in self.listeners:
@@ -136,7 +150,7 @@ class NbdServer:
         for sock in self.listeners:
             self._close_listener(sock)
         await self._shutdown_connections()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
 
