@@ -1,15 +1,16 @@
-"""Shared fixtures: small raw images, server launchers, binary/pynbd availability checks.
+"""Shared fixtures: small raw images, server launchers.
 
-Markers:
+Markers (handled by the plugin tests/support/skips.py, loaded here):
 * ``@pytest.mark.needs("qemu-nbd", "nbdinfo", ...)`` skips (with the reason) when a
   binary is missing; ``"libnbd-python"`` stands for /usr/bin/python3 + ``import nbd``.
-* ``@pytest.mark.pynbd`` skips while ``python -m pynbd serve --help`` fails (the server
-  is being written concurrently); once it works these tests run for real.
+* ``@pytest.mark.pynbd`` skips while ``python -m pynbd serve --help`` fails.
+
+In strict mode (``CI=true`` or ``PYNBD_STRICT=1``) each of those is a failure, and so
+is every skip not listed in tests/support/skips.py.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,11 @@ _REPO = str(Path(__file__).resolve().parents[1])
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from tests.support.servers import (
-    PynbdServer,
-    QemuNbdServer,
-    have_libnbd_python,
-    make_raw_image,
-    pynbd_available,
-)
+from tests.support.servers import PynbdServer, QemuNbdServer, make_raw_image
+from tests.support.skips import require, require_pynbd
+
+# Strict mode, the allowed skips and the needs/pynbd markers.
+pytest_plugins = ("tests.support.skips",)
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -50,32 +49,6 @@ ODD_WRITES = (
 )
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "needs(*binaries): skip unless these binaries exist")
-    config.addinivalue_line("markers", "pynbd: needs a working 'python -m pynbd serve'")
-
-
-_binary_cache: dict[str, bool] = {}
-
-
-def _have(binary: str) -> bool:
-    if binary not in _binary_cache:
-        if binary == "libnbd-python":
-            _binary_cache[binary] = have_libnbd_python()
-        else:
-            _binary_cache[binary] = shutil.which(binary) is not None
-    return _binary_cache[binary]
-
-
-def pytest_runtest_setup(item):
-    for mark in item.iter_markers("needs"):
-        missing = [b for b in mark.args if not _have(b)]
-        if missing:
-            pytest.skip(f"missing binaries: {', '.join(missing)}")
-    if item.get_closest_marker("pynbd") and not pynbd_available():
-        pytest.skip("pynbd server not available yet ('python -m pynbd serve --help' fails)")
-
-
 # --------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------
@@ -83,11 +56,13 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture
 def sparse_image(tmp_path) -> Path:
+    require("qemu-io")
     return make_raw_image(tmp_path / "sparse.img", SPARSE_SIZE, SPARSE_WRITES)
 
 
 @pytest.fixture
 def odd_image(tmp_path) -> Path:
+    require("qemu-io")
     return make_raw_image(tmp_path / "odd.img", ODD_SIZE, ODD_WRITES)
 
 
@@ -95,6 +70,8 @@ def odd_image(tmp_path) -> Path:
 def image_factory(tmp_path):
     """make(name, size, writes) -> Path of a fresh sparse raw image."""
     def make(name: str, size: int = SPARSE_SIZE, writes=()) -> Path:
+        if writes:
+            require("qemu-io")
         return make_raw_image(tmp_path / name, size, writes)
     return make
 
@@ -152,26 +129,24 @@ def launch(tmp_path):
 @pytest.fixture
 def pynbd_server(launch, sparse_image):
     """pynbd serving the sparse image, writable, export name ""."""
-    if not pynbd_available():
-        pytest.skip("pynbd server not available yet")
+    require_pynbd()
     return launch.pynbd(sparse_image)
 
 
 @pytest.fixture
 def qemu_server(launch, sparse_image):
     """qemu-nbd serving the sparse image, writable, -A, export name ""."""
-    if not shutil.which("qemu-nbd"):
-        pytest.skip("missing binaries: qemu-nbd")
+    require("qemu-nbd")
     return launch.qemu(sparse_image, "-A", "-e", "0")
 
 
 @pytest.fixture(params=["pynbd", "qemu-nbd"])
 def any_server_kind(request):
-    """Parametrize a test over both servers (pynbd skipped while unavailable)."""
-    if request.param == "pynbd" and not pynbd_available():
-        pytest.skip("pynbd server not available yet")
-    if request.param == "qemu-nbd" and not shutil.which("qemu-nbd"):
-        pytest.skip("missing binaries: qemu-nbd")
+    """Parametrize a test over both servers (each skipped while unavailable; strict: fails)."""
+    if request.param == "pynbd":
+        require_pynbd()
+    else:
+        require("qemu-nbd")
     return request.param
 
 

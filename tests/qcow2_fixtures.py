@@ -24,17 +24,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.skips import require
+
 MiB = 1 << 20
 KiB = 1 << 10
 
-TOOLS = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
+# What build_fixtures runs; the references below also need qemu-nbd (QemuNbd) and nbdinfo.
+BUILD_TOOLS = ("qemu-img", "qemu-io")
+TOOLS = (*BUILD_TOOLS, "qemu-nbd", "nbdinfo")
 
-
-def have_tools() -> bool:
-    return all(shutil.which(t) for t in TOOLS)
-
-
-requires_qemu = pytest.mark.skipif(not have_tools(), reason="needs qemu-img, qemu-io, qemu-nbd and nbdinfo")
+# All four; a module that uses fewer should say which with pytest.mark.needs(...) instead.
+# A missing one skips, in strict mode (CI=true) fails (tests/support/skips.py).
+requires_qemu = pytest.mark.needs(*TOOLS)
 
 
 def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -285,8 +286,7 @@ def session_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     """Build the fixtures once per test session (every module calls this from its own fixture)."""
     global _BUILT
     if _BUILT is None:
-        if not have_tools():
-            pytest.skip("needs qemu-img, qemu-io, qemu-nbd and nbdinfo")
+        require(*BUILD_TOOLS)
         _BUILT = build_fixtures(tmp_path_factory.mktemp("qcow2fx"))
     return _BUILT
 

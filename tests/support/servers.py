@@ -7,6 +7,7 @@ Readiness = a connect() to the socket/port succeeds.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -312,6 +313,7 @@ def libnbd_script(code: str, *args, timeout: float = DEFAULT_TIMEOUT, check: boo
 
 
 def have_libnbd_python() -> bool:
+    """True when Debian's /usr/bin/python3 can ``import nbd`` (package python3-libnbd)."""
     if not os.path.exists(DEBIAN_PYTHON):
         return False
     return subprocess.run([DEBIAN_PYTHON, "-c", "import nbd"], capture_output=True,
@@ -319,23 +321,26 @@ def have_libnbd_python() -> bool:
                                if not k.startswith("PYTHON")}).returncode == 0
 
 
-_pynbd_available: bool | None = None
+@functools.cache
+def pynbd_unavailable_reason() -> str | None:
+    """None when ``python -m pynbd serve --help`` works, else what went wrong (the exit
+    code and the end of its output); checked once per test session."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    try:
+        p = subprocess.run([sys.executable, "-m", "pynbd", "serve", "--help"],
+                           capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "'python -m pynbd serve --help' did not answer within 60 s"
+    if p.returncode == 0:
+        return None
+    output = (p.stdout + p.stderr).decode(errors="replace").strip()[-600:]
+    return f"'python -m pynbd serve --help' fails (exit code {p.returncode}): {output!r}"
 
 
 def pynbd_available() -> bool:
     """True once ``python -m pynbd serve --help`` works."""
-    global _pynbd_available
-    if _pynbd_available is None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO_ROOT)
-        try:
-            p = subprocess.run([sys.executable, "-m", "pynbd", "serve", "--help"],
-                               capture_output=True, timeout=60, env=env,
-                               stdin=subprocess.DEVNULL)
-            _pynbd_available = p.returncode == 0
-        except subprocess.TimeoutExpired:
-            _pynbd_available = False
-    return _pynbd_available
+    return pynbd_unavailable_reason() is None
 
 
 def make_raw_image(path, size: int, writes=()) -> Path:
