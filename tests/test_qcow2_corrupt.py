@@ -16,9 +16,9 @@ from pynbd.image import open_image
 from pynbd.image.base import ImageError, ImageIOError
 from pynbd.image.compression import compressed_range
 from pynbd.image.qcow2 import Qcow2Image, open_qcow2
-from tests.qcow2_fixtures import MiB, qimg, requires_qemu, session_fixtures
+from tests.qcow2_fixtures import MiB, qimg, session_fixtures
 
-pytestmark = requires_qemu
+pytestmark = pytest.mark.needs("qemu-img", "qemu-io")  # (no server: qemu-nbd and nbdinfo unused)
 
 
 @pytest.fixture(scope="module")
