@@ -67,8 +67,13 @@ def export_uris(sock: socket.socket, names: Sequence[str], tls: bool = False) ->
     return uris
 
 
-def listen(address: ListenAddress, backlog: int = 128) -> socket.socket:
-    """Open a listening socket; raises ListenError with a one-line reason."""
+def listen(address: ListenAddress, backlog: int = socket.SOMAXCONN) -> socket.socket:
+    """Open a listening socket; raises ListenError with a one-line reason.
+
+    The backlog is as long as the system allows (as qemu-nbd's): clients of a burst
+    wait there until accepted, where a full backlog refuses unix clients and drops
+    TCP clients whose connection the kernel already completed.
+    """
     try:
         if address.unix_path is not None:
             path = address.unix_path
