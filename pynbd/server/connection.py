@@ -153,11 +153,6 @@ class InflightLimiter:
         self.bytes -= cost
         self._changed.set()
 
-    async def drained(self) -> None:
-        while self.requests:
-            self._changed.clear()
-            await self._changed.wait()
-
 
 class ConnectionSettings:
     """Per-server knobs every connection reads."""
@@ -339,10 +334,22 @@ class Connection:
                 f"sendfile, {writer.copied_bytes} bytes copied (zero-copy {writer.zero_copy_mode}); "
                 f"polled for {poller.polled} requests, {poller.empty_windows} windows empty")
 
-    async def idle(self) -> None:
-        """Wait until no request is in flight (used by a graceful shutdown)."""
-        if self._limiter is not None:
-            await self._limiter.drained()
+    def begin_shutdown(self) -> None:
+        """The server stops: answer every request received, send the replies, then end.
+
+        A task waiting for the client's next request stops waiting (its requests in
+        flight are still answered and their replies sent: ``_transmission``'s
+        ``finally``); a task busy with requests ends by itself once no complete
+        request is buffered; a handshake ends now. A connection served from reader
+        callbacks alone has answered all it read and ends now. Runs on the event loop.
+        """
+        self.shutting_down = True
+        task = self.task
+        if task is None:
+            self.log.info("connection closed (server stopping)")
+            self._end()
+        elif self._awaiting_request or not self.in_transmission:
+            task.cancel()
 
     # -- handshake ----------------------------------------------------------------------
 

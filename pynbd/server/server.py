@@ -196,17 +196,18 @@ class NbdServer:
         self._resume_accepting()
 
     async def _shutdown_connections(self) -> None:
-        if not self.connections:
-            return
-        for conn in self.connections:
-            conn.shutting_down = True
-        busy = [c.idle() for c in self.connections if c.in_transmission]
-        if busy:
-            await asyncio.wait([asyncio.create_task(b) for b in busy], timeout=self.shutdown_grace)
-        conns = list(self.connections)  # some may have ended while we waited
+        """Let every connection answer what it received and send the replies (for up to
+        ``shutdown_grace`` seconds), then end the ones still running."""
+        conns = list(self.connections)
         for conn in conns:
+            conn.begin_shutdown()
+        tasks = [c.task for c in conns if c.task is not None and not c.task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.shutdown_grace)
+        late = list(self.connections)
+        for conn in late:
             conn.abort()
-        tasks = [c.task for c in conns if c.task is not None]
+        tasks = [c.task for c in late if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.shutdown_grace)
 
