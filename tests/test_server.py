@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import random
 import re
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import time
+import termios
 from pathlib import Path
 
 import pytest
 
+from tests.support.deadline import wait_for_log, wait_until
 from tests.support.servers import (
     PynbdServer,
     make_fragmented_raw,
@@ -27,6 +31,7 @@ from tests.support.servers import (
     settled_log,
     voluntary_switches,
 )
+from tests.test_interop_fiemap import TracedPynbd, seek_map
 
 pytestmark = [pytest.mark.pynbd, pytest.mark.needs("nbdinfo", "nbdcopy", "qemu-io")]
 
@@ -109,13 +114,10 @@ def test_systemd_socket_activation(image, tmp_path):
         env=env, preexec_fn=as_fd3, pass_fds=(fd, 3), stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         listener.close()
-        deadline = time.monotonic() + 20
-        while True:
-            p = run(["nbdinfo", "--size", f"nbd+unix:///?socket={path}"], check=False)
-            if p.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert p.stdout.strip() == str(8 * MiB)
+        # The socket listens already: nbdinfo connects at once and gets its answers
+        # when the server has started; a failure to start shows as nbdinfo failing.
+        p = run(["nbdinfo", "--size", f"nbd+unix:///?socket={path}"], check=False)
+        assert p.stdout.strip() == str(8 * MiB), (p.stderr, proc.poll())
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
@@ -124,70 +126,211 @@ def test_systemd_socket_activation(image, tmp_path):
 
 
 def test_connection_limit_queues_extra_clients(image):
-    """--shared 1: a second client waits until the first leaves, then is served (qemu-nbd -e)."""
+    """--shared 1: a second client waits until the first leaves, then is served (qemu-nbd -e).
+
+    "Waits" is shown without a guess at how long accepting takes: the second client
+    connects (into the listen backlog), then the first makes two option round trips. A
+    server that would accept the second does it in the loop iteration that reads the
+    first's next request (the listener is ready by then), and greets it at once; the
+    second round trip starts after that iteration ended. So no greeting by then means
+    the server did not accept it."""
+    from tests.support.nbdclient import FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, NbdClient
     with PynbdServer(image, "--shared", "1", "-r") as server:
-        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        first.connect(server.socket)
-        assert len(first.recv(18)) == 18  # greeting: the slot is taken
-        second = subprocess.Popen(["nbdinfo", "--size", server.uri], stdout=subprocess.PIPE)
-        time.sleep(1.0)
-        assert second.poll() is None, "second client must wait while the limit is reached"
-        first.close()
-        out, _ = second.communicate(timeout=20)
-        assert out.decode().strip() == str(8 * MiB)
+        with NbdClient.for_server(server) as first, NbdClient.for_server(server) as second:
+            first.read_greeting()  # the first client holds the one slot
+            first.send_client_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            for _ in range(2):
+                exports, final = first.list_exports()
+                assert [name for name, _ in exports] == [""], final
+            greeted, _, _ = select.select([second.sock], [], [], 0)
+            assert not greeted, "the second client was accepted while the first held the only slot"
+            first.close()
+            result = second.handshake()  # greeted once the first has left
+            assert result.size == 8 * MiB
+            second.disconnect()
 
 
-def test_out_of_file_descriptors_pauses_accepting(image):
-    """EMFILE on accept: logged, accepting pauses instead of spinning, and resumes
-    once descriptors are free; connected clients keep working."""
+ACCEPTS = ("accept(", "accept4(")
+
+
+@pytest.mark.needs("strace")
+def test_out_of_file_descriptors_pauses_accepting(image, tmp_path):
+    """EMFILE on accept: logged once, accepting pauses instead of spinning, and resumes
+    once descriptors are free; a client connected before keeps working meanwhile.
+
+    Spinning is counted, not timed: the server runs under strace, which records its
+    accept calls. A server that kept polling its listener (ready while clients wait in
+    the backlog) would call accept in every event-loop iteration, so at least once for
+    each of the connected client's requests; a paused one retries on a 0.1 s timer."""
     import resource
 
-    with PynbdServer(image, "-r") as server:
-        deadline = time.monotonic() + 10
-        while "serving" not in server.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        used = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
-        soft, hard = resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (used + 3, hard))
+    from tests.support.nbdclient import NbdClient
+    with TracedPynbd(image, "-r", "--poll-us", "0", trace=tmp_path / "accept.strace",
+                     syscalls="accept,accept4", workdir=tmp_path) as server:
+        pid = server.tracee_pid
+        wait_for_log(server, "serving")
+        worker = NbdClient.connect(server)
+        data = image.read_bytes()[:4096]
+        used = len(os.listdir(f"/proc/{pid}/fd"))
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (used + 3, hard))
         clients = []
         for _ in range(8):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(server.socket)  # the backlog takes it even when accept fails
             clients.append(s)
-        time.sleep(0.5)
-        assert "accept failed" in server.log()
-        cpu_before = sum(map(int, open(f"/proc/{server.proc.pid}/stat").read().rsplit(")", 1)[1].split()[11:13]))
-        time.sleep(1.0)
-        cpu_after = sum(map(int, open(f"/proc/{server.proc.pid}/stat").read().rsplit(")", 1)[1].split()[11:13]))
-        assert cpu_after - cpu_before < 30, "the server must not spin on a readable listener"
+        wait_for_log(server, "accept failed")
+
+        def accepts() -> int:
+            return sum(server.calls(name) for name in ACCEPTS)
+
+        # A few timed retries, each failing, and still the one log line.
+        before = accepts()
+        wait_until(lambda: accepts() >= before + 3, what="accept retried 3 times")
+        requests = 200
+        before = accepts()
+        for _ in range(requests):
+            reply = worker.read(0, 4096)
+            assert reply.error == 0 and reply.data(0, 4096) == data
+        during = accepts() - before
+        assert during < requests // 2, f"{during} accept calls while serving {requests} requests: spinning"
         assert server.log().count("accept failed") == 1, "one line, not one per retry"
         for s in clients:
             s.close()
-        resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
-        out = subprocess.run(["nbdinfo", "--size", server.uri], capture_output=True, timeout=20)
-        assert out.stdout.decode().strip() == str(8 * MiB)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert nbdinfo("--size", server.uri).strip() == str(8 * MiB)
+        worker.disconnect()
 
 
-def test_sigterm_finishes_requests_in_flight(image, tmp_path):
-    """SIGTERM during a long copy: requests already received are answered, then exit 0."""
-    big = make_raw_image(tmp_path / "big.img", 256 * MiB, ("write -P 0x42 0 256M",))
-    with PynbdServer(big, "-r") as server:
-        copier = subprocess.Popen(["nbdcopy", server.uri, "null:"], stderr=subprocess.PIPE)
-        time.sleep(0.3)
+def _queued(sock: socket.socket, request: int) -> int:
+    """SIOCINQ / SIOCOUTQ of a socket: bytes it has received and not read yet, or (unix)
+    memory its sent data holds until the peer has read it (0: the peer read it all)."""
+    buf = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
+    return struct.unpack("i", buf)[0]
+
+
+def _replies_until_closed(client, timeout: float = 30) -> dict[int, "Reply"]:
+    """Every reply the server sends until it closes the connection, by cookie. The close
+    must come between two replies: a reply cut short, a chunk after its reply's last,
+    or a second reply to a cookie fails the test."""
+    from tests.support.nbdclient import Reply, SimpleReply
+    done: dict[int, Reply] = {}
+    partial: dict[int, Reply] = {}
+    client.sock.settimeout(timeout)
+    while True:
+        try:
+            more = client.sock.recv(1, socket.MSG_PEEK)
+        except ConnectionResetError:  # closed with requests it never read: unix sockets say so
+            more = b""
+        if not more:
+            assert not partial, f"connection closed inside the replies to {sorted(partial)}"
+            return done
+        message = client.read_reply_message(timeout)  # Disconnected here: a message cut short
+        assert message.cookie not in done, f"a second reply, or a chunk after the last, for {message.cookie}"
+        if isinstance(message, SimpleReply):
+            assert message.cookie not in partial
+            done[message.cookie] = Reply(message.cookie, simple=message)
+            continue
+        reply = partial.setdefault(message.cookie, Reply(message.cookie))
+        reply.chunks.append(message)
+        if message.done:
+            done[message.cookie] = partial.pop(message.cookie)
+
+
+def _read_data(reply, offset: int, length: int) -> bytes:
+    """The data of a structured READ reply: its data and hole chunks must cover the
+    request exactly once."""
+    from tests.support.nbdclient import REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE
+    pieces = []
+    for chunk in reply.chunks:
+        if chunk.type == REPLY_TYPE_OFFSET_DATA:
+            pieces.append((chunk.offset, chunk.data))
+        elif chunk.type == REPLY_TYPE_OFFSET_HOLE:
+            pieces.append((chunk.offset, bytes(chunk.hole_size)))
+    pieces.sort(key=lambda piece: piece[0])
+    pos = offset
+    for start, data in pieces:
+        assert start == pos and data, f"READ {offset}+{length}: chunk at {start}, expected {pos}"
+        pos += len(data)
+    assert pos == offset + length, f"READ {offset}+{length}: chunks end at {pos}"
+    return b"".join(data for _, data in pieces)
+
+
+def test_sigterm_answers_every_request_received(tmp_path):
+    """SIGTERM while requests are in flight: every request the server had received is
+    answered - those it had started (WRITEs, and a 32 MiB READ half sent) completed, with
+    the right data, later ones completed or refused with ESHUTDOWN - and the connection
+    closes between two replies; then the server exits 0 with every acknowledged WRITE in
+    the image.
+
+    No timing: the signal goes when the READ's reply has begun to arrive (it is larger
+    than the socket holds, and the client reads nothing, so it is in flight), and the
+    client reads once the server has logged that it is stopping. Which requests the
+    server had received is measured (the unread part of what the client sent, SIOCOUTQ),
+    not assumed."""
+    from tests.support.nbdclient import CMD_READ, CMD_WRITE, ESHUTDOWN, NbdClient
+    size = 48 * MiB
+    original = random.Random(5).randbytes(size)
+    image = tmp_path / "disk.img"
+    image.write_bytes(original)
+    rng = random.Random(6)
+    # (command, offset, length, payload): 8 WRITEs, a READ of 32 MiB (the most a request
+    # may ask), then small WRITEs and READs; no two overlap, no READ overlaps a WRITE.
+    plan = [(CMD_WRITE, i * 256 * 1024, 256 * 1024, rng.randbytes(256 * 1024)) for i in range(8)]
+    plan.append((CMD_READ, 8 * MiB, 32 * MiB, b""))
+    for i in range(8):
+        plan.append((CMD_WRITE, 44 * MiB + i * 8192, 4096, rng.randbytes(4096)))
+        plan.append((CMD_READ, 46 * MiB + i * 8192, 4096, b""))
+    in_flight = 9  # the first WRITEs and the large READ
+
+    with PynbdServer(image) as server:
+        client = NbdClient.connect(server)
+        stream = bytearray()
+        requests = {}  # cookie -> (command, offset, length, payload, end of the request in the stream)
+        for command, offset, length, payload in plan:
+            cookie = client.next_cookie()
+            stream += client.encode_request(command, offset, length, 0, cookie) + payload
+            requests[cookie] = (command, offset, length, payload, len(stream))
+        client.send(bytes(stream))
+        wait_until(lambda: _queued(client.sock, termios.FIONREAD) >= 256 * 1024,
+                   what="the 32 MiB READ's reply arriving")
+        unread = _queued(client.sock, termios.TIOCOUTQ)  # >= the bytes not read: errs low
+        received = {cookie for cookie, r in requests.items() if r[4] <= len(stream) - unread}
+        assert len(received) >= in_flight, (unread, len(stream))
         server.proc.send_signal(signal.SIGTERM)
-        code = server.proc.wait(timeout=30)
-        copier.wait(timeout=30)
-        assert code == 0
-        assert "stopping" in server.log()
+        wait_for_log(server, "stopping")
+        replies = _replies_until_closed(client)
+        client.close()
+        assert server.wait_exit(30) == 0, server.log()
+
+    assert set(replies) <= set(requests)
+    assert received <= set(replies), f"received, not answered: {sorted(received - set(replies))}"
+    written = bytearray(image.read_bytes())
+    for n, (cookie, (command, offset, length, payload, _)) in enumerate(requests.items()):
+        reply = replies.get(cookie)
+        if n < in_flight:
+            assert reply is not None and reply.error == 0, (n, reply)
+        if reply is not None and reply.error:
+            assert reply.error == ESHUTDOWN, (n, reply)
+        ok = reply is not None and reply.error == 0
+        if command == CMD_READ and ok:
+            assert _read_data(reply, offset, length) == original[offset:offset + length], n
+        elif command == CMD_WRITE:
+            stored = bytes(written[offset:offset + length])
+            if ok:
+                assert stored == payload, f"WRITE {n} acknowledged, not in the image"
+            else:
+                assert stored in (payload, original[offset:offset + length]), f"WRITE {n}: torn"
+            written[offset:offset + length] = original[offset:offset + length]
+    assert written == original, "the image changed outside the WRITEs"
+    assert "Traceback" not in server.log()
 
 
 def test_start_logs_uris(image):
     with PynbdServer(image, tcp=True) as server:
-        time.sleep(0.2)
-        assert f"serving nbd://127.0.0.1:{server.port}/" in server.log()
+        wait_for_log(server, f"serving nbd://127.0.0.1:{server.port}/")
     with PynbdServer(image, name="disk") as server:
-        time.sleep(0.2)
-        assert f"serving nbd+unix:///disk?socket={server.socket}" in server.log()
+        wait_for_log(server, f"serving nbd+unix:///disk?socket={server.socket}")
 
 
 def test_bad_image_and_busy_port_are_one_line_errors(tmp_path, image):
@@ -307,31 +450,36 @@ def test_write_buffers_are_reused(tmp_path):
     assert faults < writes * 8, f"{faults} page faults for {writes} writes of 256 KiB"
 
 
-def test_fiemap_off_gives_the_same_map(tmp_path):
-    """--fiemap off keeps raw block status to SEEK_DATA/SEEK_HOLE; the map is the same."""
-    writes = [f"write -P 0x11 {n * 131072} 4096" for n in range(300)]
-    image = make_raw_image(tmp_path / "frag.img", 64 << 20, writes)
-    maps = []
-    for mode in ("auto", "off"):
-        with PynbdServer(image, "--read-only", "--fiemap", mode) as server:
-            maps.append(nbdinfo("--map", server.uri))
-    assert maps[0] == maps[1]
-    assert maps[0].count("data") == 300
+FRAG_STRIDE = 64 * 1024  # _fragmented_image: 4 KiB of data at the start of every 64 KiB
+FRAG_DATA = 4096
 
 
 def _fragmented_image(tmp_path) -> Path:
-    """8 MiB, 4 KiB of data every 64 KiB: 256 extents of data and 256 holes."""
-    return make_raw_image(tmp_path / "frag.img", 8 * MiB,
-                          tuple(f"write -P 0x{i % 250 + 1:02x} {i * 64}k 4k" for i in range(128)))
+    """8 MiB, 4 KiB of data at the start of every 64 KiB: 128 data runs and 128 holes
+    (checked against the file's SEEK_DATA/SEEK_HOLE map, so the model below is the file)."""
+    image = make_raw_image(tmp_path / "frag.img", 8 * MiB,
+                           tuple(f"write -P 0x{i % 250 + 1:02x} {i * 64}k 4k" for i in range(128)))
+    assert _runs_of(seek_map(image)) == _expected_extents(0, 8 * MiB)
+    return image
 
 
-def _expected_extents(image: Path, offset: int, length: int) -> list[tuple[int, int]]:
-    """base:allocation of [offset, offset+length) from a fresh connection, one request at a time."""
-    from tests.support.nbdclient import CMD_BLOCK_STATUS, NbdClient
-    with PynbdServer(image, "-r") as server, \
-            NbdClient.connect(server, meta=["base:allocation"]) as c:
-        (extents,) = c.request(CMD_BLOCK_STATUS, offset, length).extents().values()
-        return extents
+def _runs_of(runs: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
+    """(length, base:allocation flags) of (offset, length, is_data) runs."""
+    return [(length, 0 if is_data else 3) for _, length, is_data in runs]
+
+
+def _expected_extents(offset: int, length: int) -> list[tuple[int, int]]:
+    """base:allocation of [offset, offset+length) of _fragmented_image: (length, flags)
+    descriptors from the layout the test wrote (flags 0: data, 3: hole and zero)."""
+    extents = []
+    pos, end = offset, offset + length
+    while pos < end:
+        base = pos - pos % FRAG_STRIDE
+        is_data = pos - base < FRAG_DATA
+        stop = min(end, base + (FRAG_DATA if is_data else FRAG_STRIDE))
+        extents.append((stop - pos, 0 if is_data else 3))
+        pos = stop
+    return extents
 
 
 def test_pipelined_mix_with_block_status_from_the_reader(tmp_path):
@@ -340,7 +488,7 @@ def test_pipelined_mix_with_block_status_from_the_reader(tmp_path):
     complete, for its own cookie, and equal to the answer of a plain request."""
     from tests.support.nbdclient import CMD_BLOCK_STATUS, CMD_READ, CMD_WRITE, NbdClient
     image = _fragmented_image(tmp_path)
-    expected = {off: _expected_extents(image, off, 2 * MiB) for off in range(0, 8 * MiB, 2 * MiB)}
+    expected = {off: _expected_extents(off, 2 * MiB) for off in range(0, 8 * MiB, 2 * MiB)}
     data = bytes(image.read_bytes())
     with PynbdServer(image) as server, NbdClient.connect(server, meta=["base:allocation"]) as c:
         for round_ in range(20):
@@ -374,17 +522,18 @@ def test_block_status_replies_complete_when_the_client_reads_late(tmp_path):
     other, and all replies arrive whole and in order of completion."""
     from tests.support.nbdclient import CMD_BLOCK_STATUS, NbdClient
     image = _fragmented_image(tmp_path)
-    expected = _expected_extents(image, 0, 8 * MiB)
+    expected = _expected_extents(0, 8 * MiB)
     with PynbdServer(image, "-r") as server, NbdClient.connect(server, meta=["base:allocation"]) as c:
         cookies = []
-        for _ in range(3):
-            # 512 descriptors (4 KiB) per reply, 600 requests: ~2.4 MiB of replies,
-            # more than the socket buffers hold, sent in bursts the server reads as one.
+        for n in range(3):
+            # 256 descriptors (2 KiB) per reply, 600 requests: ~1.2 MiB of replies, more
+            # than the socket holds (~1 MB here), sent in bursts the server reads as one.
             burst = b"".join(c.encode_request(CMD_BLOCK_STATUS, 0, 8 * MiB, 0, c.next_cookie())
                              for _ in range(200))
             cookies += [int.from_bytes(burst[i + 8:i + 16], "big") for i in range(0, len(burst), 28)]
             c.send(burst)
-            time.sleep(0.2)
+            if n < 2:  # (the replies to two bursts still fit: the server reads the next at once)
+                wait_until(lambda: _queued(c.sock, termios.TIOCOUTQ) == 0, what=f"the server reading burst {n}")
         replies = c.read_replies(len(cookies), timeout=30)
         assert sorted(replies) == sorted(cookies)
         assert all(r.error == 0 and list(r.extents().values()) == [expected] for r in replies.values())
@@ -401,7 +550,7 @@ def test_disc_closes_only_after_every_reply(tmp_path, requests, writes):
     the stream; nothing answers the DISC."""
     from tests.support.nbdclient import CMD_BLOCK_STATUS, CMD_DISC, CMD_WRITE, NbdClient
     image = _fragmented_image(tmp_path)
-    expected = _expected_extents(image, 0, 8 * MiB)
+    expected = _expected_extents(0, 8 * MiB)
     data = image.read_bytes()
     with PynbdServer(image) as server:
         with NbdClient.connect(server, meta=["base:allocation"]) as c:
@@ -415,7 +564,8 @@ def test_disc_closes_only_after_every_reply(tmp_path, requests, writes):
                 burst.append(c.encode_request(CMD_WRITE, i * 64 * 1024, 4096, 0, ck)
                              + data[i * 64 * 1024:i * 64 * 1024 + 4096])
             c.send(b"".join(burst) + c.encode_request(CMD_DISC, 0, 0, 0, c.next_cookie()))
-            time.sleep(0.2)  # the server works through all of it before the client reads
+            # The server reads all of it, DISC included, before the client reads a reply.
+            wait_until(lambda: _queued(c.sock, termios.TIOCOUTQ) == 0, what="the server reading the DISC")
             replies = c.read_replies(len(sent), timeout=30)
             assert sorted(replies) == sorted(sent)
             for cookie, (kind, _) in sent.items():
@@ -441,7 +591,7 @@ def test_whole_session_in_one_send(tmp_path, order):
         CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, OPT_GO,
         OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REP_ACK, REP_META_CONTEXT, NbdClient)
     image = _fragmented_image(tmp_path)
-    expected = _expected_extents(image, 0, 8 * MiB)
+    expected = _expected_extents(0, 8 * MiB)
     data = image.read_bytes()
     with PynbdServer(image, "-v") as server:
         with NbdClient.for_server(server) as c:
@@ -554,8 +704,9 @@ def test_polling_leaves_the_event_loop_to_others(fragmented_raw, client):
     """While one client is polled for - a REQ_ONE scan served from reader callbacks,
     or READs one at a time served by the task - another is accepted and served (the
     poll gives the event loop its turn every millisecond, and stops while the
-    client is not alone)."""
-    with PynbdServer(fragmented_raw, "--read-only") as server:
+    client is not alone). The other comes once the busy client has its export (-v
+    logs it), and polling is shown to have served the busy client (its counters)."""
+    with PynbdServer(fragmented_raw, "-v", "--read-only") as server:
         if client == "req-one-scan":
             argv = qemu_img_map_argv(server)
         else:
@@ -563,7 +714,7 @@ def test_polling_leaves_the_event_loop_to_others(fragmented_raw, client):
                     f"driver=nbd,server.type=unix,server.path={server.socket}"]
         busy = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.3)
+            wait_for_log(server, "export '': structured=")
             assert busy.poll() is None, "the polled client ended before the other came"
             assert nbdinfo("--size", server.uri).strip() == str(SCAN_EXTENTS * 8192)
             assert busy.poll() is None, "the other client was served only after the polled one"
@@ -571,7 +722,10 @@ def test_polling_leaves_the_event_loop_to_others(fragmented_raw, client):
         finally:
             busy.kill()
             busy.wait()
+        log = settled_log(server, 2)
     assert busy.returncode == 0
+    polled = [int(n) for n in re.findall(r"polled for (\d+) requests", log)]
+    assert len(polled) == 2 and max(polled) > 0, log
     if client == "req-one-scan":
         check_scan_map(stdout)
 
