@@ -334,16 +334,21 @@ class Connection:
                 f"sendfile, {writer.copied_bytes} bytes copied (zero-copy {writer.zero_copy_mode}); "
                 f"polled for {poller.polled} requests, {poller.empty_windows} windows empty")
 
-    def begin_shutdown(self) -> None:
-        """The server stops: answer every request received, send the replies, then end.
+    @property
+    def busy(self) -> bool:
+        """In transmission, with a task serving a request (not waiting for the next one)."""
+        return self.in_transmission and self.task is not None and not self._awaiting_request
 
-        A task waiting for the client's next request stops waiting (its requests in
-        flight are still answered and their replies sent: ``_transmission``'s
-        ``finally``); a task busy with requests ends by itself once no complete
-        request is buffered; a handshake ends now. A connection served from reader
-        callbacks alone has answered all it read and ends now. Runs on the event loop.
+    def stop_waiting(self) -> None:
+        """The server stops (``shutting_down`` is set): stop waiting for the client, send
+        the replies owed, then end. Runs on the event loop.
+
+        A task waiting for the next request, or in the handshake, is cancelled: its
+        ``finally`` still answers the requests in flight and sends their replies. A task
+        busy with requests ends by itself once no complete request is buffered. A
+        connection served from reader callbacks alone has answered all it read and
+        ends now.
         """
-        self.shutting_down = True
         task = self.task
         if task is None:
             self.log.info("connection closed (server stopping)")

@@ -196,12 +196,23 @@ class NbdServer:
         self._resume_accepting()
 
     async def _shutdown_connections(self) -> None:
-        """Let every connection answer what it received and send the replies (for up to
-        ``shutdown_grace`` seconds), then end the ones still running."""
+        """Answer what was received, then close.
+
+        Connections busy with requests finish them (for up to ``shutdown_grace``
+        seconds) while the others answer new requests with ESHUTDOWN and options with
+        ERR_SHUTDOWN (NBD spec: NBD_ESHUTDOWN, NBD_REP_ERR_SHUTDOWN); then every connection stops waiting
+        for its client and ends once its replies are sent; those still running after
+        another grace period are cut.
+        """
         conns = list(self.connections)
         for conn in conns:
-            conn.begin_shutdown()
-        tasks = [c.task for c in conns if c.task is not None and not c.task.done()]
+            conn.shutting_down = True
+        busy = [c.task for c in conns if c.busy]
+        if busy:
+            await asyncio.wait(busy, timeout=self.shutdown_grace)
+        for conn in list(self.connections):
+            conn.stop_waiting()
+        tasks = [c.task for c in self.connections if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.shutdown_grace)
         late = list(self.connections)
