@@ -13,8 +13,11 @@ traceback that connection caused).
 
 from __future__ import annotations
 
+import fcntl
 import select
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -52,13 +55,20 @@ def wait_for_log(server, text: str, count: int = 1, *, timeout: float = DEADLINE
                       what=lambda: f"{count} x {text!r} in the server log:\n{server.log()[-3000:]}")
 
 
+def closed_so_far(server) -> int:
+    """How many connections a ``-v`` server has logged as closed."""
+    return server.log().count(CLOSED)
+
+
 def wait_connections_closed(server, at_least: int = 1, *, open_left: int = 0,
                             timeout: float = DEADLINE) -> str:
     """The log of a ``-v`` server once it has closed ``at_least`` connections and all the
     connections it accepted but ``open_left`` (ones the test keeps open) are closed.
 
     Anything the server logs about a connection (a traceback included) comes before
-    that connection's closing line, so a check of the returned log sees it.
+    that connection's closing line, so a check of the returned log sees it. A client
+    that connects and goes at once may not have been accepted yet: count it in
+    ``at_least`` (from :func:`closed_so_far` before it came), not in the open ones.
     """
     def settled() -> str | None:
         log = server.log()
@@ -69,6 +79,12 @@ def wait_connections_closed(server, at_least: int = 1, *, open_left: int = 0,
     return wait_until(settled, timeout=timeout,
                       what=lambda: f"{at_least} connections closed ({open_left} left open) in the "
                                    f"server log:\n{server.log()[-3000:]}")
+
+
+def unread_by_peer(sock: socket.socket) -> int:
+    """How much of what was sent on this unix socket its peer has not read yet (SIOCOUTQ;
+    0 once the server took it all, e.g. a request header before a test goes on)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
 def wait_readable(sock: socket.socket, *, timeout: float = DEADLINE) -> None:
@@ -83,7 +99,9 @@ def wait_steady(sample: Callable[[], T], *, quiet: float = 1.0, interval: float 
 
     For a process that must come to rest (a server that stopped reading from a client
     that reads nothing): the samples show the whole way there (e.g. the peak memory).
-    A busier machine makes the wait longer, never the result different.
+    A busier machine makes the wait longer; a server stalled for ``quiet`` seconds would
+    look at rest early (a growth after that goes unseen: a missed failure, never a
+    false one).
     """
     samples = [sample()]
     deadline = time.monotonic() + timeout
