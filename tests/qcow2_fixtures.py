@@ -1,4 +1,4 @@
-"""qcow2/raw fixture images built with qemu-img/qemu-io (recipes of qcow2-fixtures.md).
+"""qcow2/raw fixture images built with qemu-img/qemu-io (recipes F1-F13 below).
 
 Nothing binary is committed: :func:`build_fixtures` runs the recipes F1–F13
 (without LUKS, which pynbd refuses anyway and which is slow to create) plus a
@@ -53,14 +53,23 @@ def qio(cwd: Path, fmt: str, image: str, *cmds: str) -> None:
     run(*args, image, cwd=cwd)
 
 
-def qio_killed(cwd: Path, fmt: str, image: str, *cmds: str, settle: float = 1.0) -> None:
-    """Run qemu-io with a trailing sleep and SIGKILL it: leaves in_use bitmaps / the dirty bit."""
-    args = ["qemu-io", "-f", fmt]
-    for c in (*cmds, "sleep 30000"):
+def qio_killed(cwd: Path, fmt: str, image: str, *writes: str) -> None:
+    """Run qemu-io's ``writes`` then SIGKILL it while it holds the image open: leaves
+    in_use bitmaps / the dirty bit. Killed once it has reported every write done (then
+    the image's header says so), not after a guessed time."""
+    # stdbuf: qemu-io's stdout to a pipe is block-buffered (nothing until it exits).
+    args = ["stdbuf", "-oL", "qemu-io", "-f", fmt]
+    for c in (*writes, "sleep 30000"):
         args += ["-c", c]
-    proc = subprocess.Popen([*args, image], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*args, image], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
-        time.sleep(settle)
+        assert proc.stdout is not None
+        done = 0
+        while done < len(writes):
+            line = proc.stdout.readline()
+            assert line, f"qemu-io {image}: exited before reporting {len(writes)} writes"
+            done += line.startswith("wrote ")
     finally:
         proc.kill()
         proc.wait()
@@ -395,7 +404,7 @@ def merge_rows(rows: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int
 
 
 def normalise_base_allocation(rows: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """qcow2-fixtures.md §3: treat flag 2 (data+zero, QEMU's preallocation heuristic) as 0."""
+    """Treat flag 2 (data+zero, QEMU's preallocation heuristic) as 0 (docs/testing.md)."""
     return merge_rows((o, n, 0 if v == 2 else v) for o, n, v in rows)
 
 

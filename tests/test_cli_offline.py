@@ -79,7 +79,7 @@ def fmt_of(name: str) -> str:
 
 
 def has_prealloc_heuristic(json_text: str) -> bool:
-    """QEMU's metadata-preallocation heuristic (qcow2-fixtures.md F6) split a data
+    """QEMU's metadata-preallocation heuristic (fixture F6; docs/testing.md) split a data
     cluster into data and data+zero records: its answer depends on the host file
     system, so such maps are compared ignoring the ZERO bit on data records."""
     return any(r["data"] and r["zero"] for r in json.loads(json_text))
@@ -177,7 +177,7 @@ def test_map_human_identical(fx: dict[str, Path], capsys: pytest.CaptureFixture[
 
 
 def test_map_human_concrete(fx: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    """Concrete values (qcow2-fixtures.md F3 and F7): backing files and the external data file by name."""
+    """Concrete values (fixtures F3 and F7): backing files and the external data file by name."""
     top = fx["chain-top.qcow2"]
     d = top.parent
     rc, out, _ = pynbd_main(capsys, "map", str(top))

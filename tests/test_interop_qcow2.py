@@ -1,4 +1,4 @@
-"""pynbd vs qemu-nbd on the qcow2/raw fixtures (qcow2-fixtures.md F1-F13, §3).
+"""pynbd vs qemu-nbd on the qcow2/raw fixtures (tests/qcow2_fixtures.py, F1-F13).
 
 For every servable fixture one pair of servers runs for the whole module:
 ``pynbd serve IMAGE -r`` and ``qemu-nbd -r -A -B <every valid bitmap>``, both on

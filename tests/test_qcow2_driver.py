@@ -1,4 +1,4 @@
-"""The qcow2 driver against QEMU 7.2 on the fixtures of qcow2-fixtures.md.
+"""The qcow2 driver against QEMU 7.2 on the fixtures of tests/qcow2_fixtures.py.
 
 For every fixture: guest data equals ``qemu-img convert -O raw``; merged
 extents equal qemu-nbd's ``base:allocation`` and ``qemu:allocation-depth``
@@ -146,7 +146,7 @@ def test_extents_equal_qemu_nbd(fx: dict[str, Path], name: str, tmp_path: Path) 
 
 
 def test_chain_depths_f3(fx: dict[str, Path]) -> None:
-    """qcow2-fixtures.md F3: zeros past a short backing file are allocated at that layer."""
+    """Fixture F3: zeros past a short backing file are allocated at that layer."""
     with open_fixture(fx, "chain-top.qcow2") as image:
         rows = depth_rows(image)
     assert (4194304 - 983040, 2031616, 3) in rows  # 3M+64K .. 5M: base (past its 4M end too)
@@ -172,7 +172,7 @@ def test_image_map_equals_qemu_img_map(fx: dict[str, Path], name: str) -> None:
         text = format_map_json(mine)
     ref = qemu_img_map(fx[name], fmt_of(name))
     if any(r["data"] and r["zero"] for r in ref):
-        # QEMU's metadata-preallocation heuristic (qcow2-fixtures.md F6): compare
+        # QEMU's metadata-preallocation heuristic (fixture F6; docs/testing.md): compare
         # ignoring the ZERO bit on data records.
         records = [(*r[:4], False, True, r[6]) if r[5] else r for r in dicts_to_records(ref)]
         assert dicts_to_records(mine) == merge_map_records(records)

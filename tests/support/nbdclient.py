@@ -6,8 +6,8 @@ back.  Nothing here validates the server's answers; the tests do that.
 
 Layout of the module:
 
-* constants (magics, option/reply/info/command codes) - mirrors
-  ``docs/nbd-protocol.md`` section 0;
+* constants (magics, option/reply/info/command codes) - the NBD spec's values,
+  written here apart from pynbd's own;
 * ``NbdClient``: a socket wrapper with a timeout on every read;
   - handshake: ``read_greeting``, ``send_client_flags``, ``send_option``,
     ``read_option_reply``, ``option`` (send + read until ACK/error) and helpers
