@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import dataclasses
-import gc
 import json
 import logging
 import os
 import re
 import sys
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from pynbd import __version__
@@ -27,6 +25,7 @@ from pynbd.protocol.constants import DEFAULT_PORT
 from pynbd.server.connection import ConnectionSettings
 from pynbd.server.exports import ExportConfig, open_exports
 from pynbd.server.polling import DEFAULT_POLL_WINDOW_NS
+from pynbd.server.process import LoopUnavailable, event_loop_factory, tune_for_serving
 from pynbd.certs import ensure_default_creds
 from pynbd.protocol.handshake import TlsMode
 from pynbd.server.server import (
@@ -203,56 +202,12 @@ def _qemu_server_opts(sock: Any) -> str:
     return f"server.type=inet,server.host={host},server.port={port}"
 
 
-def event_loop_factory(choice: str | None) -> Callable[[], asyncio.AbstractEventLoop]:
-    if choice in (None, "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise UsageError("--loop uvloop: uvloop is not installed") from None
-        else:
-            return uvloop.new_event_loop
-    return asyncio.new_event_loop
-
-
-def tune_gc() -> None:
-    """Fewer full collections: block status builds tens of thousands of short-lived
-    tuples per request, and full collections over the whole heap doubled the cost
-    of merging them (measured on a 32768-extent map). Startup objects are frozen
-    out of collection altogether; the server keeps few reference cycles."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
-
-
-#: mallopt() parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-#: glibc's largest M_MMAP_THRESHOLD on 64-bit systems (and pynbd's MAX_PAYLOAD).
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
-
-
-def tune_malloc(keep_bytes: int) -> bool:
-    """Keep freed request buffers in the process (glibc; False elsewhere).
-
-    Every WRITE payload, and every READ copied out (TLS), is a fresh buffer of the
-    request's size (256 KiB for nbdcopy). With many in flight, glibc gives those
-    blocks back to the kernel when they are freed (mmap, or trimming the heap), and
-    the next requests fault zeroed pages in again: ~26 page faults per 256 KiB TLS
-    write, 15 % of the server's CPU (bench/README.md, TLS). Served from the heap and
-    kept (up to ``keep_bytes`` free at its top: the in-flight limit), they are reused.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False  # not glibc (musl, macOS): its own policy stays
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, keep_bytes))
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     configs = export_configs(args)
-    factory = event_loop_factory(args.loop)
+    try:
+        factory = event_loop_factory(args.loop)
+    except LoopUnavailable as exc:
+        raise UsageError(str(exc)) from None
     exports = open_exports(configs)
     try:
         hold_stop_signals()
@@ -271,8 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server = NbdServer(exports, sockets, settings, max_connections=args.shared)
             await server.serve()
 
-        tune_gc()
-        tune_malloc(settings.max_inflight_bytes)
+        tune_for_serving(settings.max_inflight_bytes)
         with asyncio.Runner(loop_factory=factory) as runner:
             log.info("pynbd %s on %s", __version__, type(runner.get_loop()).__module__.split(".")[0])
             runner.run(main())

@@ -430,7 +430,7 @@ def test_write_buffers_are_reused(tmp_path):
     """nbdcopy keeps 64 WRITEs of 256 KiB in flight, each payload a fresh buffer: glibc
     would give them back to the kernel as they are freed and fault zeroed pages in for
     the next ones (~26 page faults a write). The server keeps freed buffers
-    (cli.tune_malloc): later copies fault few pages.
+    (process.tune_malloc): later copies fault few pages.
 
     Measured per 32 MiB copy after the first: 2100-5200 faults without the tuning,
     0-1030 with it (the heap can still grow in the second copy, when more requests
