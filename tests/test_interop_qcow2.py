@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from pynbd.image.compression import compressed_range
+from pynbd.image.qcow2.compression import compressed_range
 from tests.qcow2_fixtures import (
     MiB,
     QemuNbd,

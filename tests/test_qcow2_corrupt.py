@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from pynbd.image import open_image
 from pynbd.image.base import ImageError, ImageIOError
-from pynbd.image.compression import compressed_range
 from pynbd.image.qcow2 import Qcow2Image, open_qcow2
+from pynbd.image.qcow2.compression import compressed_range
 from tests.qcow2_fixtures import MiB, qimg, session_fixtures
 
 pytestmark = pytest.mark.needs("qemu-img", "qemu-io")  # (no server: qemu-nbd and nbdinfo unused)

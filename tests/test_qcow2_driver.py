@@ -155,7 +155,7 @@ def test_chain_depths_f3(fx: dict[str, Path]) -> None:
 
 
 def test_extents_stop_early_and_resume(fx: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import pynbd.image.qcow2 as q
+    import pynbd.image.qcow2.image as q
 
     with open_fixture(fx, "rnd-top.qcow2") as image:
         full = depth_rows(image)
@@ -325,7 +325,7 @@ def test_refused_fixtures(fx: dict[str, Path], name: str) -> None:
 
 def test_l2_cache_is_bounded(fx: dict[str, Path], tmp_path: Path) -> None:
     """cs512: 32 L2 tables of 512 bytes; a 2-table cache still reads correctly."""
-    from pynbd.image.l2cache import TableCache
+    from pynbd.image.qcow2.l2cache import TableCache
     from pynbd.image.qcow2 import open_chain
 
     ref = qemu_convert_raw(fx["rnd-top.qcow2"], tmp_path / "ref.raw")
@@ -337,7 +337,7 @@ def test_l2_cache_is_bounded(fx: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_extents_work_per_call_is_bounded(fx: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import pynbd.image.qcow2 as q
+    import pynbd.image.qcow2.image as q
 
     with open_fixture(fx, "cs2m.qcow2") as image:
         full = depth_rows(image)
@@ -350,10 +350,10 @@ def test_extents_work_per_call_is_bounded(fx: dict[str, Path], monkeypatch: pyte
 def test_cached_table_runs_count_against_the_cache_budget(fx: dict[str, Path]) -> None:
     """Block status keeps each L2 table's classified runs with the table: they are counted in
     the cache's byte budget (memory stays bounded) and answers stay those of the per-cluster walk."""
-    from pynbd.image.l2cache import TableCache
+    from pynbd.image.qcow2.l2cache import TableCache
     from pynbd.image.qcow2 import open_chain
 
-    from pynbd.image.chain import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOC
+    from pynbd.image.qcow2.chain import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOC
 
     with open_fixture(fx, "cs512.qcow2") as reference:
         # The per-cluster classification of the layer, without any cached runs.
@@ -377,7 +377,7 @@ def test_depth_runs_built_only_when_asked(fx: dict[str, Path]) -> None:
     """A map of base:allocation classifies each L2 table without building its depth runs
     (the first qcow2 map paid for both); asking for qemu:allocation-depth builds them, and
     they equal the per-cluster walk's."""
-    from pynbd.image.chain import KIND_UNALLOC
+    from pynbd.image.qcow2.chain import KIND_UNALLOC
 
     with open_fixture(fx, "v3-64k.qcow2") as reference:
         walk = list(reference.top.runs(0, reference.size))

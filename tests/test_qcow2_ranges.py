@@ -9,8 +9,8 @@ from bitarray import bitarray
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pynbd.image.bitmaps import DirectoryEntry, Qcow2Bitmap
-from pynbd.image.chain import (
+from pynbd.image.qcow2.bitmaps import DirectoryEntry, Qcow2Bitmap
+from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
     KIND_DATA,
     KIND_EOF,
@@ -22,8 +22,8 @@ from pynbd.image.chain import (
     merge_runs,
     resolve,
 )
-from pynbd.image.compression import compressed_range
-from pynbd.image.qcow2 import split_clusters
+from pynbd.image.qcow2.compression import compressed_range
+from pynbd.image.qcow2.layer import split_clusters
 
 
 @given(offset=st.integers(0, 1 << 40), length=st.integers(0, 1 << 22), bits=st.integers(9, 21))
@@ -203,7 +203,7 @@ def test_dirty_runs_across_cached_chunks(raw: list[bool], gbits: int, data: st.D
     crosses many of them, and asking again (from the cache) gives the same runs."""
     from unittest import mock
 
-    from pynbd.image import bitmaps
+    from pynbd.image.qcow2 import bitmaps
 
     g = 1 << gbits
     size = data.draw(st.integers((len(raw) - 1) * g + 1, len(raw) * g))
@@ -225,7 +225,7 @@ def test_dirty_runs_across_cached_chunks(raw: list[bool], gbits: int, data: st.D
 
 def bare_layer(cluster_bits: int, version: int):
     """A Qcow2Layer with just what L2 classification reads (no file)."""
-    from pynbd.image.qcow2 import Qcow2Layer
+    from pynbd.image.qcow2.layer import Qcow2Layer
 
     layer = Qcow2Layer.__new__(Qcow2Layer)
     layer.path = "mem.qcow2"
@@ -251,8 +251,8 @@ def test_vectorised_l2_classification_matches_the_loop(cluster_bits, version, ki
     from array import array
 
     from pynbd.image.base import ImageIOError
-    from pynbd.image.l2cache import Table
-    from pynbd.image.qcow2 import TableRuns
+    from pynbd.image.qcow2.l2cache import Table
+    from pynbd.image.qcow2.tableruns import TableRuns
 
     layer = bare_layer(cluster_bits, version)
     cs = layer.cluster_size
@@ -288,7 +288,7 @@ def test_bitmap_run_cache_is_bounded() -> None:
     """Chunks of runs are kept up to a count, and a chunk with too many runs is not kept."""
     from unittest import mock
 
-    from pynbd.image import bitmaps
+    from pynbd.image.qcow2 import bitmaps
 
     g = 1 << 9
     bits = bitarray(64 * 8, endian="little")

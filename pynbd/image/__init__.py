@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pynbd.image.base import Image, ImageError
+from pynbd.image.qcow2 import open_qcow2
 from pynbd.image.raw import RawImage
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -17,18 +18,8 @@ QCOW2_MAGIC = b"QFI\xfb"
 #: format name -> opener(path, read_only, fiemap=...) -> Image
 DRIVERS: dict[str, Callable[..., Image]] = {
     "raw": RawImage,
+    "qcow2": open_qcow2,
 }
-
-
-def _register_optional_drivers() -> None:
-    try:
-        from pynbd.image.qcow2 import open_qcow2
-    except ImportError:  # qcow2 driver not built in this tree yet
-        return
-    DRIVERS["qcow2"] = open_qcow2
-
-
-_register_optional_drivers()
 
 
 def probe_format(path: str) -> str:

@@ -1,7 +1,7 @@
 """``qemu-img map --output=json`` and ``qemu-img info`` style reports.
 
 :func:`image_map` walks an image the way qemu-img's ``get_block_status``
-does (qcow2-format.md §3.7, last paragraphs): ``depth`` is 0-based and names
+does (QEMU's block/io.c and qemu-img.c): ``depth`` is 0-based and names
 the first layer that answered DATA or ZERO — including the zeros a layer
 reports because its backing file is short or absent, which are *not*
 ``present``; ``offset`` appears only where QEMU knows a host offset.
@@ -15,7 +15,8 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 
 from pynbd.image.base import BitmapInfo, Image
-from pynbd.image.chain import (
+from pynbd.image.qcow2 import Qcow2Image
+from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
     KIND_DATA,
     KIND_ZERO,
@@ -23,7 +24,6 @@ from pynbd.image.chain import (
     RESOLVED_SHORT,
     resolve,
 )
-from pynbd.image.qcow2 import Qcow2Image
 from pynbd.image.raw import RawImage, data_runs
 
 log = logging.getLogger(__name__)

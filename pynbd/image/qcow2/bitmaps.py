@@ -1,4 +1,4 @@
-"""Persistent dirty bitmaps of a qcow2 image (qcow2-format.md §6), read-only.
+"""Persistent dirty bitmaps of a qcow2 image (qcow2 spec, 'Bitmaps'), read-only.
 
 The bitmaps extension points at a directory of variable-length entries; each
 entry points at a bitmap table whose entries point at data clusters holding
@@ -22,12 +22,12 @@ from threading import Lock
 from bitarray import bitarray
 
 from pynbd.image.base import Bitmap, BitmapInfo, ImageError, ImageIOError
-from pynbd.image.qcow2_header import AUTOCLEAR_BITMAPS, Qcow2Header
+from pynbd.image.qcow2.header import AUTOCLEAR_BITMAPS, Qcow2Header
 from pynbd.runlength import Runs, SpanRuns, bit_runs, concat
 
 log = logging.getLogger(__name__)
 
-# §6.1 / §6.2 / §10
+# qcow2 spec, 'Bitmaps extension' and 'Bitmap directory', with QEMU 7.2's limits
 MAX_BITMAPS = 65535
 MAX_DIRECTORY_BYTES = 65535 * 1024
 MAX_NAME = 1023
@@ -46,11 +46,11 @@ MAX_CACHED_CHUNK_BYTES = 256 * 1024
 
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
-FLAGS_KNOWN = FLAG_IN_USE | FLAG_AUTO  # QEMU 7.2 treats bit 2 as reserved (§6.2)
+FLAGS_KNOWN = FLAG_IN_USE | FLAG_AUTO  # QEMU 7.2 treats bit 2 as reserved
 TYPE_DIRTY_TRACKING = 1
 
 _ENTRY = struct.Struct(">QIIBBHI")
-# §6.3 bitmap table entries
+# qcow2 spec, 'Bitmap table': its entries
 BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_RESERVED_MASK = 0xFF000000000001FE
 BME_ALL_ONES = 1
@@ -58,7 +58,7 @@ BME_ALL_ONES = 1
 
 @dataclass(frozen=True, slots=True)
 class DirectoryEntry:
-    """One parsed bitmap directory entry (§6.2)."""
+    """One parsed bitmap directory entry (qcow2 spec, 'Bitmap directory')."""
 
     name: str
     table_offset: int
@@ -243,7 +243,7 @@ class Qcow2Bitmap(Bitmap):
 
 
 def load_bitmaps(path: str, fd: int, file_size: int, hdr: Qcow2Header) -> list[Qcow2Bitmap]:
-    """Parse the bitmap directory of a qcow2 image (§6.1–6.2).
+    """Parse the bitmap directory of a qcow2 image (qcow2 spec, 'Bitmaps extension', 'Bitmap directory').
 
     A malformed extension or directory raises ImageError (the image is
     refused); a bitmap that is merely unusable (in_use, unsupported flags or
@@ -253,7 +253,7 @@ def load_bitmaps(path: str, fd: int, file_size: int, hdr: Qcow2Header) -> list[Q
     if ext is None:
         return []
     if not hdr.autoclear_features & AUTOCLEAR_BITMAPS:
-        # §1.3: the extension is stale; QEMU considers every bitmap lost.
+        # Autoclear bit 0 (qcow2 spec, 'Header'): the extension is stale; QEMU considers every bitmap lost.
         log.warning("%s: bitmaps extension present but autoclear bit 0 is clear: "
                     "the bitmaps are stale and ignored", path)
         return []

@@ -1,4 +1,7 @@
-"""Compressed qcow2 clusters (qcow2-format.md §3.5 and §4).
+"""Compressed qcow2 clusters: where a stream lies and how it decompresses.
+
+qcow2 spec: 'Compressed Clusters Descriptor' (in 'Cluster mapping') and the
+``compression_type`` header field ('Additional fields').
 
 A compressed L2 entry is a byte-granular descriptor; the stream decompresses
 to exactly one cluster. Output is always capped at the cluster size, so a
@@ -15,7 +18,7 @@ from threading import Lock
 
 import zstandard
 
-from pynbd.image.qcow2_header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+from pynbd.image.qcow2.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ SECTOR = 512
 
 @dataclass(frozen=True, slots=True)
 class CompressedRange:
-    """Where a compressed cluster's stream lies in the host file (§3.5)."""
+    """Where a compressed cluster's stream lies in the host file."""
 
     offset: int
     length: int
@@ -48,7 +51,7 @@ class DecompressError(Exception):
 
 def _inflate_zlib(buf: bytes, cluster_size: int) -> bytes:
     # Raw deflate (no header). QEMU writes with wbits -12; -15 accepts every
-    # window size and is what §4 recommends for robustness.
+    # window size, so it is the robust choice.
     d = zlib.decompressobj(-15)
     try:
         return d.decompress(buf, cluster_size)

@@ -2,8 +2,8 @@
 
 Everything here is pure parsing of bytes read from the image file; nothing is
 allocated in proportion to a size field before that field has been checked
-against the file size and QEMU's limits (qcow2-format.md §1.3, §10). Every
-problem is reported as one :class:`~pynbd.image.base.ImageError` line that
+against the file size and QEMU 7.2's implementation limits (qcow2 spec,
+'Header'). Every problem is reported as one :class:`~pynbd.image.base.ImageError` line that
 names the image and the offending field.
 """
 
@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"QFI\xfb"
 
-# §1.1 / §1.2: the fixed header (v2 part is 72 bytes, v3 adds 32).
+# qcow2 spec, 'Header': the fixed header (v2 part is 72 bytes, v3 adds 32).
 _V2_HEADER = struct.Struct(">4sIQIIQIIQQIIQ")
 _V3_EXTRA = struct.Struct(">QQQII")
 V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = 104
 
-# §1.3 incompatible feature bits.
+# qcow2 spec, 'Header': incompatible feature bits.
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
@@ -39,7 +39,7 @@ COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 
-# §2 header extension types.
+# qcow2 spec, 'Header extensions': extension types.
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
@@ -50,7 +50,7 @@ EXT_DATA_FILE = 0x44415441
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
 
-# §10 limits (QEMU 7.2).
+# QEMU 7.2's implementation limits.
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 MAX_L1_BYTES = 32 << 20
@@ -65,7 +65,7 @@ _SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
 
 @dataclass(frozen=True, slots=True)
 class BitmapsExtension:
-    """The bitmaps header extension (§6.1)."""
+    """The bitmaps header extension (qcow2 spec, 'Bitmaps extension')."""
 
     nb_bitmaps: int
     directory_size: int
@@ -74,7 +74,7 @@ class BitmapsExtension:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """One internal snapshot table entry (§8); parsed for information only."""
+    """One internal snapshot table entry (qcow2 spec, 'Snapshots'); parsed for information only."""
 
     id: str
     name: str
@@ -131,12 +131,12 @@ class Qcow2Header:
 
     @property
     def l2_entries(self) -> int:
-        """Entries per L2 table (§3.1)."""
+        """Entries per L2 table (qcow2 spec, 'Cluster mapping')."""
         return self.cluster_size // self.l2_entry_size
 
     @property
     def l1_needed(self) -> int:
-        """L1 entries needed to map ``size`` (§1.3)."""
+        """L1 entries needed to map ``size`` (qcow2 spec, 'Cluster mapping')."""
         span = self.cluster_size * self.l2_entries
         return -(-self.size // span)
 
@@ -209,7 +209,7 @@ def parse_header(path: str, fd: int, file_size: int) -> Qcow2Header:
         if hdr.header_length < V3_MIN_HEADER_LENGTH or hdr.header_length > cs or hdr.header_length % 8:
             raise chk.field("header_length", hdr.header_length, f"is invalid (must be 104..{cs}, a multiple of 8)")
         if hdr.header_length > V3_MIN_HEADER_LENGTH:
-            hdr.compression_type = cluster0[104]  # §1.2 additional field
+            hdr.compression_type = cluster0[104]  # qcow2 spec, 'Additional fields'
     _check_features(chk, hdr, crypt_method)
     _check_geometry(chk, hdr)
     ext_start = hdr.header_length
@@ -230,7 +230,7 @@ def parse_header(path: str, fd: int, file_size: int) -> Qcow2Header:
 
 
 def _check_features(chk: _Checker, hdr: Qcow2Header, crypt_method: int) -> None:
-    """§1.3: refuse what pynbd cannot serve."""
+    """Feature bits (qcow2 spec, 'Header'): refuse what pynbd cannot serve."""
     unknown = hdr.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
         bits = ", ".join(str(b) for b in range(64) if unknown >> b & 1)
@@ -295,7 +295,7 @@ def _decode_name(chk: _Checker, what: str, raw: bytes) -> str:
 
 
 def _parse_extensions(chk: _Checker, hdr: Qcow2Header, cluster0: bytes, start: int, end: int) -> None:
-    """§2: the header extension list, which must end inside cluster 0."""
+    """The header extension list (qcow2 spec, 'Header extensions'), which must end inside cluster 0."""
     pos = start
     seen: set[int] = set()
     while True:
@@ -332,7 +332,7 @@ def _parse_extensions(chk: _Checker, hdr: Qcow2Header, cluster0: bytes, start: i
 
 
 def read_snapshot_table(path: str, fd: int, file_size: int, hdr: Qcow2Header) -> list[Snapshot]:
-    """Parse the internal snapshot table (§8). The snapshots are left intact."""
+    """Parse the internal snapshot table (qcow2 spec, 'Snapshots'). The snapshots are left intact."""
     if not hdr.nb_snapshots:
         return []
     chk = _Checker(path, file_size)

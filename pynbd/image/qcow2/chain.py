@@ -1,12 +1,12 @@
-"""Backing chains: per-layer mapping runs and the walk that resolves them.
+"""Backing chains of a qcow2 image: per-layer mapping runs and the walk that resolves them.
 
 A *layer* is one file of a chain (a qcow2 image or a raw file) seen on its
 own: :meth:`Layer.runs` classifies guest ranges of that layer without looking
 at any other layer. :func:`resolve` walks the chain top to bottom the way
-QEMU's ``bdrv_co_block_status_above`` does (qcow2-format.md §3.6–3.7) and
-says, for every guest range, which layer answers and how. Reads
-(:func:`pynbd.image.qcow2.Qcow2Image.read_segments`), NBD block status and
-``qemu-img map`` emulation (:mod:`pynbd.image.mapping`) are all built on it.
+QEMU's ``bdrv_co_block_status_above`` does and says, for every guest range,
+which layer answers and how. Reads
+(:meth:`pynbd.image.qcow2.image.Qcow2Image.read_segments`), NBD block status
+and ``qemu-img map`` emulation (:mod:`pynbd.image.mapping`) are all built on it.
 
 Runs are plain tuples ``(pos, length, kind, host)`` — there can be one per
 cluster, so no per-run objects.
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # --- per-layer run kinds (Layer.runs) ----------------------------------------------
 #: Data at ``host`` in the layer's data file (qcow2 NORMAL, raw data extent).
 KIND_DATA = 0
-#: Compressed cluster; ``host`` is the raw L2 entry (§3.5).
+#: Compressed cluster; ``host`` is the raw L2 entry (qcow2 spec, 'Compressed Clusters Descriptor').
 KIND_COMPRESSED = 1
 #: Allocated here and reads as zeros; ``host`` is the host offset or -1
 #: (qcow2 ZERO_ALLOC / ZERO_PLAIN, raw hole).
@@ -39,8 +39,8 @@ KIND_UNALLOC = 3
 KIND_EOF = 4
 
 # --- resolved kinds (resolve) ------------------------------------------------------
-#: Zeros synthesised by a backing layer that ends before the range (§3.7:
-#: allocated at that short layer).
+#: Zeros synthesised by a backing layer that ends before the range (QEMU
+#: reports them allocated at that short layer).
 RESOLVED_SHORT = 5
 #: Unallocated in every layer.
 RESOLVED_ABSENT = 6
@@ -119,7 +119,7 @@ def resolve(layers: Sequence[Layer], offset: int, end: int) -> Iterator[Resolved
 
 
 class RawLayer:
-    """A raw file used as a backing layer: allocated everywhere (§3.7)."""
+    """A raw file used as a backing layer: allocated everywhere, as QEMU reports it."""
 
     def __init__(self, path: str) -> None:
         self._image = RawImage(path, read_only=True)
@@ -157,7 +157,7 @@ def resolve_backing_path(image_path: str, name: str) -> str:
 
     Like QEMU's ``bdrv_get_full_backing_filename``: an absolute name is used
     as is, a relative one is joined to the directory of the image that names
-    it (as that image's path was given, not its resolved path) (§2).
+    it (as that image's path was given, not its resolved path).
     """
     if _PROTOCOL_RE.match(name):
         raise ImageError(f"{image_path}: backing file {name!r} uses a protocol pynbd does not support")

@@ -3,7 +3,7 @@
 Tables are kept as ``array('Q')`` in host byte order: one machine word per
 entry, exactly as many bytes as on disk, and indexing is a C operation. The
 cache is shared by every layer of a backing chain and bounded in bytes, so
-memory stays bounded whatever the image size (qcow2-format.md §3).
+memory stays bounded whatever the image size (qcow2 spec, 'Cluster mapping').
 """
 
 from __future__ import annotations

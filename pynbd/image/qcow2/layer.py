@@ -1,10 +1,12 @@
-"""Read-only qcow2 driver (v2 and v3), with backing chains and dirty bitmaps.
+"""One qcow2 file of a chain: header, L1 and L2 tables, and the runs they map.
 
-:class:`Qcow2Layer` maps the guest ranges of one qcow2 file (L1 → L2 →
-clusters, qcow2-format.md §3); :class:`Qcow2Image` stacks layers into a
-backing chain (:mod:`pynbd.image.chain`) and implements the
-:class:`~pynbd.image.base.Image` interface on top of the chain walk.
-:func:`open_qcow2` is the entry point used by :func:`pynbd.image.open_image`.
+:class:`Qcow2Layer` opens one qcow2 file (header, active L1 table, snapshot
+table, bitmaps, external data file) and classifies its guest ranges L1 → L2 →
+clusters (qcow2 spec, 'Cluster mapping' and 'Extended L2 Entries') into runs of
+the :mod:`pynbd.image.qcow2.chain` kinds, without looking at its backing file.
+It also reads its compressed clusters. Whole L2 tables are classified once for
+block status and the runs kept with the cached table
+(:mod:`pynbd.image.qcow2.tableruns`).
 """
 
 from __future__ import annotations
@@ -14,80 +16,55 @@ import logging
 import os
 import sys
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from itertools import repeat
 from operator import mul
 
 from bitarray import bitarray
 
-from pynbd.image.base import (
-    Bitmap,
-    BitmapInfo,
-    STATE_DATA,
-    STATE_HOLE_ZERO,
-    BytesSegment,
-    Extents,
-    HostSegment,
-    Image,
-    ImageError,
-    ImageIOError,
-    ReadSegment,
-    ZeroSegment,
-)
-from pynbd.image.bitmaps import Qcow2Bitmap, load_bitmaps
-from pynbd.image.chain import (
+from pynbd.image.base import STATE_DATA, STATE_HOLE_ZERO, ImageError, ImageIOError
+from pynbd.image.qcow2.bitmaps import Qcow2Bitmap, load_bitmaps
+from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
     KIND_DATA,
     KIND_EOF,
     KIND_UNALLOC,
     KIND_ZERO,
-    RESOLVED_ABSENT,
-    Layer,
-    RawLayer,
     Run,
-    file_identity,
     merge_runs,
-    resolve,
     resolve_backing_path,
 )
-from pynbd.image.compression import ClusterCache, DecompressError, compressed_range, decompress_cluster
-from pynbd.image.l2cache import Table, TableCache
-from pynbd.image.qcow2_header import (
+from pynbd.image.qcow2.compression import ClusterCache, DecompressError, compressed_range, decompress_cluster
+from pynbd.image.qcow2.header import (
     INCOMPAT_DIRTY,
-    MAGIC,
     Qcow2Header,
     Snapshot,
     parse_header,
     pread_exact,
     read_snapshot_table,
 )
+from pynbd.image.qcow2.l2cache import Table, TableCache
+from pynbd.image.qcow2.tableruns import (
+    ALLOCATION_OF_KIND,
+    CORRUPT_TABLE,
+    TOP_DEPTH_OF_KIND,
+    TableRuns,
+    piece_columns,
+)
 from pynbd.runlength import Runs, SpanRuns, bit_runs, concat
 
 log = logging.getLogger(__name__)
 
-# §3.2 / §3.3 / §10 masks
+# qcow2 spec, 'Cluster mapping': L1 and L2 entry masks
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1
-#: §3.4: 32 subclusters per cluster with extended L2 entries.
+#: qcow2 spec, 'Extended L2 Entries': 32 subclusters per cluster.
 SUBCLUSTERS = 32
 _ALL_SC = (1 << SUBCLUSTERS) - 1
-
-#: Upper bound of extents one ``extents()`` call yields; the caller re-queries.
-MAX_EXTENTS_PER_CALL = 65536
-#: One ``extents()`` call looks at no more than this many top-layer clusters,
-#: so the work per block-status request stays bounded on huge allocated images.
-MAX_CLUSTERS_PER_CALL = 1 << 18
-#: Backing chains deeper than this are refused (each layer holds open fds).
-MAX_CHAIN_LENGTH = 1000
-
-#: Per layer kind (chain.KIND_*): its allocation state, and its depth when it is the top layer's answer.
-_ALLOCATION_OF_KIND = (STATE_DATA, STATE_DATA, STATE_HOLE_ZERO, STATE_HOLE_ZERO)  # DATA, COMPRESSED, ZERO, UNALLOC
-_TOP_DEPTH_OF_KIND = (1, 1, 1, 0)
-assert (KIND_DATA, KIND_COMPRESSED, KIND_ZERO, KIND_UNALLOC) == (0, 1, 2, 3)
 
 _layer_ids = itertools.count(1)
 
@@ -97,7 +74,7 @@ def split_clusters(offset: int, length: int, unit_bits: int) -> Iterator[tuple[i
 
     Yields ``(unit_index, offset_in_unit, piece_length)``; the pieces are
     contiguous and cover ``[offset, offset+length)`` exactly. This is the
-    cluster (or subcluster) arithmetic of §3.1 in one place.
+    cluster (or subcluster) arithmetic in one place.
     """
     unit = 1 << unit_bits
     end = offset + length
@@ -110,55 +87,6 @@ def split_clusters(offset: int, length: int, unit_bits: int) -> Iterator[tuple[i
         pos += n
 
 
-def piece_columns(pieces: Iterable[Run]) -> tuple[list[int], list[int]]:
-    """``(lengths, kinds)`` of classified pieces."""
-    lengths: list[int] = []
-    kinds: list[int] = []
-    for _pos, n, kind, _host in pieces:
-        lengths.append(n)
-        kinds.append(kind)
-    return lengths, kinds
-
-
-class TableRuns:
-    """One L2 table classified once: allocation and top-layer depth runs over its guest span.
-
-    The depth runs may come from a function called on first use: only clients
-    that selected ``qemu:allocation-depth`` need them, and building them was
-    half the cost of a table's first classification (the first map of a qcow2
-    image, bench/README.md).
-    """
-
-    __slots__ = ("allocation", "_depth", "_depth_source")
-
-    def __init__(self, allocation: SpanRuns, depth: SpanRuns | Callable[[], SpanRuns]) -> None:
-        self.allocation = allocation
-        self._depth: SpanRuns | None = None if callable(depth) else depth
-        self._depth_source = depth if callable(depth) else None
-
-    @classmethod
-    def classify(cls, start: int, pieces: Iterable[Run]) -> TableRuns:
-        lengths, kinds = piece_columns(pieces)
-        return cls(SpanRuns(start, Runs(lengths, [_ALLOCATION_OF_KIND[k] for k in kinds])),
-                   SpanRuns(start, Runs(lengths, [_TOP_DEPTH_OF_KIND[k] for k in kinds])))
-
-    @property
-    def depth(self) -> SpanRuns:
-        if self._depth is None:
-            assert self._depth_source is not None
-            self._depth = self._depth_source()
-            self._depth_source = None
-        return self._depth
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes to count against the cache budget; depth runs not built yet are
-        counted as large as the allocation runs (both have at most one run per
-        change of cluster kind)."""
-        depth = self._depth
-        return self.allocation.nbytes + (depth.nbytes if depth is not None else self.allocation.nbytes)
-
-
 #: Byte translations for the vectorised L2 classification (one byte column per entry byte).
 _COMPRESSED_BIT = bytes((b >> 6) & 1 for b in range(256))  # bit 62 is bit 6 of the top byte
 _LOW_BIT = bytes(b & 1 for b in range(256))  # bit 0: the zero flag
@@ -166,9 +94,6 @@ _HOST_BITS_OF_BYTE1 = bytes(b & 0xFE for b in range(256))  # bits 9..15 (bit 8 i
 _NONZERO = bytes([0] + [1] * 255)
 #: _MASKS[m] keeps the bits of m in a byte.
 _MASKS = [bytes(b & m for b in range(256)) for m in range(256)]
-
-#: Marks a table that has a corrupt entry (its runs are not cached).
-CORRUPT_TABLE = TableRuns(SpanRuns(0, Runs([], [])), SpanRuns(0, Runs([], [])))
 
 
 class Qcow2Layer:
@@ -214,7 +139,7 @@ class Qcow2Layer:
         return fd
 
     def _load_l1(self) -> array:
-        """Read and validate the active L1 entries that map the virtual size (§3.2)."""
+        """Read and validate the active L1 entries that map the virtual size (qcow2 spec, 'Cluster mapping')."""
         hdr = self.header
         n = hdr.l1_needed
         raw = pread_exact(self.fd, 8 * n, hdr.l1_table_offset, self.path, "L1 table") if n else b""
@@ -239,7 +164,7 @@ class Qcow2Layer:
         return l1
 
     def _open_data_file(self) -> None:
-        """§9: external data file (host offset == guest offset)."""
+        """External data file (qcow2 spec, incompatible feature bit 2): host offset == guest offset."""
         hdr = self.header
         if not hdr.has_data_file:
             self.data_fd = self.fd
@@ -321,7 +246,7 @@ class Qcow2Layer:
         A table with a corrupt entry is not cached: its ranges are classified
         on each request, so the error comes only for requests that touch it.
         """
-        value_of_kind = _ALLOCATION_OF_KIND if column == "allocation" else _TOP_DEPTH_OF_KIND
+        value_of_kind = ALLOCATION_OF_KIND if column == "allocation" else TOP_DEPTH_OF_KIND
         parts: list[Runs] = []
         for l1_index, pos, table_end, table in self._tables(offset, stop):
             runs = None if table is None else self._classified(l1_index, table)
@@ -383,7 +308,7 @@ class Qcow2Layer:
             if mask and column(k).translate(_MASKS[mask]).count(0) != count:
                 return None  # a misaligned host offset: the loop names it
         ones = int.from_bytes(b"\x01" * count, "big")
-        data = host & (zero ^ ones)  # NORMAL: an offset and no zero flag (§3.3)
+        data = host & (zero ^ ones)  # NORMAL: an offset and no zero flag ('Standard Cluster Descriptor')
         unallocated = (host | zero) ^ ones  # no offset and no zero flag
         span = end - start
         return TableRuns(SpanRuns(start, self._cluster_runs(data, count, span, (STATE_HOLE_ZERO, STATE_DATA))),
@@ -403,7 +328,7 @@ class Qcow2Layer:
         return Runs(lengths, mapped, True)
 
     def _standard_pieces(self, entries: array, pos: int, end: int) -> Iterator[Run]:
-        """§3.3: classify standard 8-byte L2 entries in QEMU's order.
+        """Classify standard 8-byte L2 entries (qcow2 spec, 'Cluster mapping') in QEMU's order.
 
         Neighbouring clusters of one kind with contiguous host offsets come
         out as one run. This loop runs once per cluster for block status,
@@ -452,7 +377,7 @@ class Qcow2Layer:
             yield run_pos, pos - run_pos, run_kind, run_host
 
     def _extended_pieces(self, entries: array, pos: int, end: int) -> Iterator[Run]:
-        """§3.4: extended L2 entries, classified per subcluster."""
+        """Extended L2 entries (qcow2 spec, 'Extended L2 Entries'), classified per subcluster."""
         cb = self.cluster_bits
         sc_bits = cb - 5
         mask = (1 << self.l2_bits) - 1
@@ -503,7 +428,7 @@ class Qcow2Layer:
         return ImageIOError(f"{self.path}: L2 entry {entry:#x} for guest offset {guest:#x}: {what}")
 
     def read_compressed(self, pos: int, entry: int) -> bytes:
-        """§3.5/§4: decompress the cluster described by ``entry``; ImageIOError names the guest offset."""
+        """Decompress the cluster whose compressed descriptor is ``entry``; ImageIOError names the guest offset."""
         key = (self._id, entry)
         data = self._compressed_cache.get(key)
         if data is not None:
@@ -514,7 +439,7 @@ class Qcow2Layer:
                                "in an image with an external data file")
         rng = compressed_range(entry, self.cluster_bits)
         try:
-            # The range may run past EOF (§3.5): a short read is normal.
+            # The range may run past EOF ('Compressed Clusters Descriptor'): a short read is normal.
             buf = os.pread(self.fd, rng.length, rng.offset)
             data = decompress_cluster(buf, self.cluster_size, self.header.compression_type)
         except (OSError, DecompressError) as exc:
@@ -529,174 +454,3 @@ class Qcow2Layer:
         for fd in fds:
             os.close(fd)
 
-
-class Qcow2Image(Image):
-    """A qcow2 image with its backing chain, served read-only."""
-
-    format_name = "qcow2"
-
-    def __init__(self, layers: Sequence[Layer], cache: TableCache) -> None:
-        top = layers[0]
-        assert isinstance(top, Qcow2Layer)
-        self.top = top
-        self.layers = list(layers)
-        self.cache = cache
-        self.path = top.path
-        self.size = top.size
-        self.read_only = True
-        # A raw layer's holes are asked of the file system at each request.
-        self.stable_extents = all(isinstance(layer, Qcow2Layer) for layer in self.layers)
-        self.header = top.header
-        self.snapshots = top.snapshots
-        self._closed = False
-        for bitmap in top.bitmaps:
-            if bitmap.problem:
-                log.warning("%s: bitmap %r %s; it is not exported", self.path, bitmap.name, bitmap.problem)
-
-    # -- reading --
-
-    def read_segments(self, offset: int, length: int) -> Sequence[ReadSegment]:
-        segments: list[ReadSegment] = []
-        layers = self.layers
-
-        def add_zero(n: int) -> None:
-            if segments and isinstance(segments[-1], ZeroSegment):
-                segments[-1] = ZeroSegment(segments[-1].length + n)
-            else:
-                segments.append(ZeroSegment(n))
-
-        for pos, n, idx, kind, host in resolve(layers, offset, offset + length):
-            if kind == KIND_DATA:
-                layer = layers[idx]
-                # A data cluster past the end of its host file reads as zeros, as in QEMU.
-                inside = max(0, min(n, layer.data_file_size - host))
-                if inside:
-                    fd = layer.data_fd
-                    last = segments[-1] if segments else None
-                    if isinstance(last, HostSegment) and last.fd == fd and last.host_offset + last.length == host:
-                        segments[-1] = HostSegment(last.length + inside, fd, last.host_offset)
-                    else:
-                        segments.append(HostSegment(inside, fd, host))
-                if inside < n:
-                    add_zero(n - inside)
-            elif kind == KIND_COMPRESSED:
-                layer = layers[idx]
-                cluster = layer.read_compressed(pos, host)
-                start = pos & (len(cluster) - 1)
-                segments.append(BytesSegment(memoryview(cluster)[start:start + n]))
-            else:
-                add_zero(n)
-        return segments
-
-    # -- allocation --
-
-    def extents(self, offset: int, length: int, limit: int | None = None) -> Extents:
-        """§3.7: base:allocation flags and qemu:allocation-depth.
-
-        Data (normal or compressed, in any layer) is never zero; everything
-        else (zero clusters, raw holes, short backing files, unallocated
-        everywhere) is a zero hole. Depth is 1-based, 0 when no layer owns the range.
-        """
-        end = offset + min(length, MAX_CLUSTERS_PER_CALL << self.top.cluster_bits)
-        cap = MAX_EXTENTS_PER_CALL if limit is None else min(limit, MAX_EXTENTS_PER_CALL)
-        if len(self.layers) == 1:
-            # No backing file: the top layer's own runs are the answer, from its
-            # classified L2 tables; unallocated there is unallocated everywhere.
-            top = self.top
-            return Extents(offset, top.top_runs(offset, end, "allocation").head(cap),
-                           lambda: top.top_runs(offset, end, "depth").head(cap))
-        lengths: list[int] = []
-        states: list[int] = []
-        depths: list[int] = []
-        for _pos, n, idx, kind, _host in resolve(self.layers, offset, end):
-            lengths.append(n)
-            states.append(STATE_DATA if kind == KIND_DATA or kind == KIND_COMPRESSED else STATE_HOLE_ZERO)
-            depths.append(0 if kind == RESOLVED_ABSENT else idx + 1)
-            if len(lengths) >= cap:
-                break
-        return Extents(offset, Runs(lengths, states), Runs(lengths, depths))
-
-    # -- bitmaps --
-
-    def bitmaps(self) -> Mapping[str, Bitmap]:
-        return {b.name: b for b in self.top.bitmaps if b.consistent}
-
-    def bitmap_infos(self) -> Sequence[BitmapInfo]:
-        return [b.info() for b in self.top.bitmaps]
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for layer in self.layers:
-            layer.close()
-
-
-def _probe_is_qcow2(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == MAGIC
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot open: {exc.strerror}") from None
-
-
-def _open_backing(path: str, fmt: str | None, cache: TableCache, ccache: ClusterCache,
-                  named_by: str) -> Layer:
-    if fmt is None:
-        fmt = "qcow2" if _probe_is_qcow2(path) else "raw"
-    if fmt == "qcow2":
-        return Qcow2Layer(path, cache, ccache)
-    if fmt == "raw":
-        return RawLayer(path)
-    raise ImageError(f"{named_by}: backing file {path!r} has unsupported format {fmt!r}")
-
-
-def open_chain(path: str, cache: TableCache | None = None) -> list[Layer]:
-    """Open ``path`` (qcow2) and its whole backing chain, read-only; top layer first.
-
-    Backing names are resolved relative to the naming image's directory, the
-    backing format comes from the header extension or is probed (§2), and a
-    chain that comes back to a file already in it is refused.
-    """
-    cache = cache or TableCache()
-    ccache = ClusterCache()
-    layers: list[Layer] = []
-    try:
-        top = Qcow2Layer(path, cache, ccache)
-        layers.append(top)
-        seen = {file_identity(path): path}
-        current: Layer = top
-        while isinstance(current, Qcow2Layer) and current.header.backing_file:
-            hdr = current.header
-            assert hdr.backing_file is not None
-            backing_path = resolve_backing_path(current.path, hdr.backing_file)
-            if not os.path.exists(backing_path):
-                raise ImageError(f"{current.path}: backing file {hdr.backing_file!r} "
-                                 f"({backing_path}) does not exist")
-            ident = file_identity(backing_path)
-            if ident in seen:
-                raise ImageError(f"{current.path}: backing file {hdr.backing_file!r} makes a loop in the "
-                                 f"backing chain (it is {seen[ident]!r} again)")
-            if len(layers) >= MAX_CHAIN_LENGTH:
-                raise ImageError(f"{path}: backing chain is longer than {MAX_CHAIN_LENGTH} images")
-            seen[ident] = backing_path
-            current = _open_backing(backing_path, hdr.backing_format, cache, ccache, current.path)
-            layers.append(current)
-        return layers
-    except BaseException:
-        for layer in layers:
-            layer.close()
-        raise
-
-
-def open_qcow2(path: str, read_only: bool, fiemap: bool = True) -> Image:
-    """Open a qcow2 image with its backing chain. The driver is read-only.
-
-    ``read_only=False`` is accepted, but the image is still opened read-only
-    and reports :attr:`Image.read_only` True, so the server can advertise it.
-    ``fiemap`` does not apply: qcow2 block status comes from the L2 tables.
-    """
-    if not read_only:
-        log.info("%s: the qcow2 driver is read-only; serving the image read-only", path)
-    cache = TableCache()
-    return Qcow2Image(open_chain(path, cache), cache)

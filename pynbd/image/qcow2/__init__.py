@@ -1,0 +1,19 @@
+"""The read-only qcow2 driver (v2 and v3), with backing chains, dirty bitmaps and compression.
+
+One module per job:
+
+``header``       header, header extensions and snapshot table: parsing and validation
+``l2cache``      the bounded LRU cache of L2 tables shared by a chain's layers
+``compression``  compressed cluster descriptors and their decompression
+``bitmaps``      persistent dirty bitmaps
+``tableruns``    one L2 table's block-status runs, classified once and cached with it
+``layer``        one qcow2 file: L1 → L2 → cluster lookups, classified into runs
+``chain``        backing chains: the layer interface, raw backing files, the walk
+``image``        :class:`Qcow2Image` and :func:`open_qcow2`, the driver entry point
+"""
+
+from pynbd.image.qcow2.image import Qcow2Image, open_chain, open_qcow2
+from pynbd.image.qcow2.l2cache import TableCache
+from pynbd.image.qcow2.layer import Qcow2Layer
+
+__all__ = ["Qcow2Image", "Qcow2Layer", "TableCache", "open_chain", "open_qcow2"]

@@ -1,0 +1,225 @@
+"""The qcow2 driver: a qcow2 image and its backing chain, served read-only.
+
+:func:`open_chain` opens a qcow2 file and its backing files (qcow2 or raw) as
+layers; :class:`Qcow2Image` stacks them into a backing chain and implements the
+:class:`~pynbd.image.base.Image` interface (reads, block status, bitmaps) on top
+of the chain walk (:func:`pynbd.image.qcow2.chain.resolve`). :func:`open_qcow2`
+is the entry point used by :func:`pynbd.image.open_image`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+from pynbd.image.base import (
+    Bitmap,
+    BitmapInfo,
+    STATE_DATA,
+    STATE_HOLE_ZERO,
+    BytesSegment,
+    Extents,
+    HostSegment,
+    Image,
+    ImageError,
+    ReadSegment,
+    ZeroSegment,
+)
+from pynbd.image.qcow2.chain import (
+    KIND_COMPRESSED,
+    KIND_DATA,
+    RESOLVED_ABSENT,
+    Layer,
+    RawLayer,
+    file_identity,
+    resolve,
+    resolve_backing_path,
+)
+from pynbd.image.qcow2.compression import ClusterCache
+from pynbd.image.qcow2.header import MAGIC
+from pynbd.image.qcow2.l2cache import TableCache
+from pynbd.image.qcow2.layer import Qcow2Layer
+from pynbd.runlength import Runs
+
+log = logging.getLogger(__name__)
+
+#: Upper bound of extents one ``extents()`` call yields; the caller re-queries.
+MAX_EXTENTS_PER_CALL = 65536
+#: One ``extents()`` call looks at no more than this many top-layer clusters,
+#: so the work per block-status request stays bounded on huge allocated images.
+MAX_CLUSTERS_PER_CALL = 1 << 18
+#: Backing chains deeper than this are refused (each layer holds open fds).
+MAX_CHAIN_LENGTH = 1000
+
+
+class Qcow2Image(Image):
+    """A qcow2 image with its backing chain, served read-only."""
+
+    format_name = "qcow2"
+
+    def __init__(self, layers: Sequence[Layer], cache: TableCache) -> None:
+        top = layers[0]
+        assert isinstance(top, Qcow2Layer)
+        self.top = top
+        self.layers = list(layers)
+        self.cache = cache
+        self.path = top.path
+        self.size = top.size
+        self.read_only = True
+        # A raw layer's holes are asked of the file system at each request.
+        self.stable_extents = all(isinstance(layer, Qcow2Layer) for layer in self.layers)
+        self.header = top.header
+        self.snapshots = top.snapshots
+        self._closed = False
+        for bitmap in top.bitmaps:
+            if bitmap.problem:
+                log.warning("%s: bitmap %r %s; it is not exported", self.path, bitmap.name, bitmap.problem)
+
+    # -- reading --
+
+    def read_segments(self, offset: int, length: int) -> Sequence[ReadSegment]:
+        segments: list[ReadSegment] = []
+        layers = self.layers
+
+        def add_zero(n: int) -> None:
+            if segments and isinstance(segments[-1], ZeroSegment):
+                segments[-1] = ZeroSegment(segments[-1].length + n)
+            else:
+                segments.append(ZeroSegment(n))
+
+        for pos, n, idx, kind, host in resolve(layers, offset, offset + length):
+            if kind == KIND_DATA:
+                layer = layers[idx]
+                # A data cluster past the end of its host file reads as zeros, as in QEMU.
+                inside = max(0, min(n, layer.data_file_size - host))
+                if inside:
+                    fd = layer.data_fd
+                    last = segments[-1] if segments else None
+                    if isinstance(last, HostSegment) and last.fd == fd and last.host_offset + last.length == host:
+                        segments[-1] = HostSegment(last.length + inside, fd, last.host_offset)
+                    else:
+                        segments.append(HostSegment(inside, fd, host))
+                if inside < n:
+                    add_zero(n - inside)
+            elif kind == KIND_COMPRESSED:
+                layer = layers[idx]
+                cluster = layer.read_compressed(pos, host)
+                start = pos & (len(cluster) - 1)
+                segments.append(BytesSegment(memoryview(cluster)[start:start + n]))
+            else:
+                add_zero(n)
+        return segments
+
+    # -- allocation --
+
+    def extents(self, offset: int, length: int, limit: int | None = None) -> Extents:
+        """base:allocation flags and qemu:allocation-depth, as qemu-nbd reports them.
+
+        Data (normal or compressed, in any layer) is never zero; everything
+        else (zero clusters, raw holes, short backing files, unallocated
+        everywhere) is a zero hole. Depth is 1-based, 0 when no layer owns the range.
+        """
+        end = offset + min(length, MAX_CLUSTERS_PER_CALL << self.top.cluster_bits)
+        cap = MAX_EXTENTS_PER_CALL if limit is None else min(limit, MAX_EXTENTS_PER_CALL)
+        if len(self.layers) == 1:
+            # No backing file: the top layer's own runs are the answer, from its
+            # classified L2 tables; unallocated there is unallocated everywhere.
+            top = self.top
+            return Extents(offset, top.top_runs(offset, end, "allocation").head(cap),
+                           lambda: top.top_runs(offset, end, "depth").head(cap))
+        lengths: list[int] = []
+        states: list[int] = []
+        depths: list[int] = []
+        for _pos, n, idx, kind, _host in resolve(self.layers, offset, end):
+            lengths.append(n)
+            states.append(STATE_DATA if kind == KIND_DATA or kind == KIND_COMPRESSED else STATE_HOLE_ZERO)
+            depths.append(0 if kind == RESOLVED_ABSENT else idx + 1)
+            if len(lengths) >= cap:
+                break
+        return Extents(offset, Runs(lengths, states), Runs(lengths, depths))
+
+    # -- bitmaps --
+
+    def bitmaps(self) -> Mapping[str, Bitmap]:
+        return {b.name: b for b in self.top.bitmaps if b.consistent}
+
+    def bitmap_infos(self) -> Sequence[BitmapInfo]:
+        return [b.info() for b in self.top.bitmaps]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for layer in self.layers:
+            layer.close()
+
+
+def _probe_is_qcow2(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open: {exc.strerror}") from None
+
+
+def _open_backing(path: str, fmt: str | None, cache: TableCache, ccache: ClusterCache,
+                  named_by: str) -> Layer:
+    if fmt is None:
+        fmt = "qcow2" if _probe_is_qcow2(path) else "raw"
+    if fmt == "qcow2":
+        return Qcow2Layer(path, cache, ccache)
+    if fmt == "raw":
+        return RawLayer(path)
+    raise ImageError(f"{named_by}: backing file {path!r} has unsupported format {fmt!r}")
+
+
+def open_chain(path: str, cache: TableCache | None = None) -> list[Layer]:
+    """Open ``path`` (qcow2) and its whole backing chain, read-only; top layer first.
+
+    Backing names are resolved relative to the naming image's directory, the
+    backing format comes from the header extension or is probed, and a
+    chain that comes back to a file already in it is refused.
+    """
+    cache = cache or TableCache()
+    ccache = ClusterCache()
+    layers: list[Layer] = []
+    try:
+        top = Qcow2Layer(path, cache, ccache)
+        layers.append(top)
+        seen = {file_identity(path): path}
+        current: Layer = top
+        while isinstance(current, Qcow2Layer) and current.header.backing_file:
+            hdr = current.header
+            assert hdr.backing_file is not None
+            backing_path = resolve_backing_path(current.path, hdr.backing_file)
+            if not os.path.exists(backing_path):
+                raise ImageError(f"{current.path}: backing file {hdr.backing_file!r} "
+                                 f"({backing_path}) does not exist")
+            ident = file_identity(backing_path)
+            if ident in seen:
+                raise ImageError(f"{current.path}: backing file {hdr.backing_file!r} makes a loop in the "
+                                 f"backing chain (it is {seen[ident]!r} again)")
+            if len(layers) >= MAX_CHAIN_LENGTH:
+                raise ImageError(f"{path}: backing chain is longer than {MAX_CHAIN_LENGTH} images")
+            seen[ident] = backing_path
+            current = _open_backing(backing_path, hdr.backing_format, cache, ccache, current.path)
+            layers.append(current)
+        return layers
+    except BaseException:
+        for layer in layers:
+            layer.close()
+        raise
+
+
+def open_qcow2(path: str, read_only: bool, fiemap: bool = True) -> Image:
+    """Open a qcow2 image with its backing chain. The driver is read-only.
+
+    ``read_only=False`` is accepted, but the image is still opened read-only
+    and reports :attr:`Image.read_only` True, so the server can advertise it.
+    ``fiemap`` does not apply: qcow2 block status comes from the L2 tables.
+    """
+    if not read_only:
+        log.info("%s: the qcow2 driver is read-only; serving the image read-only", path)
+    cache = TableCache()
+    return Qcow2Image(open_chain(path, cache), cache)
