@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -38,6 +35,9 @@ from pynbd.server.server import (
     systemd_sockets,
 )
 from pynbd.server.tls import TlsConfig, TlsSetupError, read_authz, read_psk_file
+from pynbd.tools.bitmap import format_bitmap_list, format_bitmaps_json
+from pynbd.tools.create import CreateError, create_raw
+from pynbd.tools.map import format_map_human, format_map_json, human_map_complete, image_map, layer_paths
 
 log = logging.getLogger("pynbd")
 
@@ -249,8 +249,6 @@ def add_map_parser(sub: Any) -> None:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from pynbd.image.mapping import format_map_human, format_map_json, human_map_complete, image_map, layer_paths
-
     with open_image(args.image, args.format, read_only=True) as image:
         records = image_map(image)
         paths = layer_paths(image)
@@ -275,14 +273,9 @@ def add_bitmap_parser(sub: Any) -> None:
 
 
 def cmd_bitmap(args: argparse.Namespace) -> int:
-    from pynbd.image.mapping import format_bitmap_list
-
     with open_image(args.image, None, read_only=True) as image:
         infos = list(image.bitmap_infos())
-    if args.output == "json":
-        print(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
-    else:
-        print(format_bitmap_list(infos), end="")
+    print(format_bitmaps_json(infos) if args.output == "json" else format_bitmap_list(infos), end="")
     return 0
 
 
@@ -310,13 +303,9 @@ def add_create_parser(sub: Any) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     try:
-        fd = os.open(args.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError as exc:
-        raise UsageError(f"{args.image}: cannot create: {exc.strerror}") from None
-    try:
-        os.ftruncate(fd, args.size)
-    finally:
-        os.close(fd)
+        create_raw(args.image, args.size)
+    except CreateError as exc:
+        raise UsageError(str(exc)) from None
     print(f"created {args.image}: raw, {args.size} bytes (sparse)")
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pynbd import cli
-from pynbd.image.mapping import dicts_to_records, merge_map_records
+from pynbd.tools.map import dicts_to_records, merge_map_records
 from tests.qcow2_fixtures import (
     MiB,
     QemuNbd,

@@ -16,13 +16,8 @@ import pytest
 
 from pynbd.image import open_image
 from pynbd.image.base import BytesSegment, HostSegment, Image, ImageError, ZeroSegment
-from pynbd.image.mapping import (
-    dicts_to_records,
-    format_bitmap_list,
-    format_map_json,
-    image_map,
-    merge_map_records,
-)
+from pynbd.tools.bitmap import format_bitmap_list
+from pynbd.tools.map import dicts_to_records, format_map_json, image_map, merge_map_records
 from pynbd.image.qcow2 import Qcow2Image, open_qcow2
 from tests.qcow2_fixtures import (
     MiB,

@@ -6,7 +6,7 @@ at any other layer. :func:`resolve` walks the chain top to bottom the way
 QEMU's ``bdrv_co_block_status_above`` does and says, for every guest range,
 which layer answers and how. Reads
 (:meth:`pynbd.image.qcow2.image.Qcow2Image.read_segments`), NBD block status
-and ``qemu-img map`` emulation (:mod:`pynbd.image.mapping`) are all built on it.
+and ``qemu-img map`` emulation (:mod:`pynbd.tools.map`) are all built on it.
 
 Runs are plain tuples ``(pos, length, kind, host)`` — there can be one per
 cluster, so no per-run objects.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 
-from pynbd.image.base import BitmapInfo, Image
+from pynbd.image.base import Image
 from pynbd.image.qcow2 import Qcow2Image
 from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
@@ -176,21 +176,3 @@ def format_map_human(records: Sequence[dict], paths: Sequence[str]) -> str:
 def human_map_complete(records: Sequence[dict]) -> bool:
     """False when :func:`format_map_human` cannot show every data run (no host offset)."""
     return all("offset" in r for r in records if r["data"])
-
-
-def format_bitmap_list(infos: Sequence[BitmapInfo]) -> str:
-    """Human text like the ``bitmaps:`` section of ``qemu-img info``, plus consistency and dirty bytes."""
-    if not infos:
-        return "bitmaps: none\n"
-    out = ["bitmaps:"]
-    for i, info in enumerate(infos):
-        flags = [f for f, on in (("in-use", info.in_use), ("auto", info.enabled)) if on]
-        out.append(f"    [{i}]:")
-        out.append("        flags:")
-        out.extend(f"            [{j}]: {flag}" for j, flag in enumerate(flags))
-        out.append(f"        name: {info.name}")
-        out.append(f"        granularity: {info.granularity}")
-        out.append(f"        consistent: {'true' if info.consistent else 'false'}")
-        dirty = "unknown" if info.dirty_bytes is None else str(info.dirty_bytes)
-        out.append(f"        dirty bytes: {dirty}")
-    return "\n".join(out) + "\n"
