@@ -90,7 +90,7 @@ class Extent(NamedTuple):
     (NBD_STATE_ZERO); every driver here reports non-data as zeros and data
     as not known to be zero, as qemu does. ``depth``: the
     ``qemu:allocation-depth`` value, 0 when no layer allocates the range, 1
-    for the top image, N for the (N-1)-th backing file (nbd-protocol.md §5.5).
+    for the top image, N for the (N-1)-th backing file (QEMU's qemu:allocation-depth context, docs/interop/nbd.txt).
     """
 
     offset: int
@@ -105,7 +105,7 @@ class Extent(NamedTuple):
 
 
 #: Allocation run values. They are the ``base:allocation`` status bits of
-#: nbd-protocol.md §5.4 (HOLE = 1, ZERO = 2) on purpose: the context then
+#: the NBD spec's base:allocation (HOLE = 1, ZERO = 2) on purpose: the context then
 #: sends the runs as they are, with no per-extent translation.
 STATE_DATA = 0
 STATE_HOLE_ZERO = 3

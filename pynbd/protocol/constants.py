@@ -1,4 +1,4 @@
-"""Every NBD constant pynbd uses (nbd-protocol.md §0)."""
+"""Every NBD constant pynbd uses (values from the NBD spec, doc/proto.md)."""
 
 from __future__ import annotations
 

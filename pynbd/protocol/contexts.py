@@ -1,4 +1,4 @@
-"""Meta-context names and the LIST vs SET query rules (nbd-protocol.md §5.1–5.2).
+"""Meta-context names and the LIST vs SET query rules (NBD spec "Metadata querying").
 
 Which contexts an export has is decided by the server's context registry; this
 module only decides which of those names a client's query selects.

@@ -3,8 +3,9 @@
 Feed it the client's bytes with :meth:`ServerHandshake.receive_data`, send what
 :meth:`ServerHandshake.data_to_send` returns, and act on the events
 :meth:`ServerHandshake.next_event` hands out (``None`` means "need more
-bytes"). It never touches a socket, so every rule of nbd-protocol.md §1, §2
-and §5.2 is tested by feeding bytes and reading bytes.
+bytes"). It never touches a socket, so every rule of the NBD spec's "Newstyle
+negotiation", "TLS support" and "Metadata querying" is tested by feeding bytes and
+reading bytes.
 
 Each option has its own small handler method, looked up in a table by option
 code (like asyncssh's packet handlers).

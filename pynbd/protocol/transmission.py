@@ -2,7 +2,7 @@
 
 The I/O layer reads a 28-byte header, unpacks it with :class:`wire.Request`,
 reads a WRITE payload when there is one (always, before rejecting, so the
-stream stays in step: nbd-protocol.md §3.4 step 4), then asks
+stream stays in step: NBD spec "Request message"), then asks
 :meth:`TransmissionState.validate` whether to serve it.
 """
 

@@ -1,6 +1,6 @@
 """Wire layouts: pack and unpack every header, option reply, request, reply and chunk.
 
-All integers are big-endian (nbd-protocol.md conventions). The ``struct.Struct``
+All integers are big-endian (NBD spec "Conventions"). The ``struct.Struct``
 objects are module-level so the per-request path allocates nothing but the
 bytes it returns.
 """

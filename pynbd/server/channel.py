@@ -2,7 +2,7 @@
 
 We own the socket instead of using asyncio transports: stdlib's
 ``loop.sendfile`` pauses reading and blocks every other write for its whole
-duration, and uvloop has no sendfile at all (design-notes.md §3). With an
+duration, and uvloop has no sendfile at all (bench/README.md). With an
 owned non-blocking socket, reads with a persistent reader callback
 (:class:`ReadWaiter`) and gathering writes (``sendmsg``, waiting for
 writability only when the socket is full) work on both loops, and

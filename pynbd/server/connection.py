@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
 
-#: Host errno -> NBD error, the table qemu uses (nbd-protocol.md §0, error values).
+#: Host errno -> NBD error, the table qemu uses (NBD spec "Error values").
 ERRNO_TO_NBD: dict[int, Error] = {
     errno.EPERM: Error.EPERM,
     errno.EROFS: Error.EPERM,
@@ -559,7 +559,7 @@ class Connection:
                     raise
                 if request.type in INLINE_COMMANDS:
                     # Served from the event loop thread anyway: a task per request
-                    # would only add overhead (design-notes.md §3, small requests).
+                    # would only add overhead (bench/README.md, small requests).
                     writer.batching = reader.buffered >= header_size
                     try:
                         await self._serve(request, payload, export, state, writer)

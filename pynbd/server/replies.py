@@ -1,7 +1,7 @@
 """The reply writer: the one place that puts transmission replies on a channel.
 
 Every reply (header plus payload) goes out under one lock so replies never
-interleave (nbd-protocol.md §3.2). READ data leaves either through sendfile
+interleave (NBD spec "Structured replies"). READ data leaves either through sendfile
 (zero-copy: header with MSG_MORE, then ``os.sendfile`` from the image's host
 file) or through a copy into one buffer; which one is a per-connection
 setting, and both sit behind :meth:`ReplyWriter.read`.

@@ -1,10 +1,10 @@
-"""TLS for NBD (STARTTLS, nbd-protocol.md §2) over the connection's own socket.
+"""TLS for NBD (STARTTLS, NBD spec "TLS support") over the connection's own socket.
 
 The connection owns a plain socket (for sendfile), so TLS runs through an
 ``ssl.SSLObject`` with memory BIOs: the same thing asyncio's TLS transport
 does inside, but behind our :class:`~pynbd.server.channel.Channel` interface,
 so the request pipeline (requests in flight, out-of-order replies) is the same
-with and without TLS. TLS cannot use sendfile (design-notes.md §3): the TLS
+with and without TLS. TLS cannot use sendfile (bench/README.md): the TLS
 channel's ``sendfile`` copies.
 """
 
