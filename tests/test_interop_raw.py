@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -494,10 +493,11 @@ def test_sigterm_with_connected_clients(launch, sparse_image):
     idle = NbdClient.connect(p)
     negotiating = NbdClient.for_server(p)
     negotiating.read_greeting()
-    t0 = time.monotonic()
     p.proc.send_signal(signal.SIGTERM)
-    assert p.wait_exit(15) == 0, p.log()
-    assert time.monotonic() - t0 < 12
+    assert p.wait_exit(30) == 0, p.log()
+    # Idle and negotiating clients owe nothing: they must not hold the stop for the
+    # grace period (the server then says it closed connections still busy).
+    assert "still busy" not in p.log(), p.log()
     assert idle.wait_for_disconnect(5) is not None
 
 

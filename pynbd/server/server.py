@@ -216,6 +216,9 @@ class NbdServer:
         if tasks:
             await asyncio.wait(tasks, timeout=self.shutdown_grace)
         late = list(self.connections)
+        if late:
+            log.warning("%d connection(s) still busy %.0f s after the stop began; closing them",
+                        len(late), self.shutdown_grace)
         for conn in late:
             conn.abort()
         tasks = [c.task for c in late if c.task is not None]
