@@ -145,7 +145,7 @@ class TlsConfig:
                     raise
                 conn_log.warning("TLS handshake failed: %s", exc)
                 raise TlsRejected(f"TLS handshake failed: {exc}") from None
-            conn_log.info("TLS %s, cipher %s", tls.sock.version(), tls.sock.cipher()[0])
+            conn_log.debug("TLS %s, cipher %s", tls.sock.version(), tls.sock.cipher()[0])
             return tls
 
         def check_authz(tls: "TlsChannel", conn_log: Any) -> None:
