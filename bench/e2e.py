@@ -1122,6 +1122,9 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
         groups.append(seq_group("chain-unix", "qcow2 3-layer chain unix", "qcow2-chain", "qcow2", "unix",
                                 q_seq_servers))
         groups.append(map_group("qcow2-frag", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
+        # qemu-nbd offers qemu:allocation-depth only with -A; nbdkit has no qcow2 reader.
+        groups.append(map_group("qcow2-frag-depth", "qcow2 fragmented, qemu:allocation-depth", "qcow2-frag",
+                                "qcow2", q_servers, context="qemu:allocation-depth", extra={"qemu-nbd": ["-A"]}))
         groups.append(qemu_map_group("qcow2-frag-qemu", "qcow2 fragmented", "qcow2-frag", "qcow2",
                                      q_servers + poll_off))
         if SYSTEM_PYTHON:

@@ -363,7 +363,7 @@ class SpanRuns:
     def __init__(self, start: int, runs: Runs) -> None:
         runs = normalize(runs)
         self.starts = array("q", accumulate(runs.lengths[:-1], initial=start))
-        self.longest = max(runs.lengths, default=0)
+        self.longest = runs.longest if len(runs) else 0
         self.packed: bytes | None = None
         self.lengths: array | None = None
         self.values: array | None = None
@@ -378,6 +378,40 @@ class SpanRuns:
         if self.packed is not None:
             return 8 * len(self.starts) + len(self.packed)
         return (8 + 8 + 4) * len(self.starts)
+
+    def mapped(self, value_of: Sequence[int]) -> SpanRuns:
+        """The same span with each value ``v`` replaced by ``value_of[v]``, equal neighbours merged.
+
+        When the values are bytes and ``value_of`` keeps the ones present apart, no
+        neighbours merge: the result shares these starts, and its packed pairs are
+        these with the value bytes translated (a C operation, not work per run).
+        """
+        packed = self.packed
+        if packed:
+            count = len(self.starts)
+            low = packed[7::8]  # each value's low byte
+            present = set(low)
+            if (all(packed[k::8].count(0) == count for k in (4, 5, 6))  # every value < 256
+                    and max(present) < len(value_of)
+                    and len({value_of[v] for v in present}) == len(present)
+                    and all(value_of[v] < 256 for v in present)):
+                table = bytearray(range(256))
+                for v in present:
+                    table[v] = value_of[v]
+                out = bytearray(packed)
+                out[7::8] = low.translate(table)
+                shared = SpanRuns.__new__(SpanRuns)
+                shared.starts, shared.packed, shared.longest = self.starts, bytes(out), self.longest
+                shared.lengths = shared.values = None
+                return shared
+        runs = self._columns()
+        return SpanRuns(self.starts[0], Runs(runs.lengths, [value_of[v] for v in runs.values]))
+
+    def _columns(self) -> Runs:
+        if self.packed is not None:
+            return PackedRuns([self.packed], len(self.starts) if self.packed else 0, 0, 0).unpacked()
+        assert self.lengths is not None and self.values is not None
+        return Runs(self.lengths, self.values, True)
 
     def slice(self, pos: int, end: int) -> AnyRuns:
         """The runs of ``[pos, end)`` (inside the span), the outer two clipped."""
@@ -475,6 +509,32 @@ def split_long(runs: AnyRuns, max_length: int) -> AnyRuns:
         lengths.append(length)
         values.append(value)
     return Runs(lengths, values)
+
+
+#: 0 for a zero byte, 1 for any other.
+_NONZERO = bytes([0] + [1] * 255)
+
+
+def byte_runs(data: bytes) -> Runs:
+    """Runs of equal bytes (values the bytes, lengths in bytes).
+
+    A byte that differs from the next one ends a run: there the XOR of the
+    bytes with the bytes shifted by one is not zero, and bitarray finds those
+    places in C; the values are the bytes where runs start.
+    """
+    if not data:
+        return Runs([], [], True)
+    changed = (int.from_bytes(data[:-1], "big") ^ int.from_bytes(data[1:], "big")).to_bytes(
+        len(data) - 1, "big").translate(_NONZERO)
+    bits = bitarray(endian="little")
+    bits.pack(changed)
+    ends = list(map(add, bits.search(1), repeat(1)))
+    ends.append(len(data))
+    starts = [0]
+    starts += ends[:-1]
+    values = [data[0]]
+    values += compress(data[1:], changed)
+    return Runs(list(map(sub, ends, starts)), values, True)
 
 
 def bit_runs(bits: bitarray) -> Runs:

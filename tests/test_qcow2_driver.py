@@ -369,10 +369,11 @@ def test_cached_table_runs_count_against_the_cache_budget(fx: dict[str, Path]) -
 
 
 def test_depth_runs_built_only_when_asked(fx: dict[str, Path]) -> None:
-    """A map of base:allocation classifies each L2 table without building its depth runs
-    (the first qcow2 map paid for both); asking for qemu:allocation-depth builds them, and
-    they equal the per-cluster walk's."""
+    """A map of base:allocation classifies each L2 table once, into kinds, and derives only
+    its allocation runs; asking for qemu:allocation-depth derives the depth runs from the
+    same classification (no second one), and they equal the per-cluster walk's."""
     from pynbd.image.qcow2.chain import KIND_UNALLOC
+    from pynbd.image.qcow2.tableruns import ALLOCATION_OF_KIND, TOP_DEPTH_OF_KIND
 
     with open_fixture(fx, "v3-64k.qcow2") as reference:
         walk = list(reference.top.runs(0, reference.size))
@@ -380,6 +381,8 @@ def test_depth_runs_built_only_when_asked(fx: dict[str, Path]) -> None:
     with open_fixture(fx, "v3-64k.qcow2") as image:
         list(image.extents(0, image.size).allocation)
         tables = [t for t in image.top._cache._tables.values() if t.derived is not None]
-        assert tables and all(t.derived._depth is None for t in tables)
+        assert tables and all(set(t.derived._columns) == {ALLOCATION_OF_KIND} for t in tables)
+        kinds = [t.derived.kinds for t in tables]
         assert depth_rows(image) == expected_depth
-        assert all(t.derived._depth is not None for t in tables)
+        assert all(set(t.derived._columns) == {ALLOCATION_OF_KIND, TOP_DEPTH_OF_KIND} for t in tables)
+        assert [t.derived.kinds for t in tables] == kinds  # classified once

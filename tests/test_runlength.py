@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import groupby
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,6 +12,7 @@ from pynbd.runlength import (
     RunIndex,
     Runs,
     SpanRuns,
+    byte_runs,
     clipped,
     concat,
     merged,
@@ -193,3 +196,22 @@ def test_run_index_answers_like_the_expansion(p, start, open_end, offset, length
     else:
         assert got == (min(run_end, end) - offset, value)
     assert len(index) == len(normalize(Runs.from_pairs(p)))
+
+
+@given(st.binary(max_size=64))
+def test_byte_runs_are_the_runs_of_equal_bytes(data: bytes) -> None:
+    runs = byte_runs(data)
+    assert list(runs) == [(len(list(group)), value) for value, group in groupby(data)]
+
+
+@given(st.lists(st.tuples(st.integers(1, 1 << 33), st.integers(0, 5)), max_size=24),
+       st.lists(st.integers(0, 300), min_size=6, max_size=6))
+def test_mapped_span_equals_the_runs_mapped_and_merged(pairs, value_of) -> None:
+    """SpanRuns.mapped gives the runs with values mapped and equal neighbours merged, whether
+    it shares the boundaries (values kept apart) or builds the runs anew (some merge)."""
+    start = 4096
+    span = SpanRuns(start, Runs([n for n, _ in pairs], [v for _, v in pairs]))
+    expected = normalize(Runs([n for n, _ in pairs], [value_of[v] for _, v in pairs]))
+    got = span.mapped(value_of)
+    if pairs:
+        assert list(got.slice(start, start + expected.total)) == list(expected)

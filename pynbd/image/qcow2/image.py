@@ -40,6 +40,7 @@ from pynbd.image.qcow2.compression import ClusterCache
 from pynbd.image.qcow2.header import MAGIC
 from pynbd.image.qcow2.l2cache import TableCache
 from pynbd.image.qcow2.layer import Qcow2Layer
+from pynbd.image.qcow2.tableruns import ALLOCATION_OF_KIND, TOP_DEPTH_OF_KIND
 from pynbd.runlength import Runs
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,8 @@ class Qcow2Image(Image):
             # No backing file: the top layer's own runs are the answer, from its
             # classified L2 tables; unallocated there is unallocated everywhere.
             top = self.top
-            return Extents(offset, top.top_runs(offset, end, "allocation").head(cap),
-                           lambda: top.top_runs(offset, end, "depth").head(cap))
+            return Extents(offset, top.top_runs(offset, end, ALLOCATION_OF_KIND).head(cap),
+                           lambda: top.top_runs(offset, end, TOP_DEPTH_OF_KIND).head(cap))
         lengths: list[int] = []
         states: list[int] = []
         depths: list[int] = []

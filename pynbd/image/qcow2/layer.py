@@ -20,9 +20,7 @@ from collections.abc import Iterator
 from itertools import repeat
 from operator import mul
 
-from bitarray import bitarray
-
-from pynbd.image.base import STATE_DATA, STATE_HOLE_ZERO, ImageError, ImageIOError
+from pynbd.image.base import ImageError, ImageIOError
 from pynbd.image.qcow2.bitmaps import Qcow2Bitmap, load_bitmaps
 from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
@@ -44,14 +42,8 @@ from pynbd.image.qcow2.header import (
     read_snapshot_table,
 )
 from pynbd.image.qcow2.l2cache import Table, TableCache
-from pynbd.image.qcow2.tableruns import (
-    ALLOCATION_OF_KIND,
-    CORRUPT_TABLE,
-    TOP_DEPTH_OF_KIND,
-    TableRuns,
-    piece_columns,
-)
-from pynbd.runlength import Runs, SpanRuns, bit_runs, concat
+from pynbd.image.qcow2.tableruns import CORRUPT_TABLE, TableRuns, piece_columns
+from pynbd.runlength import U32_MAX, Runs, SpanRuns, byte_runs, concat
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +228,10 @@ class Qcow2Layer:
             return self._extended_pieces(table.entries, pos, end)
         return self._standard_pieces(table.entries, pos, end)
 
-    def top_runs(self, offset: int, stop: int, column: str) -> Runs:
-        """``column`` ("allocation" or "depth") runs of ``[offset, stop)`` (inside the layer)
-        when it is the only layer.
+    def top_runs(self, offset: int, stop: int, value_of_kind: tuple[int, ...]) -> Runs:
+        """Runs of ``[offset, stop)`` (inside the layer) with each kind reported as
+        ``value_of_kind[kind]`` (tableruns.ALLOCATION_OF_KIND, TOP_DEPTH_OF_KIND),
+        when this is the only layer.
 
         Each L2 table is classified once, as a whole, and its runs are kept
         with the cached table (:class:`TableRuns`); a request then costs a
@@ -246,12 +239,11 @@ class Qcow2Layer:
         A table with a corrupt entry is not cached: its ranges are classified
         on each request, so the error comes only for requests that touch it.
         """
-        value_of_kind = ALLOCATION_OF_KIND if column == "allocation" else TOP_DEPTH_OF_KIND
         parts: list[Runs] = []
         for l1_index, pos, table_end, table in self._tables(offset, stop):
             runs = None if table is None else self._classified(l1_index, table)
             if runs is not None:
-                parts.append(getattr(runs, column).slice(pos, table_end))
+                parts.append(runs.column(value_of_kind).slice(pos, table_end))
             elif table is None:
                 n = table_end - pos
                 parts.append(Runs([n], [value_of_kind[KIND_UNALLOC]], True, n, n))
@@ -310,22 +302,17 @@ class Qcow2Layer:
         ones = int.from_bytes(b"\x01" * count, "big")
         data = host & (zero ^ ones)  # NORMAL: an offset and no zero flag ('Standard Cluster Descriptor')
         unallocated = (host | zero) ^ ones  # no offset and no zero flag
-        span = end - start
-        return TableRuns(SpanRuns(start, self._cluster_runs(data, count, span, (STATE_HOLE_ZERO, STATE_DATA))),
-                         lambda: SpanRuns(start, self._cluster_runs(unallocated, count, span, (1, 0))))
+        # One kind byte per cluster: 2 - 2*data + unallocated is KIND_DATA (0), KIND_ZERO (2)
+        # or KIND_UNALLOC (3); each byte stays within 0..3, so no byte borrows or carries.
+        kinds = 2 * ones - 2 * data + unallocated
+        return TableRuns(SpanRuns(start, self._cluster_runs(kinds.to_bytes(count, "big"), end - start)))
 
-    def _cluster_runs(self, flags: int, count: int, span: int, values: tuple[int, int]) -> Runs:
-        """Runs in bytes from a 0/1 byte per cluster (as a big integer); ``values`` for 0 and 1."""
-        bits = bitarray(endian="little")
-        bits.pack(flags.to_bytes(count, "big"))
-        runs = bit_runs(bits)
+    def _cluster_runs(self, kinds: bytes, span: int) -> Runs:
+        """Runs in bytes of ``span`` bytes of clusters, from one kind byte per cluster."""
+        runs = byte_runs(kinds)
         lengths = list(map(mul, runs.lengths, repeat(self.cluster_size)))
-        lengths[-1] -= count * self.cluster_size - span  # a partial last cluster at the image end
-        # Bit runs alternate: so do their values.
-        first, second = values[runs.values[0]], values[1 - runs.values[0]]
-        mapped = [first, second] * ((len(lengths) + 1) // 2)
-        del mapped[len(lengths):]
-        return Runs(lengths, mapped, True)
+        lengths[-1] -= len(kinds) * self.cluster_size - span  # a partial last cluster at the image end
+        return Runs(lengths, runs.values, True, span, span if span <= U32_MAX else None)
 
     def _standard_pieces(self, entries: array, pos: int, end: int) -> Iterator[Run]:
         """Classify standard 8-byte L2 entries (qcow2 spec, 'Cluster mapping') in QEMU's order.

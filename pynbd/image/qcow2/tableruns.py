@@ -1,14 +1,17 @@
 """Block-status runs of one L2 table, classified once and kept with the cached table.
 
-A :class:`TableRuns` holds the allocation (``base:allocation``) and top-layer
-depth (``qemu:allocation-depth``) runs over one L2 table's guest span; the
-layer attaches it to the table in the :class:`~pynbd.image.qcow2.l2cache.TableCache`,
-so a block-status request costs a slice per table instead of work per cluster.
+A :class:`TableRuns` holds the runs of cluster kinds (data, compressed, zero,
+unallocated) over one L2 table's guest span; every block-status context of
+the top layer (``base:allocation``, ``qemu:allocation-depth``) is those runs
+with each kind mapped to the context's value (:meth:`TableRuns.column`),
+derived once per context and kept with the kinds. The layer attaches it to the
+table in the :class:`~pynbd.image.qcow2.l2cache.TableCache`, so a block-status
+request costs a slice per table instead of work per cluster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from pynbd.image.base import STATE_DATA, STATE_HOLE_ZERO
 from pynbd.image.qcow2.chain import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOC, KIND_ZERO, Run
@@ -31,43 +34,49 @@ def piece_columns(pieces: Iterable[Run]) -> tuple[list[int], list[int]]:
 
 
 class TableRuns:
-    """One L2 table classified once: allocation and top-layer depth runs over its guest span.
+    """One L2 table classified once: the runs of cluster kinds over its guest span, and
+    the runs of each context derived from them on first use (:meth:`column`).
 
-    The depth runs may come from a function called on first use: only clients
-    that selected ``qemu:allocation-depth`` need them, and building them was
-    half the cost of a table's first classification (the first map of a qcow2
-    image, bench/README.md).
+    A context's runs are the kinds' runs with the values mapped: where the
+    mapping keeps neighbours apart (a table with data and unallocated
+    clusters, but no zero clusters, for both contexts), they share the kinds'
+    run boundaries and only the value bytes are rewritten (:meth:`SpanRuns.mapped`),
+    so a second context costs microseconds instead of a second classification.
     """
 
-    __slots__ = ("allocation", "_depth", "_depth_source")
+    __slots__ = ("kinds", "_columns")
 
-    def __init__(self, allocation: SpanRuns, depth: SpanRuns | Callable[[], SpanRuns]) -> None:
-        self.allocation = allocation
-        self._depth: SpanRuns | None = None if callable(depth) else depth
-        self._depth_source = depth if callable(depth) else None
+    def __init__(self, kinds: SpanRuns) -> None:
+        self.kinds = kinds
+        self._columns: dict[tuple[int, ...], SpanRuns] = {}
 
     @classmethod
     def classify(cls, start: int, pieces: Iterable[Run]) -> TableRuns:
         lengths, kinds = piece_columns(pieces)
-        return cls(SpanRuns(start, Runs(lengths, [ALLOCATION_OF_KIND[k] for k in kinds])),
-                   SpanRuns(start, Runs(lengths, [TOP_DEPTH_OF_KIND[k] for k in kinds])))
+        return cls(SpanRuns(start, Runs(lengths, kinds)))
+
+    def column(self, value_of_kind: tuple[int, ...]) -> SpanRuns:
+        """The runs with each kind ``k`` reported as ``value_of_kind[k]`` (neighbours merged)."""
+        runs = self._columns.get(value_of_kind)
+        if runs is None:
+            runs = self._columns[value_of_kind] = self.kinds.mapped(value_of_kind)
+        return runs
+
+    @property
+    def allocation(self) -> SpanRuns:
+        return self.column(ALLOCATION_OF_KIND)
 
     @property
     def depth(self) -> SpanRuns:
-        if self._depth is None:
-            assert self._depth_source is not None
-            self._depth = self._depth_source()
-            self._depth_source = None
-        return self._depth
+        return self.column(TOP_DEPTH_OF_KIND)
 
     @property
     def nbytes(self) -> int:
-        """Bytes to count against the cache budget; depth runs not built yet are
-        counted as large as the allocation runs (both have at most one run per
-        change of cluster kind)."""
-        depth = self._depth
-        return self.allocation.nbytes + (depth.nbytes if depth is not None else self.allocation.nbytes)
+        """Bytes to count against the cache budget: the kinds, and the two contexts'
+        runs (derived on first use) at their size when they share the kinds' boundaries
+        (their values only, half the kinds' bytes each)."""
+        return 2 * self.kinds.nbytes
 
 
 #: Marks a table that has a corrupt entry (its runs are not cached).
-CORRUPT_TABLE = TableRuns(SpanRuns(0, Runs([], [])), SpanRuns(0, Runs([], [])))
+CORRUPT_TABLE = TableRuns(SpanRuns(0, Runs([], [])))
