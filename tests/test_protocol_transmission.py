@@ -295,3 +295,18 @@ def test_descriptor_properties(runs, length, req_one, max_count):
     # Neighbours differ unless a u32 split forced a break.
     for (n1, s1), (n2, s2) in zip(out, out[1:]):
         assert s1 != s2 or n1 + n2 > MAX_DESCRIPTOR_LENGTH
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 2**32 - 1), st.integers(0, 2**32 - 1)),
+                min_size=1, max_size=5),
+       st.integers(0, 2**64 - 1))
+def test_reply_cut_around_cookies_takes_any_cookie(descriptors, cookie):
+    """A one-descriptor-per-context BLOCK_STATUS reply made with cookie 0, cut around its
+    cookies, joined with another cookie is the reply made with that cookie; a request
+    header split around its cookie is the header without it."""
+    made_ahead = wire.block_status_one_reply(0, descriptors)
+    pieces = wire.split_around_cookies(made_ahead, wire.CHUNK_BLOCK_STATUS_ONE.size)
+    assert struct.pack(">Q", cookie).join(pieces) == wire.block_status_one_reply(cookie, descriptors)
+    header = wire.request(Command.BLOCK_STATUS, cookie, 4096, 512, CommandFlag.REQ_ONE)
+    before, after = wire.split_request_cookie(header)
+    assert before + struct.pack(">Q", cookie) + after == header

@@ -255,8 +255,27 @@ def chunk_block_status(cookie: int, context_id: int, descriptors: AnyRuns, done:
     return b"".join(chunk_block_status_parts(cookie, context_id, descriptors, done))
 
 
-#: Offset of the cookie in every reply and chunk header (§4.1).
+#: Offset of the cookie in every reply and chunk header (NBD spec "Simple reply
+#: message", "Structured reply chunk message").
 COOKIE_OFFSET = 8
+#: Where a request header carries its cookie (NBD spec "Request message"): [8, 16).
+REQUEST_COOKIE_START = 8
+REQUEST_COOKIE_END = 16
+
+
+def split_request_cookie(header: bytes) -> tuple[bytes, bytes]:
+    """A request header's bytes before and after its cookie."""
+    return header[:REQUEST_COOKIE_START], header[REQUEST_COOKIE_END:]
+
+
+def split_around_cookies(reply: bytes, chunk_size: int) -> list[bytes]:
+    """``reply`` (whole chunks of ``chunk_size`` bytes) cut around each chunk's cookie:
+    ``cookie.join(pieces)`` is the same reply with ``cookie`` (8 bytes) in every chunk."""
+    at = COOKIE_OFFSET
+    pieces = [reply[:at]]
+    pieces += [reply[start + at + 8:start + chunk_size + at] for start in range(0, len(reply) - chunk_size, chunk_size)]
+    pieces.append(reply[len(reply) - chunk_size + at + 8:])
+    return pieces
 
 
 def with_cookie(parts: Sequence[Buffer], header_indices: Iterable[int], cookie: int) -> list[Buffer]:

@@ -31,6 +31,9 @@ from pynbd.protocol import wire
 from pynbd.protocol.transmission import MAX_DESCRIPTOR_LENGTH
 from pynbd.runlength import Buffer, RunIndex
 
+# (module globals: looked up on the per-request path)
+_COOKIE_START, _COOKIE_END = wire.REQUEST_COOKIE_START, wire.REQUEST_COOKIE_END
+
 
 @dataclass(frozen=True, slots=True)
 class BlockStatusAnswer:
@@ -54,7 +57,6 @@ class BlockStatusAnswer:
         """Memory this answer keeps alive: a view keeps its whole underlying buffer."""
         return sum(len(part.obj) if isinstance(part, memoryview) else len(part)  # type: ignore[arg-type]
                    for part in self.parts)
-
 
 #: (offset, length, flags, selected contexts as sorted (id, name) pairs)
 RequestKey = tuple[int, int, int, tuple[tuple[int, str], ...]]
@@ -235,15 +237,10 @@ class OneExtentScan:
     def expect(self, request: wire.Request, generation: int, reply: bytes) -> None:
         """``reply`` (made with cookie 0) answers ``request`` (with any cookie) while the
         image stays at ``generation``."""
-        header = request.pack()
-        chunk = wire.CHUNK_BLOCK_STATUS_ONE.size
-        cookie_at = wire.COOKIE_OFFSET
-        pieces = [reply[:cookie_at]]
-        if len(reply) > chunk:  # one chunk per context, each with the cookie
-            pieces += [reply[start + cookie_at + 8:start + chunk + cookie_at]
-                       for start in range(0, len(reply) - chunk, chunk)]
-        pieces.append(reply[len(reply) - chunk + cookie_at + 8:])
-        self._expected = (header[:8], header[16:], generation, pieces)
+        before, after = wire.split_request_cookie(request.pack())
+        # One chunk per context, each with the cookie.
+        pieces = wire.split_around_cookies(reply, wire.CHUNK_BLOCK_STATUS_ONE.size)
+        self._expected = (before, after, generation, pieces)
         self.expected_request = request
 
     @property
@@ -256,11 +253,11 @@ class OneExtentScan:
         expected (:attr:`expected_request`, in the same generation); else None. Used once,
         like an answer computed ahead for a scan (a repeated request is answered anew)."""
         expected = self._expected
-        if (expected is None or header[16:] != expected[1] or header[:8] != expected[0]
+        if (expected is None or header[_COOKIE_END:] != expected[1] or header[:_COOKIE_START] != expected[0]
                 or generation != expected[2]):
             return None
         self._expected = None
-        return header[8:16].join(expected[3])
+        return header[_COOKIE_START:_COOKIE_END].join(expected[3])
 
     def reply_to(self, request: wire.Request, generation: int) -> bytes | None:
         """:meth:`expected_reply` for a request already parsed (the task's way)."""
