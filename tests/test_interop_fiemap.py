@@ -22,15 +22,15 @@ import fcntl
 import json
 import os
 import random
-import signal
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.servers import PynbdServer, QemuNbdServer, nbdcopy, nbdinfo, qemu_img_map_argv, qemu_io, run
+from tests.support.servers import QemuNbdServer, nbdcopy, nbdinfo, qemu_img_map_argv, qemu_io, run
 from tests.support.deadline import wait_until
+from tests.support.strace import StracedPynbd
 
 pytestmark = [pytest.mark.pynbd, pytest.mark.needs("qemu-nbd", "qemu-img", "qemu-io", "nbdinfo", "nbdcopy",
                                                    "strace")]
@@ -144,52 +144,16 @@ def fs_has_fiemap(path: Path) -> bool:
     return True
 
 
-class TracedPynbd(PynbdServer):
-    """pynbd under ``strace -f``, which writes each call of ``syscalls`` (only those:
-    ``--seccomp-bpf`` leaves the others untouched and at full speed) to ``trace`` as the
-    call returns.
-
-    strace blocks SIGTERM itself (``-o FILE PROG``) and exits with the server's status,
-    so stopping signals the traced server (:attr:`tracee_pid`) and strace follows it out.
-    """
-
-    def __init__(self, image: Path | None, *args: str, trace: Path, syscalls: str = "ioctl", **kw) -> None:
-        self.trace = trace
-        self.syscalls = syscalls
-        super().__init__(image, *args, **kw)
-
-    def argv(self) -> list[str]:
-        return ["strace", "-f", "--seccomp-bpf", "-qq", "-e", f"trace={self.syscalls}", "-e", "signal=none",
-                "-o", str(self.trace), "--", *super().argv()]
-
-    @property
-    def tracee_pid(self) -> int:
-        """The pynbd process (strace's child)."""
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-        assert len(children) == 1, f"strace {self.pid} has children {children}"
-        return int(children[0])
-
-    def calls(self, text: str) -> int:
-        """Lines of the trace so far that contain ``text`` (e.g. ``FS_IOC_FIEMAP``)."""
-        try:
-            return self.trace.read_text(errors="replace").count(text)
-        except FileNotFoundError:
-            return 0
-
-    def fiemap_calls(self) -> int:
-        return self.calls("FS_IOC_FIEMAP")
-
-    def stop(self, *, check: bool = True, timeout: float = 20.0) -> int:
-        if self.proc is not None and self.returncode is None and self.proc.poll() is None:
-            os.kill(self.tracee_pid, signal.SIGTERM)
-        return super().stop(check=check, timeout=timeout)
+def fiemap_calls(server: StracedPynbd) -> int:
+    """FIEMAP calls the traced server made so far."""
+    return server.calls("FS_IOC_FIEMAP")
 
 
 @dataclass
 class Exports:
     """pynbd and qemu-nbd, each serving its own copy of the same image."""
 
-    pynbd: TracedPynbd
+    pynbd: StracedPynbd
     qemu: QemuNbdServer
     pynbd_image: Path
     qemu_image: Path
@@ -219,7 +183,7 @@ def served_by_fiemap(exports: Exports, before: int, what: str) -> int:
     trace (strace writes them as they happen); returns the new count."""
     if exports.fiemap == "off":
         return before
-    return wait_until(lambda: exports.pynbd.fiemap_calls() > before and exports.pynbd.fiemap_calls(),
+    return wait_until(lambda: fiemap_calls(exports.pynbd) > before and fiemap_calls(exports.pynbd),
                       what=f"FIEMAP calls by pynbd serving {what}")
 
 
@@ -227,7 +191,7 @@ def check_exports_agree(exports: Exports, model: BlockModel, tmp_path: Path, sta
     """nbdinfo --map, qemu-img map (REQ_ONE) and nbdcopy give the same answers from both
     servers, equal to the model, and pynbd's answers come from FIEMAP (--fiemap auto)."""
     p, q = exports.pynbd, exports.qemu
-    calls = p.fiemap_calls()
+    calls = fiemap_calls(p)
 
     ours = nbdinfo_map(p)
     calls = served_by_fiemap(exports, calls, "nbdinfo --map")
@@ -281,7 +245,7 @@ def exports(tmp_path, request) -> Exports:
     fiemap = request.param
     if fiemap == "auto" and not fs_has_fiemap(pynbd_image):
         pytest.skip(f"the file system of {tmp_path} has no FIEMAP")
-    with TracedPynbd(pynbd_image, "--fiemap", fiemap, trace=tmp_path / "pynbd.strace", workdir=tmp_path) as p, \
+    with StracedPynbd(pynbd_image, "--fiemap", fiemap, syscalls=["ioctl"], workdir=tmp_path) as p, \
             QemuNbdServer(qemu_image, "--discard=unmap", workdir=tmp_path) as q:
         yield Exports(p, q, pynbd_image, qemu_image, fiemap)
 
@@ -307,4 +271,4 @@ def test_fragmented_raw_matches_qemu_nbd_and_the_layout(exports, tmp_path):
     check_exports_agree(exports, model, tmp_path, "after writes")
     assert exports.pynbd.stop() == 0  # (strace has written every call when pynbd has exited)
     if exports.fiemap == "off":
-        assert exports.pynbd.fiemap_calls() == 0, "--fiemap off: pynbd called FIEMAP"
+        assert fiemap_calls(exports.pynbd) == 0, "--fiemap off: pynbd called FIEMAP"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -13,12 +12,12 @@ import socket
 import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import pytest
 
-from tests.support.deadline import wait_for_log, wait_until
+from tests.support.deadline import received_unread, unread_by_peer, wait_for_log, wait_until
+from tests.support.nbdclient import Reply
 from tests.support.servers import (
     PynbdServer,
     make_fragmented_raw,
@@ -31,7 +30,8 @@ from tests.support.servers import (
     settled_log,
     voluntary_switches,
 )
-from tests.test_interop_fiemap import TracedPynbd, seek_map
+from tests.test_interop_fiemap import seek_map
+from tests.support.strace import StracedPynbd
 
 pytestmark = [pytest.mark.pynbd, pytest.mark.needs("nbdinfo", "nbdcopy", "qemu-io")]
 
@@ -165,9 +165,9 @@ def test_out_of_file_descriptors_pauses_accepting(image, tmp_path):
     import resource
 
     from tests.support.nbdclient import NbdClient
-    with TracedPynbd(image, "-r", "--poll-us", "0", trace=tmp_path / "accept.strace",
-                     syscalls="accept,accept4", workdir=tmp_path) as server:
-        pid = server.tracee_pid
+    with StracedPynbd(image, "-r", "--poll-us", "0", syscalls=["accept", "accept4"],
+                      workdir=tmp_path) as server:
+        pid = server.pid
         wait_for_log(server, "serving")
         worker = NbdClient.connect(server)
         data = image.read_bytes()[:4096]
@@ -202,18 +202,11 @@ def test_out_of_file_descriptors_pauses_accepting(image, tmp_path):
         worker.disconnect()
 
 
-def _queued(sock: socket.socket, request: int) -> int:
-    """SIOCINQ / SIOCOUTQ of a socket: bytes it has received and not read yet, or (unix)
-    memory its sent data holds until the peer has read it (0: the peer read it all)."""
-    buf = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
-    return struct.unpack("i", buf)[0]
-
-
-def _replies_until_closed(client, timeout: float = 30) -> dict[int, "Reply"]:
+def _replies_until_closed(client, timeout: float = 30) -> dict[int, Reply]:
     """Every reply the server sends until it closes the connection, by cookie. The close
     must come between two replies: a reply cut short, a chunk after its reply's last,
     or a second reply to a cookie fails the test."""
-    from tests.support.nbdclient import Reply, SimpleReply
+    from tests.support.nbdclient import SimpleReply
     done: dict[int, Reply] = {}
     partial: dict[int, Reply] = {}
     client.sock.settimeout(timeout)
@@ -292,9 +285,9 @@ def test_sigterm_answers_every_request_received(tmp_path):
             stream += client.encode_request(command, offset, length, 0, cookie) + payload
             requests[cookie] = (command, offset, length, payload, len(stream))
         client.send(bytes(stream))
-        wait_until(lambda: _queued(client.sock, termios.FIONREAD) >= 256 * 1024,
+        wait_until(lambda: received_unread(client.sock) >= 256 * 1024,
                    what="the 32 MiB READ's reply arriving")
-        unread = _queued(client.sock, termios.TIOCOUTQ)  # >= the bytes not read: errs low
+        unread = unread_by_peer(client.sock)  # >= the bytes not read: errs low
         received = {cookie for cookie, r in requests.items() if r[4] <= len(stream) - unread}
         assert len(received) >= in_flight, (unread, len(stream))
         server.proc.send_signal(signal.SIGTERM)
@@ -533,7 +526,7 @@ def test_block_status_replies_complete_when_the_client_reads_late(tmp_path):
             cookies += [int.from_bytes(burst[i + 8:i + 16], "big") for i in range(0, len(burst), 28)]
             c.send(burst)
             if n < 2:  # (the replies to two bursts still fit: the server reads the next at once)
-                wait_until(lambda: _queued(c.sock, termios.TIOCOUTQ) == 0, what=f"the server reading burst {n}")
+                wait_until(lambda: unread_by_peer(c.sock) == 0, what=f"the server reading burst {n}")
         replies = c.read_replies(len(cookies), timeout=30)
         assert sorted(replies) == sorted(cookies)
         assert all(r.error == 0 and list(r.extents().values()) == [expected] for r in replies.values())
@@ -565,7 +558,7 @@ def test_disc_closes_only_after_every_reply(tmp_path, requests, writes):
                              + data[i * 64 * 1024:i * 64 * 1024 + 4096])
             c.send(b"".join(burst) + c.encode_request(CMD_DISC, 0, 0, 0, c.next_cookie()))
             # The server reads all of it, DISC included, before the client reads a reply.
-            wait_until(lambda: _queued(c.sock, termios.TIOCOUTQ) == 0, what="the server reading the DISC")
+            wait_until(lambda: unread_by_peer(c.sock) == 0, what="the server reading the DISC")
             replies = c.read_replies(len(sent), timeout=30)
             assert sorted(replies) == sorted(sent)
             for cookie, (kind, _) in sent.items():

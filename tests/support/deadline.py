@@ -81,10 +81,19 @@ def wait_connections_closed(server, at_least: int = 1, *, open_left: int = 0,
                                    f"server log:\n{server.log()[-3000:]}")
 
 
+def _socket_queue(sock: socket.socket, request: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
+
+
 def unread_by_peer(sock: socket.socket) -> int:
     """How much of what was sent on this unix socket its peer has not read yet (SIOCOUTQ;
     0 once the server took it all, e.g. a request header before a test goes on)."""
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return _socket_queue(sock, termios.TIOCOUTQ)
+
+
+def received_unread(sock: socket.socket) -> int:
+    """Bytes this socket has received and the test has not read yet (SIOCINQ)."""
+    return _socket_queue(sock, termios.FIONREAD)
 
 
 def wait_readable(sock: socket.socket, *, timeout: float = DEADLINE) -> None:
