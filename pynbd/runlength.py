@@ -511,8 +511,8 @@ def split_long(runs: AnyRuns, max_length: int) -> AnyRuns:
     return Runs(lengths, values)
 
 
-#: 0 for a zero byte, 1 for any other.
-_NONZERO = bytes([0] + [1] * 255)
+#: A ``bytes.translate`` table: 0 for a zero byte, 1 for any other.
+NONZERO_TO_ONE = bytes([0] + [1] * 255)
 
 
 def byte_runs(data: bytes) -> Runs:
@@ -525,7 +525,7 @@ def byte_runs(data: bytes) -> Runs:
     if not data:
         return Runs([], [], True)
     changed = (int.from_bytes(data[:-1], "big") ^ int.from_bytes(data[1:], "big")).to_bytes(
-        len(data) - 1, "big").translate(_NONZERO)
+        len(data) - 1, "big").translate(NONZERO_TO_ONE)
     bits = bitarray(endian="little")
     bits.pack(changed)
     ends = list(map(add, bits.search(1), repeat(1)))

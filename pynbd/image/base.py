@@ -90,7 +90,8 @@ class Extent(NamedTuple):
     (NBD_STATE_ZERO); every driver here reports non-data as zeros and data
     as not known to be zero, as qemu does. ``depth``: the
     ``qemu:allocation-depth`` value, 0 when no layer allocates the range, 1
-    for the top image, N for the (N-1)-th backing file (QEMU's qemu:allocation-depth context, docs/interop/nbd.txt).
+    for the top image, N for the (N-1)-th backing file (QEMU's
+    ``qemu:allocation-depth`` context, docs/interop/nbd.txt in QEMU).
     """
 
     offset: int

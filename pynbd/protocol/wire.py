@@ -271,10 +271,11 @@ def split_request_cookie(header: bytes) -> tuple[bytes, bytes]:
 def split_around_cookies(reply: bytes, chunk_size: int) -> list[bytes]:
     """``reply`` (whole chunks of ``chunk_size`` bytes) cut around each chunk's cookie:
     ``cookie.join(pieces)`` is the same reply with ``cookie`` (8 bytes) in every chunk."""
-    at = COOKIE_OFFSET
+    at, after = COOKIE_OFFSET, COOKIE_OFFSET + U64.size
     pieces = [reply[:at]]
-    pieces += [reply[start + at + 8:start + chunk_size + at] for start in range(0, len(reply) - chunk_size, chunk_size)]
-    pieces.append(reply[len(reply) - chunk_size + at + 8:])
+    pieces += [reply[start + after:start + chunk_size + at]
+               for start in range(0, len(reply) - chunk_size, chunk_size)]
+    pieces.append(reply[len(reply) - chunk_size + after:])
     return pieces
 
 

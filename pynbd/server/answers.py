@@ -58,6 +58,7 @@ class BlockStatusAnswer:
         return sum(len(part.obj) if isinstance(part, memoryview) else len(part)  # type: ignore[arg-type]
                    for part in self.parts)
 
+
 #: (offset, length, flags, selected contexts as sorted (id, name) pairs)
 RequestKey = tuple[int, int, int, tuple[tuple[int, str], ...]]
 

@@ -200,9 +200,9 @@ class NbdServer:
 
         Connections busy with requests finish them (for up to ``shutdown_grace``
         seconds) while the others answer new requests with ESHUTDOWN and options with
-        ERR_SHUTDOWN (NBD spec: NBD_ESHUTDOWN, NBD_REP_ERR_SHUTDOWN); then every connection stops waiting
-        for its client and ends once its replies are sent; those still running after
-        another grace period are cut.
+        ERR_SHUTDOWN (NBD spec: NBD_ESHUTDOWN, NBD_REP_ERR_SHUTDOWN); then every
+        connection stops waiting for its client and ends once its replies are sent;
+        those still running after another grace period are cut.
         """
         conns = list(self.connections)
         for conn in conns:

@@ -43,7 +43,7 @@ from pynbd.image.qcow2.header import (
 )
 from pynbd.image.qcow2.l2cache import Table, TableCache
 from pynbd.image.qcow2.tableruns import CORRUPT_TABLE, TableRuns, piece_columns
-from pynbd.runlength import U32_MAX, Runs, SpanRuns, byte_runs, concat
+from pynbd.runlength import NONZERO_TO_ONE, U32_MAX, Runs, SpanRuns, byte_runs, concat
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ def split_clusters(offset: int, length: int, unit_bits: int) -> Iterator[tuple[i
 _COMPRESSED_BIT = bytes((b >> 6) & 1 for b in range(256))  # bit 62 is bit 6 of the top byte
 _LOW_BIT = bytes(b & 1 for b in range(256))  # bit 0: the zero flag
 _HOST_BITS_OF_BYTE1 = bytes(b & 0xFE for b in range(256))  # bits 9..15 (bit 8 is reserved)
-_NONZERO = bytes([0] + [1] * 255)
 #: _MASKS[m] keeps the bits of m in a byte.
 _MASKS = [bytes(b & m for b in range(256)) for m in range(256)]
 
@@ -131,7 +130,8 @@ class Qcow2Layer:
         return fd
 
     def _load_l1(self) -> array:
-        """Read and validate the active L1 entries that map the virtual size (qcow2 spec, 'Cluster mapping')."""
+        """Read and validate the active L1 entries that map the virtual size (qcow2 spec,
+        'Cluster mapping')."""
         hdr = self.header
         n = hdr.l1_needed
         raw = pread_exact(self.fd, 8 * n, hdr.l1_table_offset, self.path, "L1 table") if n else b""
@@ -292,7 +292,7 @@ class Qcow2Layer:
         host_bits = int.from_bytes(column(1).translate(_HOST_BITS_OF_BYTE1), "big")
         for k in range(2, 7):
             host_bits |= int.from_bytes(column(k), "big")
-        host = int.from_bytes(host_bits.to_bytes(count, "big").translate(_NONZERO), "big")
+        host = int.from_bytes(host_bits.to_bytes(count, "big").translate(NONZERO_TO_ONE), "big")
         # Host offset bits below the cluster size (bits 9 .. cluster_bits-1) must be clear.
         misaligned = L2E_OFFSET_MASK & (cluster_size - 1)
         for k in range(1, 7):
@@ -415,7 +415,8 @@ class Qcow2Layer:
         return ImageIOError(f"{self.path}: L2 entry {entry:#x} for guest offset {guest:#x}: {what}")
 
     def read_compressed(self, pos: int, entry: int) -> bytes:
-        """Decompress the cluster whose compressed descriptor is ``entry``; ImageIOError names the guest offset."""
+        """Decompress the cluster whose compressed descriptor is ``entry``; ImageIOError
+        names the guest offset."""
         key = (self._id, entry)
         data = self._compressed_cache.get(key)
         if data is not None:
