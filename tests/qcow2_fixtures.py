@@ -6,7 +6,7 @@ few extra images for bitmap granularities, cluster sizes and subclusters.
 Test modules share one build per session through :func:`session_fixtures`.
 
 Also here: :class:`QemuNbd` (a read-only qemu-nbd on a unix socket) and
-:func:`nbdinfo_map`, the reference side of the comparisons.
+:func:`~tests.support.servers.nbdinfo_map`, the reference side of the comparisons.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.servers import nbdinfo_map
 from tests.support.skips import require
 
 MiB = 1 << 20
@@ -378,18 +379,6 @@ class QemuNbd:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def nbdinfo_map(uri: str, context: str) -> list[tuple[int, int, int]]:
-    """``nbdinfo --map=CONTEXT``: ``(offset, length, value)`` lines."""
-    out = subprocess.run(["nbdinfo", f"--map={context}", uri], check=True, capture_output=True,
-                         text=True, timeout=60).stdout
-    rows = []
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0].isdigit():
-            rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
-    return rows
 
 
 def merge_rows(rows: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

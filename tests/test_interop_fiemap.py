@@ -17,19 +17,17 @@ map).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import random
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.servers import QemuNbdServer, nbdcopy, nbdinfo, qemu_img_map_argv, qemu_io, run
+from tests.support.servers import QemuNbdServer, nbdcopy, nbdinfo_map, qemu_img_map_argv, qemu_io, run
 from tests.support.deadline import wait_until
+from tests.support.hostfile import fs_has_fiemap, seek_runs
 from tests.support.strace import StracedPynbd
 
 pytestmark = [pytest.mark.pynbd, pytest.mark.needs("qemu-nbd", "qemu-img", "qemu-io", "nbdinfo", "nbdcopy",
@@ -42,7 +40,6 @@ DATA_RUNS = 3000
 #: run, or with data and holes swapped, cannot look right.
 DATA_BLOCKS = (1, 2, 3)
 HOLE_BLOCKS = (1, 2, 3, 5, 9, 16)
-FS_IOC_FIEMAP = 0xC020660B
 
 
 class BlockModel:
@@ -97,32 +94,6 @@ def write_image(path: Path, model: BlockModel) -> Path:
     return path
 
 
-def seek_map(path: Path) -> list[tuple[int, int, bool]]:
-    """The file's (offset, length, is_data) runs from SEEK_DATA/SEEK_HOLE."""
-    runs: list[tuple[int, int, bool]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-                data = size
-            if data > pos:
-                runs.append((pos, data - pos, False))
-            if data >= size:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            runs.append((data, hole - data, True))
-            pos = hole
-    finally:
-        os.close(fd)
-    return runs
-
-
 def data_bytes(path: Path, model: BlockModel) -> bytes:
     """The bytes of ``path`` where ``model`` has data. With the file's SEEK_DATA map equal
     to the model's (the rest is holes, which read as zeros), two files with the same size
@@ -131,17 +102,6 @@ def data_bytes(path: Path, model: BlockModel) -> bytes:
         assert os.fstat(f.fileno()).st_size == model.size
         return b"".join(os.pread(f.fileno(), length, offset)
                         for offset, length, is_data in model.runs() if is_data)
-
-
-def fs_has_fiemap(path: Path) -> bool:
-    """Whether the file system of ``path`` answers FS_IOC_FIEMAP (tmpfs, NFS do not)."""
-    header = struct.pack("=QQIIII", 0, 1 << 62, 0, 0, 0, 0)
-    with open(path, "rb") as f:
-        try:
-            fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, bytearray(header), True)
-        except OSError:
-            return False
-    return True
 
 
 def fiemap_calls(server: StracedPynbd) -> int:
@@ -158,11 +118,6 @@ class Exports:
     pynbd_image: Path
     qemu_image: Path
     fiemap: str
-
-
-def nbdinfo_map(server) -> list[tuple[int, int, int]]:
-    """``nbdinfo --map --json``: (offset, length, type) of each base:allocation extent."""
-    return [(e["offset"], e["length"], e["type"]) for e in json.loads(nbdinfo("--map", "--json", server.uri))]
 
 
 def qemu_img_map(server) -> list[dict]:
@@ -193,9 +148,9 @@ def check_exports_agree(exports: Exports, model: BlockModel, tmp_path: Path, sta
     p, q = exports.pynbd, exports.qemu
     calls = fiemap_calls(p)
 
-    ours = nbdinfo_map(p)
+    ours = nbdinfo_map(p.uri, "base:allocation")
     calls = served_by_fiemap(exports, calls, "nbdinfo --map")
-    assert ours == nbdinfo_map(q), f"{stage}: nbdinfo --map differs from qemu-nbd's"
+    assert ours == nbdinfo_map(q.uri, "base:allocation"), f"{stage}: nbdinfo --map differs from qemu-nbd's"
     assert ours == as_nbdinfo(model), f"{stage}: nbdinfo --map differs from the layout written"
 
     ours_one = qemu_img_map(p)
@@ -213,7 +168,7 @@ def check_exports_agree(exports: Exports, model: BlockModel, tmp_path: Path, sta
     # destination: a wrong hole would lose data, a wrong data extent would allocate.
     expected = data_bytes(exports.qemu_image, model)
     for name, copy in copies.items():
-        assert seek_map(copy) == model.runs(), f"{stage}: nbdcopy from {name}: sparseness differs"
+        assert seek_runs(copy) == model.runs(), f"{stage}: nbdcopy from {name}: sparseness differs"
         assert data_bytes(copy, model) == expected, f"{stage}: nbdcopy from {name} differs from the image"
 
 
@@ -258,7 +213,7 @@ def test_fragmented_raw_matches_qemu_nbd_and_the_layout(exports, tmp_path):
     same writes, trims and FLUSH go through both exports, and the maps, copies and files
     still agree with each other and with the model (pynbd back on FIEMAP after the FLUSH)."""
     model = make_layout()
-    assert seek_map(exports.pynbd_image) == model.runs()  # the file is what the model says
+    assert seek_runs(exports.pynbd_image) == model.runs()  # the file is what the model says
     assert len(model.runs()) == 2 * DATA_RUNS
     check_exports_agree(exports, model, tmp_path, "as written")
 
@@ -266,7 +221,7 @@ def test_fragmented_raw_matches_qemu_nbd_and_the_layout(exports, tmp_path):
     for server in (exports.pynbd, exports.qemu):
         out = qemu_io(server.uri, *commands).stdout
         assert out.count("wrote ") + out.count("discard ") == len(commands) - 1, out
-    assert seek_map(exports.pynbd_image) == seek_map(exports.qemu_image) == model.runs()
+    assert seek_runs(exports.pynbd_image) == seek_runs(exports.qemu_image) == model.runs()
     assert data_bytes(exports.pynbd_image, model) == data_bytes(exports.qemu_image, model)
     check_exports_agree(exports, model, tmp_path, "after writes")
     assert exports.pynbd.stop() == 0  # (strace has written every call when pynbd has exited)

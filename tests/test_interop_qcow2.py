@@ -39,13 +39,12 @@ from tests.qcow2_fixtures import (
     MiB,
     QemuNbd,
     merge_rows,
-    nbdinfo_map,
     normalise_base_allocation,
     qemu_convert_raw,
     session_fixtures,
 )
 from tests.support import nbdclient as nc
-from tests.support.servers import REPO_ROOT, PynbdServer, libnbd_script, nbdinfo, run
+from tests.support.servers import REPO_ROOT, PynbdServer, libnbd_script, nbdinfo, nbdinfo_map, run
 
 pytestmark = [pytest.mark.pynbd, pytest.mark.needs("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")]
 needs_libnbd = pytest.mark.needs("libnbd-python")  # tests that run libnbd_script

@@ -23,8 +23,11 @@ from tests.support.servers import (
     free_tcp_port,
     libnbd_script,
     make_raw_image,
+    merge_map,
+    merge_qemu_map,
     nbdcopy,
     nbdinfo,
+    nbdinfo_map,
     qemu_img,
     qemu_io,
     run,
@@ -101,34 +104,12 @@ def test_nbdinfo_list_json(launch, image):
     assert pj["exports"][0]["description"] == "a disk"
 
 
-def parse_map(text: str):
-    out = []
-    for line in text.splitlines():
-        off, length, typ = line.split()[:3]
-        out.append((int(off), int(length), int(typ)))
-    return out
-
-
-def merge_map(entries, limit: int):
-    """Merge equal neighbours; clip at ``limit`` (qemu-nbd's padded tail)."""
-    out = []
-    for off, length, typ in entries:
-        if off >= limit:
-            break
-        length = min(length, limit - off)
-        if out and out[-1][2] == typ and out[-1][0] + out[-1][1] == off:
-            out[-1] = (out[-1][0], out[-1][1] + length, typ)
-        else:
-            out.append((off, length, typ))
-    return out
-
-
 @pytest.mark.parametrize("context", ["base:allocation", "qemu:allocation-depth"])
 def test_nbdinfo_map(launch, image, context):
     p, q = both(launch, image)
     size = image.stat().st_size
-    pm = parse_map(nbdinfo(f"--map={context}", p.uri))
-    qm = parse_map(nbdinfo(f"--map={context}", q.uri))
+    pm = nbdinfo_map(p.uri, context)
+    qm = nbdinfo_map(q.uri, context)
     assert sum(n for _, n, _ in pm) == size  # covers the exact export
     assert merge_map(pm, size) == merge_map(qm, size)
     if context == "qemu:allocation-depth":
@@ -137,20 +118,6 @@ def test_nbdinfo_map(launch, image, context):
         m = merge_map(pm, size)
         assert m[0][2] == 0 and m[-1][2] == 0 and len(m) >= 3  # both images start/end with data
         assert {t for _, _, t in m} == {0, 3}
-
-
-def merge_qemu_map(entries, limit: int):
-    out = []
-    for e in entries:
-        if e["start"] >= limit:
-            break
-        key = (e["present"], e["zero"], e["data"])
-        length = min(e["length"], limit - e["start"])
-        if out and out[-1][1] == key:
-            out[-1] = (out[-1][0] + length, key)
-        else:
-            out.append((length, key))
-    return out
 
 
 def test_qemu_img_map(launch, image):
@@ -398,7 +365,7 @@ def test_several_exports(launch, tmp_path):
     assert sizes == {"a": MiB, "b": 3 * MiB + 7, "c": 2 * MiB}
     for name, path in (("a", a), ("b", b), ("c", c)):
         run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(path), p.uri_for(name)])
-    m = parse_map(nbdinfo("--map", p.uri_for("b")))
+    m = nbdinfo_map(p.uri_for("b"), "base:allocation")
     assert merge_map(m, 3 * MiB + 7) == [(0, MiB, 3), (MiB, 4096, 0),
                                         (MiB + 4096, 2 * MiB - 4096 + 7, 3)]
     # writes to one export do not leak into another

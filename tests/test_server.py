@@ -30,7 +30,7 @@ from tests.support.servers import (
     settled_log,
     voluntary_switches,
 )
-from tests.test_interop_fiemap import seek_map
+from tests.support.hostfile import seek_runs
 from tests.support.strace import StracedPynbd
 
 pytestmark = [pytest.mark.pynbd, pytest.mark.needs("nbdinfo", "nbdcopy", "qemu-io")]
@@ -452,7 +452,7 @@ def _fragmented_image(tmp_path) -> Path:
     (checked against the file's SEEK_DATA/SEEK_HOLE map, so the model below is the file)."""
     image = make_raw_image(tmp_path / "frag.img", 8 * MiB,
                            tuple(f"write -P 0x{i % 250 + 1:02x} {i * 64}k 4k" for i in range(128)))
-    assert _runs_of(seek_map(image)) == _expected_extents(0, 8 * MiB)
+    assert _runs_of(seek_runs(image)) == _expected_extents(0, 8 * MiB)
     return image
 
 

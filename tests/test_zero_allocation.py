@@ -32,11 +32,7 @@ skip, tests/support/skips.py).
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,16 +40,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import KiB, MiB, copy_sparse
+from tests.support.hostfile import HOLE, block_states, seek_runs
 from tests.support.servers import (
     libnbd_script,
     make_raw_image,
-    nbdinfo,
-    qemu_img,
+    merge_map,
+    merge_qemu_map,
+    nbdinfo_map,
     qemu_img_map_argv,
     qemu_io,
     run,
 )
-from tests.test_interop_raw import merge_map, merge_qemu_map, parse_map
 
 pytestmark = [pytest.mark.pynbd, pytest.mark.interop,
               pytest.mark.needs("qemu-nbd", "qemu-img", "qemu-io", "nbdinfo"),
@@ -106,92 +103,6 @@ OPS = (
     Op("zero", SIZE - 5000, 5000, no_hole=True),                   # up to EOF, unaligned
     Op("zero", 96 * KiB, 40 * KiB),                                # over fragments and holes
 )
-
-# --------------------------------------------------------------------------
-# Host allocation: FIEMAP (an ioctl made here, not pynbd's) and SEEK_DATA/SEEK_HOLE
-# --------------------------------------------------------------------------
-
-FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
-FIEMAP_FLAG_SYNC = 0x1
-FIEMAP_EXTENT_LAST = 0x1
-FIEMAP_EXTENT_UNWRITTEN = 0x800
-HOLE, UNWRITTEN, WRITTEN = "hole", "unwritten", "written"
-
-
-class _FiemapExtent(ctypes.Structure):
-    _fields_ = [("fe_logical", ctypes.c_uint64), ("fe_physical", ctypes.c_uint64),
-                ("fe_length", ctypes.c_uint64), ("fe_reserved64", ctypes.c_uint64 * 2),
-                ("fe_flags", ctypes.c_uint32), ("fe_reserved", ctypes.c_uint32 * 3)]
-
-
-_BATCH = 256
-
-
-class _Fiemap(ctypes.Structure):
-    _fields_ = [("fm_start", ctypes.c_uint64), ("fm_length", ctypes.c_uint64),
-                ("fm_flags", ctypes.c_uint32), ("fm_mapped_extents", ctypes.c_uint32),
-                ("fm_extent_count", ctypes.c_uint32), ("fm_reserved", ctypes.c_uint32),
-                ("fm_extents", _FiemapExtent * _BATCH)]
-
-
-def block_states(path: Path) -> list[str]:
-    """The state of every BLOCK of the file by FIEMAP (synced first): HOLE, UNWRITTEN
-    (allocated, reads as zeros) or WRITTEN. Skips on a file system without FIEMAP."""
-    size = path.stat().st_size
-    states = [HOLE] * ((size + BLOCK - 1) // BLOCK)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = 0
-        while pos < size:
-            fm = _Fiemap(fm_start=pos, fm_length=size - pos, fm_flags=FIEMAP_FLAG_SYNC,
-                         fm_extent_count=_BATCH)
-            try:
-                fcntl.ioctl(fd, FS_IOC_FIEMAP, fm)
-            except OSError as exc:
-                if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
-                    pytest.skip("no FIEMAP on this file system")  # (an allowed skip)
-                raise
-            if not fm.fm_mapped_extents:
-                break
-            for e in fm.fm_extents[:fm.fm_mapped_extents]:
-                assert e.fe_logical % BLOCK == 0 and e.fe_length % BLOCK == 0, (e.fe_logical,
-                                                                                 e.fe_length)
-                state = UNWRITTEN if e.fe_flags & FIEMAP_EXTENT_UNWRITTEN else WRITTEN
-                for b in range(e.fe_logical // BLOCK,
-                               min(len(states), (e.fe_logical + e.fe_length) // BLOCK)):
-                    states[b] = state
-            last = fm.fm_extents[fm.fm_mapped_extents - 1]
-            pos = last.fe_logical + last.fe_length
-            if last.fe_flags & FIEMAP_EXTENT_LAST:
-                break
-    finally:
-        os.close(fd)
-    return states
-
-
-def seek_layout(path: Path) -> list[tuple[int, int, bool]]:
-    """(start, end, is_data) runs of the file by SEEK_DATA/SEEK_HOLE."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        runs, pos = [], 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                assert exc.errno == errno.ENXIO, exc
-                data = size
-            if data > pos:
-                runs.append((pos, data, False))
-            if data >= size:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            runs.append((data, hole, True))
-            pos = hole
-        return runs
-    finally:
-        os.close(fd)
-
 
 def blocks_inside(op: Op) -> range:
     """The blocks wholly inside the request's range."""
@@ -294,7 +205,7 @@ def flush(uri: str, client: str) -> None:
 
 def nbd_map(uri: str) -> list[tuple[int, int, int]]:
     """base:allocation of the export by nbdinfo, equal neighbours merged."""
-    return merge_map(parse_map(nbdinfo("--map", uri)), SIZE)
+    return merge_map(nbdinfo_map(uri, "base:allocation"), SIZE)
 
 
 def qemu_map(target: list[str]) -> list:
@@ -314,10 +225,10 @@ def test_zero_and_trim_allocation_like_qemu_nbd(launch, tmp_path, client):
     their host files with the same allocation; NO_HOLE never leaves a hole where there was
     data; a zero that may punch, and TRIM, free the blocks inside and keep the edges."""
     base = make_image(tmp_path)
-    before = block_states(base)
+    before = block_states(base, BLOCK)
     p = launch.pynbd(copy_sparse(base, tmp_path / "pynbd.img"))
     q = launch.qemu(copy_sparse(base, tmp_path / "qemu.img"), "--discard=unmap")
-    assert block_states(Path(p.image)) == block_states(Path(q.image)) == before
+    assert block_states(Path(p.image), BLOCK) == block_states(Path(q.image), BLOCK) == before
 
     send = send_libnbd if client == "libnbd" else send_qemu_io
     p_results, q_results = send(p.uri), send(q.uri)
@@ -341,11 +252,11 @@ def test_zero_and_trim_allocation_like_qemu_nbd(launch, tmp_path, client):
     # Allocation before content: reading an unwritten extent caches its pages, and from
     # then on SEEK_DATA (so qemu-img map and both servers) reports it as data.
     files = {"pynbd": Path(p.image), "qemu-nbd": Path(q.image)}
-    assert seek_layout(files["pynbd"]) == seek_layout(files["qemu-nbd"])
+    assert seek_runs(files["pynbd"]) == seek_runs(files["qemu-nbd"])
     for path in files.values():
         assert qemu_map(["qemu-img", "map", "--output=json", "-f", "raw", str(path)]) == p_qmap
 
-    states = {name: block_states(path) for name, path in files.items()}
+    states = {name: block_states(path, BLOCK) for name, path in files.items()}
     for name, got in states.items():
         for op, result in zip(OPS, q_results):
             if result != "ok":

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -296,6 +297,47 @@ def qemu_io(target, *commands, fmt: str = "raw", extra=(), **kw) -> subprocess.C
         cmd += ["-c", c]
     cmd.append(str(target))
     return run(cmd, **kw)
+
+
+def nbdinfo_map(uri: str, context: str) -> list[tuple[int, int, int]]:
+    """``nbdinfo --map=CONTEXT``: ``(offset, length, value)`` lines."""
+    out = nbdinfo(f"--map={context}", uri)
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].isdigit():
+            rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return rows
+
+
+def merge_map(entries: Iterable[tuple[int, int, int]], limit: int) -> list[tuple[int, int, int]]:
+    """Merge equal neighbours; clip at ``limit`` (qemu-nbd's padded tail)."""
+    out = []
+    for off, length, typ in entries:
+        if off >= limit:
+            break
+        length = min(length, limit - off)
+        if out and out[-1][2] == typ and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + length, typ)
+        else:
+            out.append((off, length, typ))
+    return out
+
+
+def merge_qemu_map(entries: Iterable[dict], limit: int) -> list[tuple[int, tuple[bool, bool, bool]]]:
+    """``qemu-img map --output=json`` records as (length, (present, zero, data)), equal
+    neighbours merged, clipped at ``limit``."""
+    out = []
+    for e in entries:
+        if e["start"] >= limit:
+            break
+        key = (e["present"], e["zero"], e["data"])
+        length = min(e["length"], limit - e["start"])
+        if out and out[-1][1] == key:
+            out[-1] = (out[-1][0] + length, key)
+        else:
+            out.append((length, key))
+    return out
 
 
 def nbdcopy(*args, **kw) -> str:
