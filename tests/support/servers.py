@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from tests.support.deadline import wait_for_log
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEBIAN_PYTHON = "/usr/bin/python3"  # has the libnbd binding ("import nbd")
 
@@ -434,13 +436,8 @@ def qemu_img_map_argv(server, tls_dir=None) -> list[str]:
 
 def settled_log(server, connections: int) -> str:
     """The server log (of a server run with -v) once ``connections`` connections have
-    logged their read counters."""
-    deadline = time.monotonic() + 10
-    while True:
-        log = server.log()
-        if log.count("read data sent:") >= connections or time.monotonic() > deadline:
-            return log
-        time.sleep(0.05)
+    logged their read counters (their closing lines)."""
+    return wait_for_log(server, "read data sent:", connections)
 
 
 def polled_counts(server) -> tuple[int, int]:
