@@ -12,12 +12,18 @@ or offset in the message) for anything wrong with the image itself.
 from __future__ import annotations
 
 import abc
+import functools
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from pynbd.runlength import Runs
+
+if TYPE_CHECKING:
+    from pynbd.image.changes import ChangeFeed
+    from pynbd.image.leases import HostLeases
 
 
 class ImageError(Exception):
@@ -216,6 +222,26 @@ class Image(abc.ABC):
     #: driver holds, not from asking the host file system each time), so block
     #: status answers may be kept until the image is changed through the server.
     stable_extents: bool = False
+
+    # -- what every driver shares (created on first use: drivers need not call __init__) --
+
+    @functools.cached_property
+    def changes(self) -> "ChangeFeed":
+        """Announces which guest ranges change (pynbd.image.changes)."""
+        from pynbd.image.changes import ChangeFeed
+        return ChangeFeed()
+
+    @functools.cached_property
+    def leases(self) -> "HostLeases":
+        """Pins the host ranges of reads being sent (pynbd.image.leases)."""
+        from pynbd.image.leases import HostLeases
+        return HostLeases()
+
+    @functools.cached_property
+    def metadata_lock(self) -> threading.RLock:
+        """Guards the driver's in-memory metadata (tables, refcounts, bitmap bits): taken
+        around lookups and updates, never held across an await."""
+        return threading.RLock()
 
     # -- reading --
 
