@@ -16,17 +16,20 @@ DEFAULT_PORT = 10809
 
 #: Largest READ/WRITE payload (qemu's NBD_MAX_BUFFER_SIZE); advertised as the maximum block size.
 MAX_PAYLOAD = 32 * 1024 * 1024
-#: Block sizes advertised in NBD_INFO_BLOCK_SIZE, as qemu-nbd with buffered I/O (§8.1).
+#: Block sizes advertised in NBD_INFO_BLOCK_SIZE, as qemu-nbd with buffered I/O (NBD spec "Size constraints").
 BLOCK_SIZE_MINIMUM = 1
 BLOCK_SIZE_PREFERRED = 4096
 BLOCK_SIZE_MAXIMUM = MAX_PAYLOAD
-#: Strings (names, queries) must be at most this long (§0 conventions).
+#: Strings (names, queries) must be at most this long (NBD spec "Conventions").
 MAX_STRING = 4096
-#: Largest option payload we read; options larger than this disconnect (§1.3, qemu uses 32 MiB).
+#: Largest option payload we read; options larger than this disconnect (a denial of service,
+#: NBD spec "Termination of the session during option haggling"; qemu uses 32 MiB).
 MAX_OPTION_LENGTH = 1024 * 1024
-#: Descriptors per block status chunk (qemu caps at 131072, §5.3 item 6).
+#: Descriptors per block status chunk (the spec asks for at most 2^20, NBD_REPLY_TYPE_BLOCK_STATUS in
+#: "Structured reply types"; qemu caps at 131072).
 MAX_EXTENTS_PER_CHUNK = 131072
-#: Error messages in chunks stay under qemu's 1000-byte payload limit (§4.4).
+#: Error messages in chunks stay under the 1000-byte payload qemu's client accepts in a chunk other than
+#: OFFSET_DATA.
 MAX_ERROR_MESSAGE = 800
 
 
@@ -143,13 +146,13 @@ class ReplyFlag(enum.IntFlag):
 
 
 class AllocationState(enum.IntFlag):
-    """``base:allocation`` status bits (§5.4)."""
+    """``base:allocation`` status bits (NBD spec "`base:allocation` metadata context")."""
 
     HOLE = 0x1
     ZERO = 0x2
 
 
-DIRTY = 0x1  # qemu:dirty-bitmap:NAME status bit (§5.6)
+DIRTY = 0x1  # qemu:dirty-bitmap:NAME status bit (QEMU docs/interop/nbd.rst, "qemu namespace")
 
 
 # Plain-int copies for the per-request path: ``int & IntFlag`` builds a new enum

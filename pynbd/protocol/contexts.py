@@ -18,7 +18,8 @@ def dirty_bitmap_context(name: str) -> str:
 
 
 def _is_wildcard(query: str) -> bool:
-    """``ns:`` or ``ns:sub:`` queries that LIST expands (§5.2 table)."""
+    """``ns:`` or ``ns:sub:`` queries that LIST expands (NBD_OPT_LIST_META_CONTEXT in NBD spec
+    "Option types"; QEMU docs/interop/nbd.rst, "qemu namespace")."""
     return query.endswith(":") and query.index(":") > 0
 
 
@@ -39,7 +40,8 @@ def match_query(query: str, available: Sequence[str], listing: bool) -> list[str
 
 
 def resolve_queries(queries: Iterable[str], available: Sequence[str], listing: bool) -> list[str]:
-    """All names the queries select, each once, in the export's listing order (§9.3 M12)."""
+    """All names the queries select, each once, in the export's listing order (a duplicate query
+    selects nothing more, as with qemu-nbd)."""
     chosen: set[str] = set()
     for query in queries:
         chosen.update(match_query(query, available, listing))

@@ -39,14 +39,14 @@ from pynbd.protocol.contexts import resolve_queries
 log = logging.getLogger(__name__)
 
 SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
-#: What the server says first, whatever the client (§1.1). ServerHandshake's first
+#: What the server says first, whatever the client (NBD spec "Newstyle negotiation"). ServerHandshake's first
 #: data_to_send() is this; a server may send it at accept and skip those bytes.
 GREETING = wire.greeting(SERVER_HANDSHAKE_FLAGS)
 KNOWN_CLIENT_FLAGS = CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES
 
 
 class TlsMode(enum.Enum):
-    """How the server treats TLS (§2.1)."""
+    """How the server treats TLS (NBD spec "Server-side requirements" under "TLS support")."""
 
     OFF = "off"            # NOTLS: STARTTLS -> ERR_POLICY
     OPTIONAL = "optional"  # plain and TLS clients both accepted
@@ -78,7 +78,7 @@ class ExportDescription:
         """Flags for this export on a connection that did (not) negotiate structured replies.
 
         Chosen at GO/INFO/EXPORT_NAME time because SEND_DF depends on the
-        connection's own negotiation (§0, transmission flags).
+        connection's own negotiation (NBD spec "Transmission flags").
         """
         return self._flags[structured]
 
@@ -104,7 +104,8 @@ class ExportDescription:
 class ExportCatalog:
     """The exports a server offers, by name.
 
-    The empty name asks for the default export (§1.4): that is the export
+    The empty name asks for the default export (NBD_OPT_EXPORT_NAME in NBD spec
+    "Option types"): that is the export
     named "" if there is one, else the only export when there is just one
     (as nbdkit does), else none.
     """
@@ -174,7 +175,8 @@ class OptionError(Exception):
 
 @dataclass(slots=True)
 class _Negotiated:
-    """Per-connection negotiation state; STARTTLS throws it away (§2.1)."""
+    """Per-connection negotiation state; STARTTLS throws it away (NBD_OPT_STARTTLS in NBD
+    spec "Option types")."""
 
     structured: bool = False
     meta_export: str | None = None
@@ -221,11 +223,13 @@ class ServerHandshake:
         return max(1, wire.OPTION_HEADER.size + min(length, self.max_option_length) - len(self._in))
 
     def begin_shutdown(self) -> None:
-        """From now on options are answered with ERR_SHUTDOWN (§1.3)."""
+        """From now on options are answered with ERR_SHUTDOWN (NBD spec "Termination of the
+        session during option haggling")."""
         self.shutting_down = True
 
     def tls_established(self) -> None:
-        """The TLS handshake succeeded: everything negotiated before is forgotten (§2.1, T8)."""
+        """The TLS handshake succeeded: everything negotiated before is forgotten
+        (NBD_OPT_STARTTLS in NBD spec "Option types")."""
         assert self.state is State.TLS_PENDING
         self.tls_active = True
         self._neg = _Negotiated()
@@ -262,7 +266,7 @@ class ServerHandshake:
         self.fixed_newstyle = bool(flags & CFLAG_FIXED_NEWSTYLE)
         self.no_zeroes = bool(flags & CFLAG_NO_ZEROES)
         if not self.fixed_newstyle and self.tls_mode is TlsMode.REQUIRED:
-            return Close("client does not speak fixed newstyle, which TLS needs (§2.1)", hard=True)
+            return Close("client does not speak fixed newstyle, which TLS needs", hard=True)
         self.state = State.OPTIONS
         return None
 
@@ -274,7 +278,8 @@ class ServerHandshake:
         if magic != IHAVEOPT:
             return Close(f"bad option magic {magic:#x}", hard=True)
         if length > self.max_option_length:
-            # Never read it: a client may not make us buffer unbounded data (§1.3, H5).
+            # Never read it: a client may not make us buffer unbounded data (a denial of service,
+            # NBD spec "Termination of the session during option haggling").
             return Close(f"option {option} length {length} exceeds {self.max_option_length}", hard=True)
         if len(self._in) < header_size + length:
             return _NEED_DATA
@@ -318,7 +323,7 @@ class ServerHandshake:
         log.debug("option %s -> %s: %s", _option_name(option), reply.name, message)
         self._out += wire.option_error(option, reply, message)
 
-    # -- option handlers (one per option, §1.4–§1.8, §2, §5.2) ----------------------------
+    # -- option handlers (one per option, NBD spec "Option types") -------------------------
 
     @staticmethod
     def _no_data(option: int, data: bytes) -> None:
@@ -338,14 +343,15 @@ class ServerHandshake:
             return Close("export name is not UTF-8", hard=True)
         export = self.catalog.lookup(name)
         if export is None:
-            # No way to express an error here (§1.4): disconnect.
+            # No way to express an error here (NBD_OPT_EXPORT_NAME in "Option types"): disconnect.
             return Close(f"export {name!r} not present", hard=True)
         self._out += wire.export_name_reply(export.size, export.transmission_flags(self._neg.structured),
                                             self.no_zeroes)
         return self._complete(export)
 
     def _opt_abort(self, option: int, data: bytes) -> Event:
-        # ACK even before TLS on a TLS-only server: the spec says so (qemu 7.2 does not, §2.1).
+        # ACK even before TLS on a TLS-only server: the spec says so (NBD_OPT_ABORT in "Option types";
+        # qemu 7.2 does not).
         self._reply(option, Reply.ACK)
         return Close("client sent ABORT", hard=False)
 
@@ -362,7 +368,7 @@ class ServerHandshake:
         if self.tls_active:
             raise OptionError(Reply.ERR_INVALID, "TLS already negotiated")
         if self._in:
-            # The client must wait for our ACK before its ClientHello (§2.1).
+            # The client must wait for our ACK before its ClientHello (NBD spec "TLS support").
             return Close("data sent after STARTTLS before the server's answer", hard=True)
         self._reply(option, Reply.ACK)
         self.state = State.TLS_PENDING
@@ -383,7 +389,7 @@ class ServerHandshake:
         if cursor.remaining:
             raise OptionError(Reply.ERR_INVALID, f"option {_option_name(option)} has unexpected length")
         export = self._lookup(name)
-        # Reply order as qemu-nbd: NAME (if asked), DESCRIPTION, BLOCK_SIZE, EXPORT, ACK (§8.1).
+        # Reply order as qemu-nbd: NAME (if asked), DESCRIPTION, BLOCK_SIZE, EXPORT, ACK.
         if Info.NAME in requests:
             self._reply(option, Reply.INFO, wire.info_name(export.name))
         if export.description:
@@ -400,7 +406,7 @@ class ServerHandshake:
     def _opt_meta_context(self, option: int, data: bytes) -> None:
         listing = option == Option.LIST_META_CONTEXT
         if not listing:
-            # SET replaces the selection even when it fails (§5.2).
+            # SET replaces the selection even when it fails (NBD_OPT_SET_META_CONTEXT, "Option types").
             self._neg.meta_export = None
             self._neg.meta_contexts = {}
         cursor = wire.Cursor(data)
@@ -417,7 +423,7 @@ class ServerHandshake:
         export = self._lookup(name)
         available = export.contexts
         if listing and not queries:
-            chosen = list(available)  # zero queries lists everything (§5.2)
+            chosen = list(available)  # zero queries lists everything (NBD_OPT_LIST_META_CONTEXT)
         else:
             chosen = resolve_queries(queries, available, listing)
         selected: dict[int, str] = {}
@@ -431,7 +437,7 @@ class ServerHandshake:
         self._reply(option, Reply.ACK)
 
     def _complete(self, export: ExportDescription) -> HandshakeComplete:
-        # A selection made for another export is void (§5.2, M9).
+        # A selection made for another export is void (NBD_OPT_SET_META_CONTEXT, "Option types").
         contexts = self._neg.meta_contexts if self._neg.meta_export == export.name else {}
         return HandshakeComplete(
             export=export,

@@ -32,11 +32,11 @@ from pynbd.protocol.constants import (
 from pynbd.runlength import AnyRuns, Buffer, PackedRuns, pack_pairs
 
 
-GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags (§1.2)
+GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags (NBD spec "Newstyle negotiation")
 CLIENT_FLAGS = struct.Struct(">I")
-OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length (§1.3)
+OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length ("Fixed newstyle negotiation")
 OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, reply type, length
-EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (§1.4)
+EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (NBD_OPT_EXPORT_NAME)
 INFO_EXPORT = struct.Struct(">HQH")
 INFO_BLOCK_SIZE = struct.Struct(">HIII")
 INFO_TYPE = struct.Struct(">H")
@@ -44,9 +44,9 @@ U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 
-REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length (§3.1)
+REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length ("Request message")
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
-CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length (§4.1)
+CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length ("Structured reply chunk message")
 CHUNK_OFFSET_DATA = struct.Struct(">IHHQIQ")  # chunk header + u64 offset
 CHUNK_OFFSET_HOLE = struct.Struct(">IHHQIQI")  # chunk header + u64 offset + u32 hole size
 CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + u32 error + u16 message length
@@ -54,7 +54,7 @@ CHUNK_BLOCK_STATUS_HEADER = struct.Struct(">IHHQII")  # chunk header + u32 conte
 DESCRIPTOR = struct.Struct(">II")  # block status descriptor: length, status
 CHUNK_BLOCK_STATUS_ONE = struct.Struct(">IHHQIIII")  # chunk header + context id + one descriptor
 
-ZERO_PADDING = bytes(124)  # after EXPORT_NAME unless NO_ZEROES (§1.4)
+ZERO_PADDING = bytes(124)  # after EXPORT_NAME unless NO_ZEROES (NBD_OPT_EXPORT_NAME)
 
 
 class WireError(ValueError):
@@ -77,7 +77,7 @@ def option_error(option: int, reply: Reply, message: str) -> bytes:
 
 
 def rep_server(name: str, description: str = "") -> bytes:
-    """Payload of NBD_REP_SERVER: name length, name, optional description (§1.6)."""
+    """Payload of NBD_REP_SERVER: name length, name, optional description (NBD spec "Option reply types")."""
     raw = name.encode()
     return U32.pack(len(raw)) + raw + description.encode()
 
@@ -150,7 +150,7 @@ class Cursor:
 
 @dataclass(slots=True)
 class Request:
-    """A transmission request header (compact mode, §3.1)."""
+    """A transmission request header (compact mode, NBD spec "Request message")."""
 
     magic: int
     flags: int
@@ -195,7 +195,7 @@ def chunk_offset_hole(cookie: int, offset: int, size: int, done: bool) -> bytes:
 
 
 def chunk_error(cookie: int, error: int, message: str, offset: int | None = None, done: bool = True) -> bytes:
-    """ERROR (or ERROR_OFFSET when ``offset`` is given) chunk (§4.1)."""
+    """ERROR (or ERROR_OFFSET when ``offset`` is given) chunk (NBD spec "Structured reply types")."""
     msg = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
     flags = REPLY_DONE if done else 0
     if offset is None:
@@ -209,7 +209,8 @@ def chunk_error(cookie: int, error: int, message: str, offset: int | None = None
 
 def chunk_block_status_parts(cookie: int, context_id: int, descriptors: AnyRuns, done: bool) -> list[Buffer]:
     """BLOCK_STATUS chunk as buffers to send in one gathering write: header and
-    context id, then the (length, status) descriptors (§5.3).
+    context id, then the (length, status) descriptors (NBD_REPLY_TYPE_BLOCK_STATUS in NBD spec
+    "Structured reply types").
 
     Packed runs already are the descriptors' bytes (views into cached runs);
     others are packed here (interleaved and byte-swapped in C: a fragmented
@@ -227,7 +228,8 @@ def chunk_block_status_parts(cookie: int, context_id: int, descriptors: AnyRuns,
 
 def block_status_one_reply(cookie: int, descriptors: Sequence[tuple[int, int, int]]) -> bytes:
     """A whole BLOCK_STATUS reply of one descriptor per context, ``(context id, length,
-    status)`` each, in one chunk per context (§5.3), the last one flagged DONE."""
+    status)`` each, in one chunk per context (NBD_CMD_BLOCK_STATUS in NBD spec "Request
+    types"), the last one flagged DONE."""
     if len(descriptors) == 1:  # (the usual case, per request of a REQ_ONE scan: one pack)
         return CHUNK_BLOCK_STATUS_ONE.pack(STRUCTURED_REPLY_MAGIC, REPLY_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, 12,
                                            *descriptors[0])
