@@ -17,13 +17,9 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from pynbd.runlength import Runs
-
-if TYPE_CHECKING:
-    from pynbd.image.changes import ChangeFeed
-    from pynbd.image.leases import HostLeases
 
 
 class ImageError(Exception):
@@ -228,13 +224,11 @@ class Image(abc.ABC):
     @functools.cached_property
     def changes(self) -> "ChangeFeed":
         """Announces which guest ranges change (pynbd.image.changes)."""
-        from pynbd.image.changes import ChangeFeed
         return ChangeFeed()
 
     @functools.cached_property
     def leases(self) -> "HostLeases":
         """Pins the host ranges of reads being sent (pynbd.image.leases)."""
-        from pynbd.image.leases import HostLeases
         return HostLeases()
 
     @functools.cached_property
@@ -261,10 +255,9 @@ class Image(abc.ABC):
         for seg in self.read_segments(offset, length):
             n = seg.length
             if isinstance(seg, HostSegment):
-                got = os.preadv(seg.fd, [view[pos:pos + n]], seg.host_offset)
                 # A host file shorter than the mapping reads as zeros (bytearray
                 # is zero-filled already); qemu does the same for raw files.
-                del got
+                os.preadv(seg.fd, [view[pos:pos + n]], seg.host_offset)
             elif isinstance(seg, BytesSegment):
                 view[pos:pos + n] = seg.data
             pos += n
@@ -327,3 +320,8 @@ class Image(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# (At the end: these modules use the segment types above.)
+from pynbd.image.changes import ChangeFeed  # noqa: E402
+from pynbd.image.leases import HostLeases  # noqa: E402
