@@ -19,9 +19,9 @@ from pynbd import __version__
 from pynbd.image import open_image
 from pynbd.image.base import ImageError
 from pynbd.protocol.constants import DEFAULT_PORT
-from pynbd.server.connection import ConnectionSettings
+from pynbd.server.settings import ConnectionSettings
 from pynbd.server.exports import ExportConfig, open_exports
-from pynbd.server.polling import DEFAULT_POLL_WINDOW_NS
+from pynbd.server.lookahead import DEFAULT_POLL_WINDOW_NS
 from pynbd.server.process import LoopUnavailable, event_loop_factory, tune_for_serving
 from pynbd.certs import ensure_default_creds
 from pynbd.protocol.handshake import TlsMode

@@ -1,8 +1,12 @@
-"""RequestPoller: when a connection polls for the next request, and for how long."""
+"""The lookahead seam (pynbd/server/lookahead.py): RequestPoller, when a connection
+polls for the next request and for how long, and Lookahead/NoLookahead, when it polls
+and prepares what a scanning client asks next."""
 
 from __future__ import annotations
 
-from pynbd.server.polling import POLL_BUDGET_NS, RequestPoller
+from pynbd.protocol.constants import CMD_BLOCK_STATUS, CMD_READ, CMD_WRITE, FLAG_REQ_ONE
+from pynbd.protocol.transmission import Request
+from pynbd.server.lookahead import POLL_BUDGET_NS, Lookahead, NoLookahead, RequestPoller, lookahead_for
 
 WINDOW = 50_000
 
@@ -115,3 +119,81 @@ def test_window_zero_never_polls():
     receive = receiver([28])
     assert poller.poll(receive) is None and not receive.calls
     assert not poller.active
+
+
+# --- Lookahead and NoLookahead --------------------------------------------------------
+
+
+class ScanStandIn:
+    """Stands in for the connection's BlockStatusService: counts prepare_next() calls,
+    after which a reply is made ahead (``expecting``) if ``makes_reply_ahead``."""
+
+    def __init__(self, makes_reply_ahead: bool) -> None:
+        self.makes_reply_ahead = makes_reply_ahead
+        self.expecting = False
+        self.prepared = 0
+
+    def prepare_next(self) -> None:
+        self.prepared += 1
+        self.expecting = self.makes_reply_ahead
+
+
+def request(command: int, flags: int = 0) -> Request:
+    return Request(command, flags, 1, 0, 4096)
+
+
+def test_lookahead_for_window_zero_is_no_lookahead():
+    assert isinstance(lookahead_for(0), NoLookahead)
+    lookahead = lookahead_for(WINDOW)
+    assert not isinstance(lookahead, NoLookahead) and lookahead.window_ns == WINDOW
+
+
+def test_no_lookahead_never_polls_nor_prepares():
+    lookahead = NoLookahead()
+    service = ScanStandIn(makes_reply_ahead=True)
+    service.expecting = True  # even while a reply made ahead waits
+    for command, flags in ((CMD_READ, 0), (CMD_BLOCK_STATUS, FLAG_REQ_ONE), (CMD_BLOCK_STATUS, 0)):
+        lookahead.replied(request(command, flags), service)
+        assert not lookahead.wants_poll(0, service)
+    assert service.prepared == 0
+    lookahead.woken()
+    receive = receiver([28])
+    assert lookahead.poll(receive) is None and not receive.calls
+
+
+def test_lookahead_polls_after_a_read_with_nothing_in_flight():
+    lookahead = Lookahead(WINDOW)
+    service = ScanStandIn(makes_reply_ahead=True)
+    assert not lookahead.wants_poll(0, service)  # nothing answered yet
+    lookahead.replied(request(CMD_READ), service)
+    assert service.prepared == 0  # a READ has nothing to prepare
+    assert lookahead.wants_poll(0, service) and lookahead.wants_poll(0, None)
+    assert not lookahead.wants_poll(1, service)  # a request in flight runs first
+    lookahead.replied(request(CMD_WRITE), service)
+    assert not lookahead.wants_poll(0, service)
+
+
+def test_lookahead_polls_after_block_status_only_while_a_reply_is_made_ahead():
+    lookahead = Lookahead(WINDOW)
+    scanning = ScanStandIn(makes_reply_ahead=True)
+    lookahead.replied(request(CMD_BLOCK_STATUS, FLAG_REQ_ONE), scanning)
+    assert scanning.prepared == 1  # prepared while the client reads the reply
+    assert lookahead.wants_poll(0, scanning)
+    scanning.expecting = False  # the reply made ahead went out (or a change dropped it)
+    assert not lookahead.wants_poll(0, scanning)
+
+    mapping = ScanStandIn(makes_reply_ahead=False)  # e.g. nbdinfo --map: nothing made ahead
+    lookahead.replied(request(CMD_BLOCK_STATUS), mapping)
+    assert mapping.prepared == 1
+    assert not lookahead.wants_poll(0, mapping)
+    lookahead.replied(request(CMD_BLOCK_STATUS), None)  # no block status service: nothing to do
+    assert not lookahead.wants_poll(0, None)
+
+
+def test_lookahead_polls_as_its_poller_does():
+    lookahead = Lookahead(WINDOW)
+    lookahead._clock = FakeClock()
+    lookahead.woken()
+    assert not lookahead.budget_spent
+    assert lookahead.poll(receiver([None, 28])) == 28
+    assert lookahead.summary() == "polled for 1 requests, 0 windows empty"

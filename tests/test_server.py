@@ -630,13 +630,13 @@ def test_bug_while_serving_from_the_reader_disconnects_only_that_client(tmp_path
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(
-        "from pynbd.server import connection as c\n"
-        "_orig = c.Connection._block_status_reply\n"
-        "def _buggy(self, request, export):\n"
+        "from pynbd.server import blockstatus as b\n"
+        "_orig = b.BlockStatusService.reply\n"
+        "def _buggy(self, request):\n"
         "    if request.offset == 3 * 1024 * 1024:\n"
         "        raise RuntimeError('injected bug')\n"
-        "    return _orig(self, request, export)\n"
-        "c.Connection._block_status_reply = _buggy\n")
+        "    return _orig(self, request)\n"
+        "b.BlockStatusService.reply = _buggy\n")
     monkeypatch.setenv("PYTHONPATH", str(hooks))
     image = _fragmented_image(tmp_path)
     from tests.support.nbdclient import CMD_BLOCK_STATUS, Disconnected, NbdClient
@@ -649,10 +649,10 @@ def test_bug_while_serving_from_the_reader_disconnects_only_that_client(tmp_path
         out = run(["nbdinfo", "--map", server.uri])
         assert "data" in out.stdout
         log = server.log()
-    assert "injected bug" in log and "BLOCK_STATUS failed unexpectedly; disconnecting" in log
+    assert "injected bug" in log and "serving from the reader failed unexpectedly; disconnecting" in log
 
 
-# --- polling for a lone client's next request (polling.py) ---------------------------
+# --- polling for a lone client's next request (lookahead.py) ---------------------------
 
 SCAN_EXTENTS = 16384  # data extents; a REQ_ONE map asks once for each and once per hole
 

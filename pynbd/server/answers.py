@@ -12,12 +12,11 @@ export). Two things follow:
 - The next client mapping the image asks the same questions. For images whose
   extents come from metadata the server keeps (qcow2 tables, dirty bitmaps:
   :attr:`Image.stable_extents`), answers are kept per export in an
-  :class:`AnswerCache` and a repeated map costs a lookup per request (a 100 GiB
-  dirty-bitmap map: 15 us of server CPU per request less, bench/README.md).
+  :class:`AnswerCache` and a repeated map costs a lookup per request.
 
-An answer is valid only for the export generation it was computed in; every
-change through any connection moves the generation (before and after it), and
-the cache drops everything older.
+Every cache here drops what overlaps a changed range when the image's change
+feed announces it (:mod:`pynbd.image.changes`: at the start and at the end of
+each change), and nothing else. All of it runs on the event loop thread.
 """
 
 from __future__ import annotations
@@ -28,11 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pynbd.protocol import wire
-from pynbd.protocol.transmission import MAX_DESCRIPTOR_LENGTH
+from pynbd.protocol.transmission import MAX_DESCRIPTOR_LENGTH, Request
 from pynbd.runlength import Buffer, RunIndex
-
-# (module globals: looked up on the per-request path)
-_COOKIE_START, _COOKIE_END = wire.REQUEST_COOKIE_START, wire.REQUEST_COOKIE_END
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +79,6 @@ class AnswerCache:
         self.single_use = single_use
         self._answers: OrderedDict[RequestKey, tuple[BlockStatusAnswer, int]] = OrderedDict()
         self._bytes = 0
-        self._generation = 0
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -92,11 +87,8 @@ class AnswerCache:
     def retained_bytes(self) -> int:
         return self._bytes
 
-    def get(self, key: RequestKey, generation: int) -> BlockStatusAnswer | None:
-        """The answer kept for exactly this request in this generation, if any."""
-        if generation != self._generation:
-            self._reset(generation)
-            return None
+    def get(self, key: RequestKey) -> BlockStatusAnswer | None:
+        """The answer kept for exactly this request, if any."""
         entry = self._answers.pop(key, None) if self.single_use else self._answers.get(key)
         if entry is None:
             return None
@@ -107,14 +99,12 @@ class AnswerCache:
             self._answers.move_to_end(key)
         return answer
 
-    def has(self, key: RequestKey, generation: int) -> bool:
-        """Whether an answer for this request in this generation is kept (none is handed out)."""
-        return generation == self._generation and key in self._answers
+    def has(self, key: RequestKey) -> bool:
+        """Whether an answer for this request is kept (none is handed out)."""
+        return key in self._answers
 
-    def put(self, key: RequestKey, generation: int, answer: BlockStatusAnswer) -> None:
-        """Keep ``answer`` (computed in ``generation``) unless it is not reusable or too big."""
-        if generation != self._generation:
-            self._reset(generation)
+    def put(self, key: RequestKey, answer: BlockStatusAnswer) -> None:
+        """Keep ``answer`` unless it is not reusable or too big."""
         if not answer.reusable:
             return
         size = answer.retained_bytes()
@@ -129,10 +119,14 @@ class AnswerCache:
             _, (_, evicted) = self._answers.popitem(last=False)
             self._bytes -= evicted
 
-    def _reset(self, generation: int) -> None:
-        self._answers.clear()
-        self._bytes = 0
-        self._generation = generation
+    def drop(self, offset: int, length: int) -> None:
+        """Forget every answer to a request overlapping ``[offset, offset+length)``
+        (a change feed listener)."""
+        if not self._answers:
+            return
+        end = offset + length
+        for key in [key for key in self._answers if key[0] < end and offset < key[0] + key[1]]:
+            self._bytes -= self._answers.pop(key)[1]
 
 
 class ScanTracker:
@@ -156,12 +150,12 @@ class ScanTracker:
 #: Runs found per context for a REQ_ONE request that does not continue a scan...
 ONE_EXTENT_FIRST_RUNS = 16
 #: ...and at most this many over all the connection's contexts while a scan goes on
-#: (four times more at each refill; a refill then costs well under 1 us per request,
-#: and a connection keeps ~100 KiB of runs however many bitmaps it selected).
+#: (four times more at each refill, so a connection keeps ~100 KiB of runs however
+#: many bitmaps it selected).
 ONE_EXTENT_MAX_RUNS = 2048
 #: Runs of an image whose extents may change behind the server's back (a raw file
 #: another process writes) answer requests for this long at most: changes from
-#: outside still show, and a scan refills ~once per 1500 requests more (~70 us each).
+#: outside still show within that time.
 ONE_EXTENT_UNSTABLE_SECONDS = 0.1
 
 
@@ -171,17 +165,15 @@ class OneExtentScan:
     QEMU's nbd driver asks for one extent at a time (REQ_ONE), each request
     from where the last answer ended: ``qemu-img map`` and ``convert`` over
     NBD, incremental backups reading a bitmap with ``x-dirty-bitmap``. Finding
-    the runs anew for each request cost ~30 us of Python per extent, twice
-    qemu-nbd's whole cost (bench/README.md); here runs are found ahead for
-    every selected context, and each request is a bisection. A refill that
-    continues the client's scan finds four times more runs than the last one,
-    so a client probing single offsets costs no more than a few runs each.
+    the runs anew for each request would cost more than the whole request in
+    qemu-nbd; here runs are found ahead for every selected context, and each
+    request is a bisection. A refill that continues the client's scan finds
+    four times more runs than the last one, so a client probing single
+    offsets costs no more than a few runs each.
 
-    The reply to the request a scan sends next is also made ahead, while the
-    client reads the last one (:meth:`expect`): when that request comes, the
-    reply goes out after a comparison of the header (:meth:`expected_reply`):
-    from the server's wake-up to its reply 7 us instead of 11 (qemu-nbd 4) under
-    a tracer, which is most of what a scan waits for (bench/README.md).
+    The reply to the request a scan sends next can also be made ahead, while
+    the client reads the last one (:meth:`expect`); when that request comes,
+    :meth:`made_ahead` hands it out with the request's cookie.
     """
 
     def __init__(self, context_ids: Sequence[int]) -> None:
@@ -189,21 +181,17 @@ class OneExtentScan:
         self.context_ids = context_ids
         #: One index per context (same order).
         self._indexes: list[RunIndex] = []
-        self._generation = -1
-        #: When the kept runs stop answering (time.monotonic()), None: while the generation holds.
+        #: When the kept runs stop answering (time.monotonic()), None: until a change drops them.
         self._expires: float | None = None
         self._runs = ONE_EXTENT_FIRST_RUNS
-        #: The request expected next (cookie 0), set with its reply by :meth:`expect`.
-        self.expected_request: wire.Request | None = None
-        #: ...its header's first 8 bytes (magic, flags, type) and last 12 (offset, length),
-        #: the generation its reply holds for, and the reply split where each chunk's
-        #: cookie goes (see expected_reply).
-        self._expected: tuple[bytes, bytes, int, list[bytes]] | None = None
+        #: The request expected next as (type, flags, offset, length), and its reply made
+        #: ahead, split where each chunk's cookie goes.
+        self._expected: tuple[tuple[int, int, int, int], list[bytes]] | None = None
 
-    def descriptors(self, offset: int, length: int, generation: int) -> list[tuple[int, int, int]] | None:
+    def descriptors(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
         """``(context id, length, status)`` per context for a REQ_ONE request, or None when
         the kept runs cannot answer it (then :meth:`runs_to_find` and :meth:`keep`)."""
-        if generation != self._generation or not self._indexes:
+        if not self._indexes:
             return None
         if self._expires is not None and time.monotonic() > self._expires:
             return None
@@ -213,7 +201,8 @@ class OneExtentScan:
             run = index.run_at(offset, end)
             if run is None:
                 return None
-            # A run may be longer than one descriptor can say (§5.3): the client asks again.
+            # A run may be longer than one descriptor can say (NBD spec "BLOCK_STATUS
+            # reply chunk": 32-bit lengths): the client asks again from its end.
             found.append((context_id, min(run[0], MAX_DESCRIPTOR_LENGTH), run[1]))
         return found
 
@@ -227,41 +216,45 @@ class OneExtentScan:
             self._runs = ONE_EXTENT_FIRST_RUNS
         return max(ONE_EXTENT_FIRST_RUNS, self._runs // len(self.context_ids))
 
-    def keep(self, indexes: list[RunIndex], generation: int, stable: bool = True) -> None:
-        """Answer from ``indexes`` while the image stays at ``generation`` (and, unless its
+    def keep(self, indexes: list[RunIndex], stable: bool = True) -> None:
+        """Answer from ``indexes`` until a change drops them (and, unless the image's
         extents are ``stable`` - they change only through the server -, for
-        :data:`ONE_EXTENT_UNSTABLE_SECONDS`)."""
+        :data:`ONE_EXTENT_UNSTABLE_SECONDS` at most: a raw file may change behind the
+        server's back, and that is the one change no feed announces)."""
         self._indexes = indexes
-        self._generation = generation
         self._expires = None if stable else time.monotonic() + ONE_EXTENT_UNSTABLE_SECONDS
 
-    def expect(self, request: wire.Request, generation: int, reply: bytes) -> None:
-        """``reply`` (made with cookie 0) answers ``request`` (with any cookie) while the
-        image stays at ``generation``."""
-        before, after = wire.split_request_cookie(request.pack())
+    def expect(self, request: Request, reply: bytes) -> None:
+        """``reply`` (made with cookie 0) answers the next request equal to ``request``
+        but for its cookie, unless a change drops it first."""
         # One chunk per context, each with the cookie.
         pieces = wire.split_around_cookies(reply, wire.CHUNK_BLOCK_STATUS_ONE.size)
-        self._expected = (before, after, generation, pieces)
-        self.expected_request = request
+        self._expected = ((request.type, request.flags, request.offset, request.length), pieces)
 
     @property
     def expecting(self) -> bool:
         """Whether a reply made ahead waits for the scan's next request."""
         return self._expected is not None
 
-    def expected_reply(self, header: bytes, generation: int) -> bytes | None:
-        """The reply made ahead, with this request's cookie, if ``header`` is the request
-        expected (:attr:`expected_request`, in the same generation); else None. Used once,
-        like an answer computed ahead for a scan (a repeated request is answered anew)."""
+    def made_ahead(self, request: Request) -> bytes | None:
+        """The reply made ahead for ``request``, with its cookie, or None when it is not
+        the request expected. Used once (a repeated request is answered anew)."""
         expected = self._expected
-        if (expected is None or header[_COOKIE_END:] != expected[1] or header[:_COOKIE_START] != expected[0]
-                or generation != expected[2]):
+        if expected is None:
             return None
         self._expected = None
-        return header[_COOKIE_START:_COOKIE_END].join(expected[3])
-
-    def reply_to(self, request: wire.Request, generation: int) -> bytes | None:
-        """:meth:`expected_reply` for a request already parsed (the task's way)."""
-        if self._expected is None:
+        if expected[0] != (request.type, request.flags, request.offset, request.length):
             return None
-        return self.expected_reply(request.pack(), generation)
+        return wire.U64.pack(request.cookie).join(expected[1])
+
+    def drop(self, offset: int, length: int) -> None:
+        """Forget runs and the reply made ahead if they overlap ``[offset, offset+length)``
+        (a change feed listener)."""
+        end = offset + length
+        if any(index.start < end and offset < index.end for index in self._indexes):
+            self._indexes = []
+        expected = self._expected
+        if expected is not None:
+            _, _, start, n = expected[0]
+            if start < end and offset < start + n:
+                self._expected = None

@@ -41,7 +41,8 @@ class ExtentQuery:
 
 
 class ContextProvider(abc.ABC):
-    #: Status that is safe to report when the lookup fails (§5.3 item 7), None if there is none.
+    #: Status that is safe to report when the lookup fails (NBD spec "BLOCK_STATUS":
+    #: a server that cannot tell reports the safe status), None if there is none.
     safe_status: int | None = None
 
     @abc.abstractmethod
@@ -53,12 +54,13 @@ class ContextProvider(abc.ABC):
         """Status runs from the query offset (may cover a prefix of the range)."""
 
 
-# The image's allocation values are the base:allocation bits (§5.4).
+# The image's allocation values are the base:allocation bits (NBD spec "base:allocation metadata context").
 assert STATE_HOLE_ZERO == AllocationState.HOLE | AllocationState.ZERO
 
 
 class BaseAllocation(ContextProvider):
-    """``base:allocation``: HOLE when not data, ZERO when it reads as zeros (§5.4)."""
+    """``base:allocation``: HOLE when not data, ZERO when it reads as zeros (NBD spec
+    "base:allocation metadata context")."""
 
     safe_status = 0  # allocated, contents unknown
 
@@ -70,7 +72,7 @@ class BaseAllocation(ContextProvider):
 
 
 class AllocationDepth(ContextProvider):
-    """``qemu:allocation-depth``: which layer of the chain owns the range (§5.5).
+    """``qemu:allocation-depth``: which layer of the chain owns the range (QEMU's docs/interop/nbd.txt).
 
     Offered always (qemu-nbd needs ``-A``). No safe status exists for it.
     """
@@ -83,7 +85,7 @@ class AllocationDepth(ContextProvider):
 
 
 class DirtyBitmaps(ContextProvider):
-    """``qemu:dirty-bitmap:NAME`` for every exportable persistent bitmap (§5.6)."""
+    """``qemu:dirty-bitmap:NAME`` for every exportable persistent bitmap (QEMU's docs/interop/nbd.txt)."""
 
     safe_status = 1  # dirty: reporting clean could make a backup skip data
 

@@ -41,11 +41,14 @@ class Export:
     contexts: ContextTable
     #: How WRITEs to this image run: inline while fast, in threads after a slow one.
     writes: "InlineOrThread" = field(default_factory=lambda: InlineOrThread())
-    #: Changes when the image is changed through any connection (before and
-    #: after each change): a block status answer is valid only for one value.
-    generation: int = 0
-    #: Block status answers every connection may reuse (images with stable extents).
+    #: Block status answers every connection may reuse (images with stable extents);
+    #: the image's change feed drops those a change overlaps.
     answers: AnswerCache = field(default_factory=AnswerCache)
+
+    def __post_init__(self) -> None:
+        # (Created here, before any thread can reach them: cached_property has no lock.)
+        self.image.leases  # noqa: B018
+        self.image.changes.listen(self.answers.drop)
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
@@ -101,7 +104,7 @@ class Export:
             contexts=self.contexts.names,
             can_fast_zero=self.image.fast_zero,
             # One image object per export, shared by all connections: a FLUSH on
-            # one connection covers writes completed on any (§7).
+            # one connection covers writes completed on any (NBD spec "NBD_FLAG_CAN_MULTI_CONN").
             can_multi_conn=True,
         )
 

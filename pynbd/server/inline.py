@@ -12,8 +12,7 @@ class InlineOrThread:
     """Runs a blocking image call inline while such calls are fast, else in a thread.
 
     A WRITE into the page cache takes tens of microseconds: handing it to a
-    thread costs more than the write and halved write throughput (measured
-    with nbdcopy, bench/README.md). But the page cache can make a write wait
+    thread costs more than the write itself (bench/README.md). But the page cache can make a write wait
     for writeback, and an inline wait would stall every connection, so after
     one slow inline call the calls go to threads for a while. (RWF_NOWAIT
     would say so up front, but ext4 here refuses it for buffered writes.)

@@ -1,38 +1,36 @@
-"""Polling a connection's socket for the client's next request instead of sleeping.
+"""What a connection does while its client reads a reply: the engine's one seam for it.
 
-A client that sends one request at a time - QEMU's nbd driver walking a map with
-REQ_ONE block status (``qemu-img map``/``convert``, a backup reading a dirty bitmap
-with ``x-dirty-bitmap``) - waits for each reply before it asks again. When the
-server sleeps in ``epoll_wait`` between requests, each round trip pays for
-waking its CPU from idle and for the event loop's dispatch: 69 us per request
-here for a 100 GiB bitmap map, of which ~25 us neither process runs. Polling
-the socket for a few tens of microseconds after a reply sees the next request
-as it lands: 26 us per request, and less server CPU in all (no sleep and wake-up
-per request; bench/README.md, "Polling for the next request"). Over TLS, where a
-task serves the connection, the same map took 4.5 s and takes 2.5 s (qemu-nbd 3.7).
+:class:`Lookahead` prepares what a scanning client asks next (the block-status
+service's :meth:`~pynbd.server.blockstatus.BlockStatusService.prepare_next`) and
+polls the socket for the next request instead of sleeping until it comes
+(:class:`RequestPoller`). ``--poll-us 0`` gives :class:`NoLookahead`, which does
+neither; the engine is the same either way.
 
-The connection polls in a REQ_ONE scan (a reply made ahead waits for the next
-request) and after a READ with nothing else in flight - a client reading one
-block at a time, where 4 KiB reads at depth 1 went from 12k to 19k a second
-(fio; qemu-nbd 12-22k). Not after other block status: ``nbdinfo --map`` pipelines
-its whole-range requests or spends longer on a reply, and polls for them failed
-every few requests.
-
-This is what QEMU's IOThreads do (adaptive polling, ``poll-max-ns``, 32 us by
-default). As there, the poll is bounded (``window_ns``) and stops when it does
-not pay: after a window in which nothing came, the connection sleeps between
-requests again until one arrives soon after its reply (``wake_gap_ns``) - a
-client that thinks between requests costs one window, not one per request.
+Polling: a client that sends one request at a time (QEMU's nbd driver walking a
+map with REQ_ONE; a guest reading one block at a time) waits for each reply before
+it asks again. Sleeping in ``epoll_wait`` between its requests costs a wake-up
+per request; polling the socket for a short window after a reply sees the next
+request as it lands. As QEMU's IOThreads do (``poll-max-ns``), a poll is bounded
+(``window_ns``) and stops paying attention to a client that does not answer
+fast: after an empty window the connection sleeps between requests again until
+a request comes soon after its reply (``wake_gap_ns``). docs/serving.md says
+when it polls and what it costs.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-#: How long to poll for the next request (--poll-us): the gap between a reply and
-#: the next request of ``qemu-img map`` here is 17 us (median), 32 us at the 99th
-#: and 60 us at the 99.9th percentile, counted from where the poll begins.
+from pynbd.protocol.constants import CMD_BLOCK_STATUS, CMD_READ
+from pynbd.protocol.transmission import Request
+
+if TYPE_CHECKING:
+    from pynbd.server.blockstatus import BlockStatusService
+
+#: How long to poll for the next request (--poll-us): longer than the gap between a
+#: reply and the next request of ``qemu-img map`` nearly always is.
 DEFAULT_POLL_WINDOW_NS = 50_000
 
 #: Polling goes on for at most this long after a wake-up; then the event loop runs
@@ -49,7 +47,7 @@ class RequestPoller:
         self.window_ns = window_ns
         #: A request woken for (not polled) re-enables polling when it came within
         #: this long of the reply before it: a client that answers this fast would
-        #: have been seen by a poll, given the wake-up's own latency (~25 us here).
+        #: have been seen by a poll, given the wake-up's own latency.
         self.wake_gap_ns = 2 * window_ns
         self._clock = clock
         self._active = window_ns > 0
@@ -104,3 +102,51 @@ class RequestPoller:
                 self._active = False
                 self._idle_since = now
                 return None
+
+
+class Lookahead(RequestPoller):
+    """Prepares ahead and polls for one connection (event loop thread only)."""
+
+    def __init__(self, window_ns: int) -> None:
+        super().__init__(window_ns)
+        #: The command of the last request answered while nothing else was buffered.
+        self._last_type = -1
+
+    def replied(self, request: Request, block_status: BlockStatusService | None) -> None:
+        """The reply to ``request`` went out and no other request is buffered: the
+        client reads it now, so prepare what it asks next."""
+        self._last_type = request.type
+        if request.type == CMD_BLOCK_STATUS and block_status is not None:
+            block_status.prepare_next()
+
+    def wants_poll(self, in_flight: int, block_status: BlockStatusService | None) -> bool:
+        """Whether the client is likely to send its next request within a poll window:
+        in a REQ_ONE scan with the next reply made ahead, or after a READ with nothing
+        else in flight (a client reading one block at a time; a request in flight
+        must run first). Not after other block status: ``nbdinfo --map`` has its next
+        request sent already or spends long on a reply."""
+        if self._last_type == CMD_BLOCK_STATUS:
+            return block_status is not None and block_status.expecting
+        return self._last_type == CMD_READ and not in_flight
+
+    def summary(self) -> str:
+        """For the connection's closing line."""
+        return f"polled for {self.polled} requests, {self.empty_windows} windows empty"
+
+
+class NoLookahead(Lookahead):
+    """``--poll-us 0``: nothing prepared ahead, no polling."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+    def replied(self, request: Request, block_status: BlockStatusService | None) -> None:
+        pass
+
+    def wants_poll(self, in_flight: int, block_status: BlockStatusService | None) -> bool:
+        return False
+
+
+def lookahead_for(window_ns: int) -> Lookahead:
+    """The lookahead for a connection (``window_ns`` 0: none)."""
+    return Lookahead(window_ns) if window_ns else NoLookahead()

@@ -31,7 +31,7 @@ def group_chunks(segments: Sequence[ReadSegment], df: bool) -> list[tuple[bool, 
     """Group read segments into ``(is_hole, length, segments)`` chunks.
 
     Neighbouring data segments share one OFFSET_DATA chunk; zero segments
-    become OFFSET_HOLE chunks unless DF asks for a single data chunk (§4.2).
+    become OFFSET_HOLE chunks unless DF asks for a single data chunk (NBD spec "NBD_CMD_FLAG_DF").
     """
     chunks: list[tuple[bool, int, list[ReadSegment]]] = []
     for seg in segments:
@@ -73,10 +73,8 @@ def copy_segments(segments: Sequence[ReadSegment], out: memoryview) -> None:
 
 
 #: Under ``--zero-copy auto``, READs at least this long go by sendfile, shorter
-#: ones by one pread and one send: bench/README.md measured 4 KiB random reads
-#: faster by copying (TCP 1.26× vs 0.92× of qemu-nbd, unix 1.49× vs 1.39×) and
-#: 256 KiB sequential reads twice as fast by sendfile; from 16 KiB nbdcopy was
-#: as fast or faster with sendfile on both transports.
+#: ones by one pread and one send: small reads are faster copied, large ones by
+#: sendfile, and from this size on sendfile was never slower (bench/README.md).
 AUTO_ZERO_COPY_MIN = 16 * 1024
 #: A length no READ reaches: never sendfile.
 _NEVER = 1 << 64
@@ -116,7 +114,7 @@ class ReplyWriter:
         all of it went out, else what is left (all of it when it had to wait).
 
         Most replies fit the socket buffer, and the lock and the channel's
-        coroutines cost more than the send (bench/README.md, per-request CPU).
+        coroutines cost more than the send.
         """
         if self._pending or self.lock.locked():
             return list(parts)
@@ -172,15 +170,22 @@ class ReplyWriter:
 
     # -- replies without data --
 
+    @staticmethod
+    def ok_reply(cookie: int) -> bytes:
+        """A success without payload: a simple reply, as qemu sends even in structured mode."""
+        return wire.simple_reply(cookie)
+
+    def error_reply(self, cookie: int, error: int, message: str) -> bytes:
+        """An error: a chunk with the message in structured mode, else a simple reply."""
+        if self.structured:
+            return wire.chunk_error(cookie, error, message)
+        return wire.simple_reply(cookie, error)
+
     async def ok(self, cookie: int) -> None:
-        # qemu answers successes without payload with a simple reply even in structured mode.
         await self._send(wire.simple_reply(cookie))
 
-    async def error(self, cookie: int, error: int, message: str, offset: int | None = None) -> None:
-        if self.structured:
-            await self._send(wire.chunk_error(cookie, error, message, offset))
-        else:
-            await self._send(wire.simple_reply(cookie, error))
+    async def error(self, cookie: int, error: int, message: str) -> None:
+        await self._send(self.error_reply(cookie, error, message))
 
     async def chunks(self, parts: Sequence[Buffer]) -> None:
         """Pre-encoded structured chunks of one reply (block status), as buffers."""
@@ -204,7 +209,7 @@ class ReplyWriter:
             async with self.lock:
                 await self._send_pending()
                 # An I/O error after the header went out cannot be expressed in a
-                # simple reply: the exception ends the connection (§4.5, X27).
+                # simple reply: the exception ends the connection (NBD spec "Simple reply message").
                 await self._run_ops(ops)
             return
         buf = bytearray(len(header) + length)
@@ -233,7 +238,7 @@ class ReplyWriter:
                     await self._run_ops(ops)
                 except _OpFailed as exc:
                     # The data chunk in progress was padded with zeros; the
-                    # spec-blessed recovery is an error chunk after it (§4.2, X28).
+                    # spec-blessed recovery is an error chunk after it (NBD spec "Structured reply chunk message").
                     # If it was not the last chunk, later chunks were not sent, so
                     # a plain ERROR invalidates the whole read.
                     await self.channel.sendall(wire.chunk_error(

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from pynbd.protocol.handshake import GREETING, ExportCatalog, TlsMode
 from pynbd.server.channel import SocketChannel
-from pynbd.server.connection import Connection, ConnectionSettings
+from pynbd.server.connection import Connection
+from pynbd.server.settings import ConnectionSettings
 from pynbd.server.exports import Export
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class NbdServer:
         """
         conns = list(self.connections)
         for conn in conns:
-            conn.shutting_down = True
+            conn.begin_shutdown()
         busy = [c.task for c in conns if c.busy]
         if busy:
             await asyncio.wait(busy, timeout=self.shutdown_grace)
@@ -234,9 +235,8 @@ def send_greeting(sock: socket.socket) -> int:
     """Send the greeting the moment a client is accepted; bytes sent (the rest goes
     out from the connection's task).
 
-    It depends on nothing the client says (§1.1), so the client reads it and
-    answers while this server sets the connection up (~100 us here: caches are
-    cold after each client process's start).
+    It depends on nothing the client says (NBD spec "Newstyle negotiation"), so the
+    client reads it and answers while this server sets the connection up.
     """
     try:
         return sock.send(GREETING, socket.MSG_DONTWAIT)
@@ -282,8 +282,7 @@ class _Acceptor:
             return
         try:
             # socket.accept() without its Python wrapper: that converts the listener's
-            # family and type to enums for each client (~20 us here, cold after each
-            # client process's start).
+            # family and type to enums for each client, a cost each connection pays.
             fd, addr = self.listener._accept()
         except (BlockingIOError, InterruptedError):
             return
@@ -306,7 +305,7 @@ class _Acceptor:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
             peer = "unix socket"
         elif self.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # spec SHOULD (§3.2)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # NBD spec "Transmission": SHOULD
             peer = f"{_uri_host(addr[0])}:{addr[1]}"
         else:  # e.g. vsock from systemd socket activation
             peer = str(addr)

@@ -1,0 +1,176 @@
+"""The command handlers (NBD spec "Request types"), one per command, and the table
+the connection engine dispatches with.
+
+A handler is one of three kinds, which says where it runs and how its reply goes:
+
+- :attr:`Kind.IMMEDIATE` (BLOCK_STATUS, CACHE): a plain function on the event loop
+  thread that returns its encoded reply; the engine sends it, from a reader
+  callback or from the connection's task.
+- :attr:`Kind.IN_ORDER` (READ): a coroutine run by the connection's task, one at a
+  time, in the order the requests came; its reply may wait for the socket.
+- :attr:`Kind.IN_THREAD` (WRITE, WRITE_ZEROES, TRIM, FLUSH): a coroutine run as a task
+  of its own whose blocking call goes to a worker thread (a WRITE may run inline
+  while writes are fast: :class:`~pynbd.server.inline.InlineOrThread`); replies may
+  go out of order (NBD spec "Transmission": replies need not follow request order).
+
+Errors: a handler raises :class:`~pynbd.image.base.ImageError` or ``OSError``; the
+engine answers with the matching NBD error (:func:`nbd_error_for`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pynbd.image.base import FastZeroUnsupported, Image, ImageIOError
+from pynbd.protocol.constants import FLAG_DF, FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, Command, Error
+from pynbd.protocol.transmission import Request
+from pynbd.runlength import Buffer
+
+if TYPE_CHECKING:
+    from pynbd.server.connection import Connection
+
+#: Host errno -> NBD error, the table qemu uses (NBD spec "Error values").
+ERRNO_TO_NBD: dict[int, Error] = {
+    errno.EPERM: Error.EPERM,
+    errno.EROFS: Error.EPERM,
+    errno.EIO: Error.EIO,
+    errno.ENOMEM: Error.ENOMEM,
+    errno.ENOSPC: Error.ENOSPC,
+    errno.EDQUOT: Error.ENOSPC,
+    errno.EFBIG: Error.ENOSPC,
+    errno.EOVERFLOW: Error.EOVERFLOW,
+    errno.ENOTSUP: Error.ENOTSUP,
+    errno.ESHUTDOWN: Error.ESHUTDOWN,
+}
+
+
+def nbd_error_for(exc: BaseException) -> Error:
+    """The NBD error a failed handler answers with."""
+    if isinstance(exc, FastZeroUnsupported):
+        return Error.ENOTSUP
+    if isinstance(exc, ImageIOError):
+        return ERRNO_TO_NBD.get(exc.errno or errno.EIO, Error.EIO)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return ERRNO_TO_NBD.get(exc.errno, Error.EINVAL)
+    return Error.EIO
+
+
+class Kind(enum.Enum):
+    """Where a handler runs and how its reply goes (see the module doc)."""
+
+    IMMEDIATE = "immediate"
+    IN_ORDER = "in order"
+    IN_THREAD = "in a thread"
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    kind: Kind
+    #: IMMEDIATE: ``(conn, request) -> reply buffers``; else ``async (conn, request) -> None``
+    #: that sends its own reply.
+    run: Callable[..., Any]
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking image call in the default executor's worker threads."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def changing(image: Image, offset: int, length: int, run: Callable[..., Awaitable[Any]],
+                   fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a change to ``[offset, offset+length)`` of ``image`` with ``run(fn, *args)``.
+
+    The image's change feed announces the range when the change begins and again
+    when it has ended, both on the event loop thread: whatever a cache derived from
+    the range while the change ran in a thread is dropped at its end.
+    """
+    image.changes.announce(offset, length)
+    try:
+        return await run(fn, *args)
+    finally:
+        image.changes.announce(offset, length)
+
+
+# -- immediate ---------------------------------------------------------------------------
+
+def block_status(conn: Connection, request: Request) -> list[Buffer]:
+    assert conn.block_status is not None  # (validation refuses BLOCK_STATUS without contexts)
+    return conn.block_status.reply(request)
+
+
+def cache(conn: Connection, request: Request) -> list[Buffer]:
+    if request.length:
+        conn.export.image.cache(request.offset, request.length)
+    return [conn.writer.ok_reply(request.cookie)]
+
+
+# -- in order ------------------------------------------------------------------------------
+
+async def read(conn: Connection, request: Request) -> None:
+    image = conn.export.image
+    if request.flags & FLAG_FUA:
+        await in_thread(image.flush)  # as qemu: FUA on READ flushes first
+    segments = image.read_segments(request.offset, request.length) if request.length else ()
+    # The host ranges stay leased until sent: a cluster freed meanwhile is not reused.
+    with image.leases.lease(segments):
+        await conn.writer.read(request.cookie, request.offset, segments, request.length,
+                               bool(request.flags & FLAG_DF))
+
+
+# -- in a thread ------------------------------------------------------------------------------
+
+async def _then_flush(conn: Connection, request: Request) -> None:
+    """FUA: the change is durable before the reply (NBD spec "NBD_CMD_FLAG_FUA")."""
+    if request.flags & FLAG_FUA:
+        await in_thread(conn.export.image.flush)
+
+
+async def write(conn: Connection, request: Request) -> None:
+    export = conn.export
+    if request.length:
+        await changing(export.image, request.offset, request.length, export.writes.run,
+                       export.image.write, request.offset, request.payload)
+        await _then_flush(conn, request)
+    await conn.writer.ok(request.cookie)
+
+
+async def write_zeroes(conn: Connection, request: Request) -> None:
+    image = conn.export.image
+    if request.length:
+        may_trim = not request.flags & FLAG_NO_HOLE
+        fast = bool(request.flags & FLAG_FAST_ZERO)
+        await changing(image, request.offset, request.length, in_thread, image.write_zeroes,
+                       request.offset, request.length, may_trim, fast)
+        await _then_flush(conn, request)
+    await conn.writer.ok(request.cookie)
+
+
+async def trim(conn: Connection, request: Request) -> None:
+    image = conn.export.image
+    if request.length:
+        await changing(image, request.offset, request.length, in_thread, image.trim,
+                       request.offset, request.length)
+        await _then_flush(conn, request)
+    await conn.writer.ok(request.cookie)
+
+
+async def flush(conn: Connection, request: Request) -> None:
+    await in_thread(conn.export.image.flush)
+    await conn.writer.ok(request.cookie)
+
+
+#: Command -> its handler. DISC never reaches a handler (the receiver's Disconnect event).
+HANDLERS: dict[int, Handler] = {
+    Command.BLOCK_STATUS: Handler(Kind.IMMEDIATE, block_status),
+    Command.CACHE: Handler(Kind.IMMEDIATE, cache),
+    Command.READ: Handler(Kind.IN_ORDER, read),
+    Command.WRITE: Handler(Kind.IN_THREAD, write),
+    Command.WRITE_ZEROES: Handler(Kind.IN_THREAD, write_zeroes),
+    Command.TRIM: Handler(Kind.IN_THREAD, trim),
+    Command.FLUSH: Handler(Kind.IN_THREAD, flush),
+}
