@@ -239,7 +239,7 @@ class RawImage(Image):
             if rest is None:
                 rest = seek_runs(self.fd, covered, end, cap - len(allocation))
             allocation = concat([allocation, rest])
-        # A raw layer is allocated everywhere: depth 1, holes included (§5.5).
+        # A raw layer is allocated everywhere: depth 1, holes included (QEMU's docs/interop/nbd.txt).
         return Extents(offset, allocation, lambda: Runs([allocation.total], [1], True))
 
     # -- writing --
