@@ -24,7 +24,7 @@ from operator import add, ne, sub
 
 from bitarray import bitarray
 
-#: The largest length a descriptor (and a packed run) can carry (§5.3: u32).
+#: The largest length a descriptor (and a packed run) can carry (NBD spec "BLOCK_STATUS" reply chunk: u32).
 U32_MAX = 0xFFFFFFFF
 _BE_U32 = struct.Struct(">I")
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -148,7 +148,7 @@ Buffer = bytes | bytearray | memoryview
 class PackedRuns:
     """Normalized runs as the wire carries them: big-endian u32 ``(length, value)`` pairs.
 
-    This is the body of a BLOCK_STATUS chunk (§5.3). The pairs are kept as a
+    This is the body of a BLOCK_STATUS chunk (NBD spec "NBD_REPLY_TYPE_BLOCK_STATUS"). The pairs are kept as a
     list of buffers whose concatenation is the body: a slice of a cached span
     is a view into the span's bytes between its two rewritten outer runs
     (:meth:`SpanRuns.slice`), :func:`concat` joins lists, and the reply goes
@@ -213,9 +213,30 @@ class PackedRuns:
         """The first ``count`` runs."""
         if self.count <= count:
             return self
-        data = self.data[:8 * count]
-        size = sum(PackedRuns([data], count, 0, 0).unpacked().lengths)
-        return PackedRuns([data], count, size, self.longest_hint)
+        kept = _byte_range(self.parts, 0, 8 * count)
+        dropped = self.count - count
+        # The size from whichever side has fewer runs to unpack.
+        if dropped < count:
+            tail = _byte_range(self.parts, 8 * count, 8 * self.count)
+            size = self.size_hint - sum(PackedRuns(tail, dropped, 0, 0).unpacked().lengths)
+        else:
+            size = sum(PackedRuns(kept, count, 0, 0).unpacked().lengths)
+        return PackedRuns(kept, count, size, self.longest_hint)
+
+
+def _byte_range(parts: Sequence[Buffer], begin: int, end: int) -> list[Buffer]:
+    """Bytes ``[begin, end)`` of the concatenation of ``parts``, as views into them."""
+    out: list[Buffer] = []
+    pos = 0
+    for part in parts:
+        size = len(part)
+        if pos + size > begin and pos < end:
+            lo, hi = max(begin - pos, 0), min(end - pos, size)
+            out.append(part if (lo, hi) == (0, size) else memoryview(part)[lo:hi])
+        pos += size
+        if pos >= end:
+            break
+    return out
 
 
 def pack_pairs(lengths: Sequence[int], values: Sequence[int]) -> bytes:
@@ -356,13 +377,19 @@ class SpanRuns:
     plus its start) when every length fits a u32, and a slice is then a view
     of those bytes between its two rewritten outer runs; a span with a longer
     run keeps ``array('Q')`` lengths and slices into columns.
+
+    Run ``k`` starts at ``base + (starts[k] << shift)``: a span whose runs
+    start on units (clusters) keeps unit indexes, four bytes a run
+    (:meth:`from_packed`); others keep byte offsets (``base`` 0, ``shift`` 0).
     """
 
-    __slots__ = ("starts", "packed", "lengths", "values", "longest")
+    __slots__ = ("starts", "base", "shift", "end", "packed", "lengths", "values", "longest")
 
     def __init__(self, start: int, runs: Runs) -> None:
         runs = normalize(runs)
         self.starts = array("q", accumulate(runs.lengths[:-1], initial=start))
+        self.base = self.shift = 0
+        self.end = start + runs.total
         self.longest = runs.longest if len(runs) else 0
         self.packed: bytes | None = None
         self.lengths: array | None = None
@@ -373,10 +400,25 @@ class SpanRuns:
             self.lengths = array("Q", runs.lengths)
             self.values = array("I", runs.values)
 
+    @classmethod
+    def from_packed(cls, packed: bytes, starts: array, base: int, shift: int, end: int,
+                    longest: int) -> SpanRuns:
+        """A span made by its producer: ``packed`` normalized pairs whose run ``k`` starts at
+        ``base + (starts[k] << shift)`` and the last ends at ``end``; ``longest`` bounds the lengths."""
+        span = cls.__new__(cls)
+        span.packed, span.starts, span.base, span.shift = packed, starts, base, shift
+        span.end, span.longest = end, longest
+        span.lengths = span.values = None
+        return span
+
+    @property
+    def start(self) -> int:
+        return self.base + (self.starts[0] << self.shift)
+
     @property
     def nbytes(self) -> int:
         if self.packed is not None:
-            return 8 * len(self.starts) + len(self.packed)
+            return self.starts.itemsize * len(self.starts) + len(self.packed)
         return (8 + 8 + 4) * len(self.starts)
 
     def mapped(self, value_of: Sequence[int]) -> SpanRuns:
@@ -398,14 +440,17 @@ class SpanRuns:
                 table = bytearray(range(256))
                 for v in present:
                     table[v] = value_of[v]
-                out = bytearray(packed)
-                out[7::8] = low.translate(table)
-                shared = SpanRuns.__new__(SpanRuns)
-                shared.starts, shared.packed, shared.longest = self.starts, bytes(out), self.longest
-                shared.lengths = shared.values = None
-                return shared
+                return self.revalued(low.translate(table))
         runs = self._columns()
-        return SpanRuns(self.starts[0], Runs(runs.lengths, [value_of[v] for v in runs.values]))
+        return SpanRuns(self.start, Runs(runs.lengths, [value_of[v] for v in runs.values]))
+
+    def revalued(self, values: bytes) -> SpanRuns:
+        """The same runs (sharing the starts) with run ``k``'s value ``values[k]``; the caller
+        promises neighbours still differ. Packed spans only."""
+        assert self.packed is not None
+        out = bytearray(self.packed)
+        out[7::8] = values
+        return SpanRuns.from_packed(bytes(out), self.starts, self.base, self.shift, self.end, self.longest)
 
     def _columns(self) -> Runs:
         if self.packed is not None:
@@ -415,13 +460,15 @@ class SpanRuns:
 
     def slice(self, pos: int, end: int) -> AnyRuns:
         """The runs of ``[pos, end)`` (inside the span), the outer two clipped."""
-        starts = self.starts
-        first = bisect_right(starts, pos) - 1
-        stop = bisect_left(starts, end)
-        # The clipped outer lengths follow from the starts alone.
-        head = (starts[first + 1] if stop - first > 1 else end) - pos
-        tail = end - starts[stop - 1]
+        starts, base, shift = self.starts, self.base, self.shift
         packed = self.packed
+        if packed and end == self.end and pos == self.start:  # the whole span: its bytes as they are
+            return PackedRuns([packed], len(starts), end - pos, self.longest)
+        first = bisect_right(starts, (pos - base) >> shift) - 1
+        stop = bisect_left(starts, -(-(end - base) >> shift))  # the first run starting at or after end
+        # The clipped outer lengths follow from the starts alone.
+        head = (base + (starts[first + 1] << shift) if stop - first > 1 else end) - pos
+        tail = end - (base + (starts[stop - 1] << shift))
         if packed is not None:
             # The outer runs rewritten, the ones between them viewed in place.
             at = 8 * first

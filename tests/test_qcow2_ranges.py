@@ -280,8 +280,11 @@ def test_vectorised_l2_classification_matches_the_loop(cluster_bits, version, ki
         assert fast is None
         return
     assert fast is not None
+    pos = data.draw(st.integers(0, end - 1))
+    stop = data.draw(st.integers(pos + 1, end))
     for column in ("allocation", "depth"):
-        assert list(getattr(fast, column).slice(0, end)) == list(getattr(slow, column).slice(0, end))
+        for a, b in ((0, end), (pos, stop)):
+            assert list(getattr(fast, column).slice(a, b)) == list(getattr(slow, column).slice(a, b))
 
 
 def test_bitmap_run_cache_is_bounded() -> None:
@@ -307,3 +310,78 @@ def test_bitmap_run_cache_is_bounded() -> None:
         list(bm.dirty_runs(64 * g, 64 * g))
         assert list(bm._run_cache) == [0]  # chunk 1 has 64 runs: over the 40-run limit
         assert list(bm.dirty_runs(0, len(bits) * g)) == whole
+
+
+def expand_runs(runs) -> list[int]:
+    return [value for length, value in runs for _ in range(length)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.one_of(st.lists(st.integers(0, 3), min_size=1, max_size=200),
+                        st.lists(st.sampled_from([0, 3, 0xFF]), min_size=1, max_size=40),
+                        st.integers(1, 200).map(lambda n: [0, 3] * n)),
+       unit_bits=st.sampled_from([9, 12, 16, 17]), data=st.data())
+def test_unit_runs_are_the_runs_of_the_units(values: list[int], unit_bits: int, data: st.DataObject) -> None:
+    """unit_runs (byte and big-integer operations) gives the runs of the per-unit values,
+    merged, with the last unit partial, and slices like the list-built span."""
+    from pynbd.image.qcow2.unitruns import unit_runs, unit_runs_by_lists
+    from pynbd.runlength import columns
+
+    column = bytes(values)
+    unit = 1 << unit_bits
+    n = len(column)
+    span = data.draw(st.integers((n - 1) * unit + 1, n * unit), "span")
+    start = data.draw(st.integers(0, 1 << 20), "start") << 29
+    fast = unit_runs(start, column, unit_bits, span)
+    reference = unit_runs_by_lists(start, column, unit_bits, span)
+    assert fast.packed == reference.packed
+    lengths = list(columns(fast.slice(start, start + span)).lengths)
+    assert fast.end == start + span and fast.longest >= max(lengths)
+    pos = data.draw(st.integers(start, start + span - 1), "pos")
+    end = data.draw(st.integers(pos + 1, start + span), "end")
+    got = fast.slice(pos, end)
+    assert list(got) == list(reference.slice(pos, end))
+    assert expand_runs(columns(got)) == [v for v in column for _ in range(unit)][pos - start:end - start]
+
+
+def test_unit_runs_of_large_columns() -> None:
+    """A full L2 table of 64 KiB clusters (a run per cluster), the largest column the byte
+    path takes, and one past it (the list path) give the same runs as the lists."""
+    from pynbd.image.qcow2.unitruns import MAX_UNITS, unit_runs, unit_runs_by_lists
+
+    for column, unit_bits in ((bytes([0, 3]) * 4096, 16), (bytes([0, 0, 2, 3]) * (MAX_UNITS // 4), 12),
+                              (bytes([1, 0]) * (MAX_UNITS // 2 + 1), 9)):
+        span = len(column) << unit_bits
+        fast = unit_runs(1 << 40, column, unit_bits, span)
+        reference = unit_runs_by_lists(1 << 40, column, unit_bits, span)
+        assert fast.packed == reference.packed
+        for pos, end in ((1 << 40, (1 << 40) + span), ((1 << 40) + 100, (1 << 40) + span // 2 + 7)):
+            assert list(fast.slice(pos, end)) == list(reference.slice(pos, end))
+
+
+@settings(max_examples=200, deadline=None)
+@given(kinds=st.lists(st.integers(0, 3), min_size=1, max_size=120),
+       value_of_kind=st.tuples(*[st.sampled_from([0, 1, 2, 3, 300]) for _ in range(4)]),
+       unit_bits=st.sampled_from([9, 16]), data=st.data())
+def test_cluster_kinds_columns_are_the_kinds_mapped(kinds: list[int], value_of_kind: tuple[int, ...],
+                                                    unit_bits: int, data: st.DataObject) -> None:
+    """A table kept as one kind byte per cluster gives, for any mapping of kinds to values
+    (keeping them apart, merging some, or values that are not bytes), the runs of the
+    mapped clusters, and each context's runs once."""
+    from pynbd.image.qcow2.tableruns import ClusterKinds
+    from pynbd.runlength import columns
+
+    unit = 1 << unit_bits
+    n = len(kinds)
+    span = data.draw(st.integers((n - 1) * unit + 1, n * unit), "span")
+    start = 5 << 30
+    table = ClusterKinds(start, bytes(kinds), unit_bits, span, 1)
+    column = table.column(value_of_kind)
+    assert table.column(value_of_kind) is column
+    expected = [value_of_kind[k] for k in kinds for _ in range(unit)][:span]
+    pos = data.draw(st.integers(start, start + span - 1), "pos")
+    end = data.draw(st.integers(pos + 1, start + span), "end")
+    for a, b in ((start, start + span), (pos, end)):
+        got = columns(column.slice(a, b))
+        assert expand_runs(got) == expected[a - start:b - start]
+        assert all(x != y for x, y in zip(got.values, list(got.values)[1:]))  # neighbours merged

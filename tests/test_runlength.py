@@ -136,6 +136,45 @@ def test_packed_head_and_many_parts():
     assert list(head) == [(2, 0), (3, 1), (2, 0)] and head.total == 7 and len(head) == 3
 
 
+@settings(max_examples=200)
+@given(st.lists(nonempty_pairs, min_size=1, max_size=6), st.data())
+def test_packed_head_is_a_prefix_of_the_parts(spans, data):
+    """head() of packed runs gathered from several spans: the first runs, as views into
+    the same buffers, with their size (counted from either end)."""
+    parts = []
+    pos = 0
+    for p in spans:
+        span = SpanRuns(pos, Runs.from_pairs(p))
+        total = sum(n for n, _ in p)
+        parts.append(span.slice(pos, pos + total))
+        pos += total
+    out = concat(parts)
+    assert isinstance(out, PackedRuns)
+    expected = list(out)
+    count = data.draw(st.integers(1, len(expected) + 1))
+    head = out.head(count)
+    assert list(head) == expected[:count] and len(head) == min(count, len(expected))
+    assert head.total == sum(n for n, _ in expected[:count])
+
+
+def test_span_with_unit_starts_slices_like_byte_starts():
+    """A span whose run starts are unit indexes (base + index << shift) slices as the same
+    runs kept with byte offsets, the whole span as its own bytes."""
+    from array import array
+
+    lengths, values = [3, 1, 4, 1, 5], [0, 1, 0, 2, 0]
+    unit, base = 512, 1 << 33
+    plain = SpanRuns(base, Runs([n * unit for n in lengths], values))
+    unit_starts = array("H", [0, 3, 4, 8, 9])
+    shifted = SpanRuns.from_packed(plain.packed, unit_starts, base, 9, base + 14 * unit, 5 * unit)
+    assert shifted.start == base and shifted.nbytes == 2 * 5 + 8 * 5
+    whole = shifted.slice(base, base + 14 * unit)
+    assert isinstance(whole, PackedRuns) and whole.parts == [plain.packed]
+    for pos in range(base, base + 14 * unit, 200):
+        for end in range(pos + 1, base + 14 * unit + 1, 311):
+            assert list(shifted.slice(pos, end)) == list(plain.slice(pos, end)), (pos, end)
+
+
 def test_span_with_a_run_longer_than_u32_slices_into_columns():
     big = 0x1_0000_0000 + 5
     span = SpanRuns(0, Runs([10, big, 10], [0, 1, 0]))

@@ -137,7 +137,7 @@ class Extents:
 
     @property
     def depth(self) -> Runs:
-        if not isinstance(self._depth, Runs):
+        if callable(self._depth):
             self._depth = self._depth()
         return self._depth
 

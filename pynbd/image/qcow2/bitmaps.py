@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import repeat
 from operator import mul
-from threading import Lock
+from threading import Lock, RLock
 
 from bitarray import bitarray
 
@@ -97,6 +97,9 @@ class Qcow2Bitmap(Bitmap):
         self.nbits = -(-image_size // entry.granularity)
         self._bits: bitarray | None = None
         self._lock = Lock()
+        #: Guards the bits against a writer: the image's metadata lock once the image
+        #: that owns the bitmap is made (Qcow2Image), a lock of its own until then.
+        self.metadata_lock: RLock = RLock()
         #: chunk index -> its runs (see :meth:`_chunk_runs`), least recently used first.
         self._run_cache: OrderedDict[int, SpanRuns] = OrderedDict()
         self._chunk_granules = max(1, RUN_CHUNK_BYTES // entry.granularity)
@@ -150,6 +153,14 @@ class Qcow2Bitmap(Bitmap):
     # -- queries --
 
     def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> Runs:
+        """See :meth:`Bitmap.dirty_runs`; on the event loop thread. The bits are read
+        (on first use) before :attr:`metadata_lock` is taken, and the search runs under it,
+        so a writer setting bits under that lock is never seen half done."""
+        self.bits()
+        with self.metadata_lock:
+            return self._dirty_runs(offset, length, limit)
+
+    def _dirty_runs(self, offset: int, length: int, limit: int | None) -> Runs:
         g = self.granularity
         end = offset + length
         first = offset // g
@@ -161,7 +172,7 @@ class Qcow2Bitmap(Bitmap):
         # Whole ranges come from cached chunks of runs: a scan of the bitmap
         # (nbdinfo --map, an incremental backup) then costs slices, not bit searches.
         stop = min(end, self.nbits * g)
-        chunk_bytes = self._chunk_granules * g
+        chunk_bytes = self.chunk_bytes
         parts: list[Runs] = []
         pos = offset
         while pos < stop:
@@ -204,6 +215,37 @@ class Qcow2Bitmap(Bitmap):
                     lengths[-1] -= overshoot
         # Runs found at value changes are non-empty and alternate.
         return Runs(lengths, values, True)
+
+    def forget_runs(self, offset: int, length: int) -> None:
+        """Drop the cached run chunks that overlap guest bytes ``[offset, offset+length)``
+        (their bits change or will; the bits themselves are the authority and stay).
+
+        A granule never straddles two chunks, so the chunks overlapping the range
+        hold every granule the change can dirty. On the event loop thread.
+        """
+        if length <= 0 or not self._run_cache:
+            return
+        chunk_bytes = self.chunk_bytes
+        first, last = offset // chunk_bytes, (offset + length - 1) // chunk_bytes
+        run_cache = self._run_cache
+        if last - first < len(run_cache):
+            for chunk in range(first, last + 1):
+                run_cache.pop(chunk, None)
+        else:  # a range wider than the cache: look at what is cached instead
+            for chunk in [c for c in run_cache if first <= c <= last]:
+                del run_cache[chunk]
+
+    @property
+    def cached_chunks(self) -> list[int]:
+        """Indexes of the chunks whose runs are cached, least recently used first
+        (for tests and statistics); chunk ``k`` covers guest bytes from
+        ``k * chunk_bytes`` (:attr:`chunk_bytes`)."""
+        return list(self._run_cache)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Guest bytes one cached chunk of runs covers."""
+        return self._chunk_granules * self.granularity
 
     def _chunk_runs(self, chunk: int) -> SpanRuns:
         """The runs of one chunk of granules, in bytes (computed once, kept while the cache allows).

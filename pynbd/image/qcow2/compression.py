@@ -89,6 +89,13 @@ class ClusterCache:
 
     Sequential small reads of one compressed cluster would otherwise
     decompress it again for every request. Bounded by ``max_bytes``.
+
+    The key is the compressed descriptor (where the stream lies and how long
+    it is), not a guest range, so writes do not make an entry wrong: a write
+    maps the guest cluster elsewhere and the old descriptor is not looked up
+    again. Only writing a new compressed stream at the place of one still
+    cached would, which nothing in pynbd does (a writer that starts to must
+    drop the key).
     """
 
     def __init__(self, max_bytes: int = 8 << 20) -> None:

@@ -74,14 +74,45 @@ class Qcow2Image(Image):
         self.snapshots = top.snapshots
         self._closed = False
         for bitmap in top.bitmaps:
+            bitmap.metadata_lock = self.metadata_lock
             if bitmap.problem:
                 log.warning("%s: bitmap %r %s; it is not exported", self.path, bitmap.name, bitmap.problem)
+        self.changes.listen(self._forget_changed)
+
+    def _forget_changed(self, offset: int, length: int) -> None:
+        """Listener of :attr:`changes`: drop what was derived from guest bytes
+        ``[offset, offset+length)`` of the top layer (pynbd.image.changes, on the event loop).
+
+        Goes: the block-status runs classified from the top layer's L2 tables that map
+        the range (the entries stay: they are the authority a writer updates) and the
+        cached run chunks of every bitmap over the range. Nothing is kept above the
+        layers (a chain's block status is resolved per request). Stays: backing layers (never
+        changed through the server) and decompressed clusters, which are keyed by their
+        compressed descriptor (host offset and length), not by guest range: a write
+        never rewrites a compressed cluster in place (it maps the guest cluster to a
+        normal cluster and frees the old sectors), and a descriptor names other bytes
+        only if a compressed cluster is written again at the same place, which the
+        server never does; a cluster whose descriptor no entry holds any more is never
+        asked for again and ages out of the LRU.
+        """
+        with self.metadata_lock:
+            self.top.forget_derived(offset, length)
+            for bitmap in self.top.bitmaps:
+                bitmap.forget_runs(offset, length)
 
     # -- reading --
 
     def read_segments(self, offset: int, length: int) -> Sequence[ReadSegment]:
+        """See :meth:`Image.read_segments`; on the event loop thread.
+
+        The chain is resolved under :attr:`metadata_lock` (L2 tables missing from the
+        cache are read then: they are the lookup); compressed clusters are read and
+        decompressed after it is released.
+        """
         segments: list[ReadSegment] = []
         layers = self.layers
+        with self.metadata_lock:
+            resolved = list(resolve(layers, offset, offset + length))
 
         def add_zero(n: int) -> None:
             if segments and isinstance(segments[-1], ZeroSegment):
@@ -89,7 +120,7 @@ class Qcow2Image(Image):
             else:
                 segments.append(ZeroSegment(n))
 
-        for pos, n, idx, kind, host in resolve(layers, offset, offset + length):
+        for pos, n, idx, kind, host in resolved:
             if kind == KIND_DATA:
                 layer = layers[idx]
                 # A data cluster past the end of its host file reads as zeros, as in QEMU.
@@ -120,6 +151,8 @@ class Qcow2Image(Image):
         Data (normal or compressed, in any layer) is never zero; everything
         else (zero clusters, raw holes, short backing files, unallocated
         everywhere) is a zero hole. Depth is 1-based, 0 when no layer owns the range.
+        On the event loop thread; each lookup (the depth runs too, made when asked
+        for) runs under :attr:`metadata_lock`.
         """
         end = offset + min(length, MAX_CLUSTERS_PER_CALL << self.top.cluster_bits)
         cap = MAX_EXTENTS_PER_CALL if limit is None else min(limit, MAX_EXTENTS_PER_CALL)
@@ -127,17 +160,23 @@ class Qcow2Image(Image):
             # No backing file: the top layer's own runs are the answer, from its
             # classified L2 tables; unallocated there is unallocated everywhere.
             top = self.top
-            return Extents(offset, top.top_runs(offset, end, ALLOCATION_OF_KIND).head(cap),
-                           lambda: top.top_runs(offset, end, TOP_DEPTH_OF_KIND).head(cap))
+            lock = self.metadata_lock
+
+            def top_runs(value_of_kind: tuple[int, ...]) -> Runs:
+                with lock:
+                    return top.top_runs(offset, end, value_of_kind).head(cap)
+
+            return Extents(offset, top_runs(ALLOCATION_OF_KIND), lambda: top_runs(TOP_DEPTH_OF_KIND))
         lengths: list[int] = []
         states: list[int] = []
         depths: list[int] = []
-        for _pos, n, idx, kind, _host in resolve(self.layers, offset, end):
-            lengths.append(n)
-            states.append(STATE_DATA if kind == KIND_DATA or kind == KIND_COMPRESSED else STATE_HOLE_ZERO)
-            depths.append(0 if kind == RESOLVED_ABSENT else idx + 1)
-            if len(lengths) >= cap:
-                break
+        with self.metadata_lock:
+            for _pos, n, idx, kind, _host in resolve(self.layers, offset, end):
+                lengths.append(n)
+                states.append(STATE_DATA if kind == KIND_DATA or kind == KIND_COMPRESSED else STATE_HOLE_ZERO)
+                depths.append(0 if kind == RESOLVED_ABSENT else idx + 1)
+                if len(lengths) >= cap:
+                    break
         return Extents(offset, Runs(lengths, states), Runs(lengths, depths))
 
     # -- bitmaps --
@@ -152,6 +191,7 @@ class Qcow2Image(Image):
         if self._closed:
             return
         self._closed = True
+        self.changes.unlisten(self._forget_changed)
         for layer in self.layers:
             layer.close()
 

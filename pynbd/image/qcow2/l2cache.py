@@ -12,7 +12,7 @@ import logging
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from threading import Lock
 
 log = logging.getLogger(__name__)
@@ -21,10 +21,21 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 32 << 20
 
 
-class Table:
-    """One cached table: its entries, whether all of them are zero, and what was derived from it."""
+def all_zero(data: bytes | array) -> bool:
+    """Whether every byte of ``data`` is zero (a comparison in C that stops at the first other byte)."""
+    raw = data.tobytes() if isinstance(data, array) else data
+    return raw == bytes(len(raw))
 
-    __slots__ = ("key", "entries", "all_zero", "derived", "nbytes")
+
+class Table:
+    """One cached table: its entries, whether all of them are zero, and what was derived from it.
+
+    ``entries`` are the authority (a writer updates them in place, under the image's
+    metadata lock); ``all_zero`` and ``derived`` are computed from them and renewed
+    by :meth:`TableCache.forget_derived` when the table's guest span changes.
+    """
+
+    __slots__ = ("key", "entries", "all_zero", "derived", "derived_nbytes", "nbytes")
 
     def __init__(self, key: tuple[int, int], raw: bytes) -> None:
         self.key = key
@@ -33,10 +44,12 @@ class Table:
         if sys.byteorder == "little":
             entries.byteswap()  # qcow2 is big-endian
         self.entries = entries
-        self.all_zero = raw.count(0) == len(raw)
+        self.all_zero = all_zero(raw)
         #: Something computed once from the entries (the layer's run
         #: classification), kept as long as the table and counted in the budget.
         self.derived: object = None
+        #: What ``derived`` counts in the budget (included in ``nbytes``).
+        self.derived_nbytes = 0
         self.nbytes = len(raw)
 
 
@@ -75,11 +88,33 @@ class TableCache:
             if table.derived is not None:
                 return
             table.derived = derived
+            table.derived_nbytes = nbytes
+            table.nbytes += nbytes
             if self._tables.get(table.key) is table:
-                table.nbytes += nbytes
                 self._bytes += nbytes
                 self._evict()
             # else: already evicted; the object lives as long as its user holds it
+
+    def forget_derived(self, owner: int, offsets: Iterable[int]) -> None:
+        """Drop what was derived from the cached tables of ``owner`` at ``offsets`` (their
+        entries changed or will): ``derived`` goes, ``all_zero`` is computed again from
+        the entries. The entries stay; tables not cached are skipped."""
+        with self._lock:
+            for offset in offsets:
+                table = self._tables.get((owner, offset))
+                if table is None:
+                    continue
+                table.all_zero = all_zero(table.entries)
+                if table.derived is not None:
+                    table.derived = None
+                    table.nbytes -= table.derived_nbytes
+                    self._bytes -= table.derived_nbytes
+                    table.derived_nbytes = 0
+
+    def cached(self, owner: int) -> list[Table]:
+        """The tables of ``owner`` in the cache now (for tests and statistics)."""
+        with self._lock:
+            return [table for key, table in self._tables.items() if key[0] == owner]
 
     def _evict(self) -> None:
         while self._bytes > self.max_bytes and len(self._tables) > 1:

@@ -11,6 +11,7 @@ block status and the runs kept with the cached table
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -18,7 +19,7 @@ import sys
 from array import array
 from collections.abc import Iterator
 from itertools import repeat
-from operator import mul
+from operator import and_
 
 from pynbd.image.base import ImageError, ImageIOError
 from pynbd.image.qcow2.bitmaps import Qcow2Bitmap, load_bitmaps
@@ -42,8 +43,9 @@ from pynbd.image.qcow2.header import (
     read_snapshot_table,
 )
 from pynbd.image.qcow2.l2cache import Table, TableCache
-from pynbd.image.qcow2.tableruns import CORRUPT_TABLE, TableRuns, piece_columns
-from pynbd.runlength import NONZERO_TO_ONE, U32_MAX, Runs, SpanRuns, byte_runs, concat
+from pynbd.image.qcow2.tableruns import CORRUPT_TABLE, ClusterKinds, TableRuns, piece_columns
+from pynbd.image.qcow2.unitruns import unit_runs
+from pynbd.runlength import NONZERO_TO_ONE, Runs, concat
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,21 @@ def split_clusters(offset: int, length: int, unit_bits: int) -> Iterator[tuple[i
         pos += n
 
 
+#: A classified table with at most one run per this many clusters keeps its kinds as runs
+#: (smaller, and mapped per run cheaply); one with more keeps a kind byte per cluster.
+FEW_RUNS_PER_CLUSTER = 32
+
 #: Byte translations for the vectorised L2 classification (one byte column per entry byte).
 _COMPRESSED_BIT = bytes((b >> 6) & 1 for b in range(256))  # bit 62 is bit 6 of the top byte
 _LOW_BIT = bytes(b & 1 for b in range(256))  # bit 0: the zero flag
 _HOST_BITS_OF_BYTE1 = bytes(b & 0xFE for b in range(256))  # bits 9..15 (bit 8 is reserved)
-#: _MASKS[m] keeps the bits of m in a byte.
-_MASKS = [bytes(b & m for b in range(256)) for m in range(256)]
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_table(mask: int) -> bytes:
+    """A ``translate`` table that keeps the bits of ``mask`` in a byte (made on first use:
+    a few masks per process)."""
+    return bytes(b & mask for b in range(256))
 
 
 class Qcow2Layer:
@@ -215,6 +226,23 @@ class Qcow2Layer:
             yield l1_index, pos, table_end, None if table is None or table.all_zero else table
             pos = table_end
 
+    def forget_derived(self, offset: int, length: int) -> None:
+        """Drop what was derived from the L2 tables that map guest bytes
+        ``[offset, offset+length)`` (their runs, their all-zero mark); the entries stay.
+
+        The tables are found through the L1 table as it is now: a change that moves a
+        table announces its range before and after the move, so both the old and the
+        new table are reached. Caller holds the image's metadata lock.
+        """
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return
+        span_bits = self.cluster_bits + self.l2_bits
+        in_range = self.l1[offset >> span_bits:((end - 1) >> span_bits) + 1]
+        offsets = set(map(and_, in_range, repeat(L1E_OFFSET_MASK)))
+        offsets.discard(0)
+        self._cache.forget_derived(self._id, offsets)
+
     def _pieces(self, offset: int, stop: int) -> Iterator[Run]:
         """Unmerged per-cluster (or per-subcluster-run) classification of ``[offset, stop)``."""
         for _l1_index, pos, table_end, table in self._tables(offset, stop):
@@ -272,7 +300,8 @@ class Qcow2Layer:
 
         Works on one byte column per entry byte: the compressed flag, the zero
         flag and "any host offset bit" become one 0/1 byte per entry, combined
-        as big integers, and bitarray finds the runs. Gives the same runs as
+        as big integers into one kind byte per cluster (:class:`ClusterKinds`,
+        whose runs come from byte operations too). Gives the same runs as
         :meth:`_standard_pieces`; returns None (use that loop) for what needs
         its per-entry rules and exact errors: extended L2, external data
         files, compressed clusters, zero flags in a v2 image, misaligned offsets.
@@ -297,7 +326,7 @@ class Qcow2Layer:
         misaligned = L2E_OFFSET_MASK & (cluster_size - 1)
         for k in range(1, 7):
             mask = (misaligned >> (8 * k)) & 0xFF
-            if mask and column(k).translate(_MASKS[mask]).count(0) != count:
+            if mask and column(k).translate(_mask_table(mask)).count(0) != count:
                 return None  # a misaligned host offset: the loop names it
         ones = int.from_bytes(b"\x01" * count, "big")
         data = host & (zero ^ ones)  # NORMAL: an offset and no zero flag ('Standard Cluster Descriptor')
@@ -305,14 +334,12 @@ class Qcow2Layer:
         # One kind byte per cluster: 2 - 2*data + unallocated is KIND_DATA (0), KIND_ZERO (2)
         # or KIND_UNALLOC (3); each byte stays within 0..3, so no byte borrows or carries.
         kinds = 2 * ones - 2 * data + unallocated
-        return TableRuns(SpanRuns(start, self._cluster_runs(kinds.to_bytes(count, "big"), end - start)))
-
-    def _cluster_runs(self, kinds: bytes, span: int) -> Runs:
-        """Runs in bytes of ``span`` bytes of clusters, from one kind byte per cluster."""
-        runs = byte_runs(kinds)
-        lengths = list(map(mul, runs.lengths, repeat(self.cluster_size)))
-        lengths[-1] -= len(kinds) * self.cluster_size - span  # a partial last cluster at the image end
-        return Runs(lengths, runs.values, True, span, span if span <= U32_MAX else None)
+        # Where neighbouring kinds differ (the XOR with the kinds shifted by one cluster).
+        kind_runs = 1 + ((kinds >> 8) ^ kinds).to_bytes(count, "big")[1:].translate(NONZERO_TO_ONE).count(1)
+        kind_bytes = kinds.to_bytes(count, "big")
+        if kind_runs <= count // FEW_RUNS_PER_CLUSTER:  # few runs: keep them, not a byte per cluster
+            return TableRuns(unit_runs(start, kind_bytes, self.cluster_bits, end - start))
+        return ClusterKinds(start, kind_bytes, self.cluster_bits, end - start, kind_runs)
 
     def _standard_pieces(self, entries: array, pos: int, end: int) -> Iterator[Run]:
         """Classify standard 8-byte L2 entries (qcow2 spec, 'Cluster mapping') in QEMU's order.
