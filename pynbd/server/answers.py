@@ -1,22 +1,11 @@
-"""Block status answers kept for reuse: computed ahead for scanning clients, and
-shared by every connection to an export whose extents only change through it.
+"""Block status answers kept for reuse, and a connection's one-extent (REQ_ONE) runs.
 
-Tools that map a whole image (``nbdinfo --map``, backup tools walking the
-allocation or a dirty bitmap) send one BLOCK_STATUS, wait for the answer, and
-ask again from where it ended, with the same length (cut at the end of the
-export). Two things follow:
-
-- While the client reads one answer the server has nothing to do, so it
-  computes the next one (:class:`ScanTracker` says which); when the request
-  arrives, the answer goes out at once.
-- The next client mapping the image asks the same questions. For images whose
-  extents come from metadata the server keeps (qcow2 tables, dirty bitmaps:
-  :attr:`Image.stable_extents`), answers are kept per export in an
-  :class:`AnswerCache` and a repeated map costs a lookup per request.
-
-Every cache here drops what overlaps a changed range when the image's change
-feed announces it (:mod:`pynbd.image.changes`: at the start and at the end of
-each change), and nothing else. All of it runs on the event loop thread.
+A scanning client (``nbdinfo --map``, a backup walking a bitmap) asks again from
+where the last answer ended: :class:`ScanTracker` says what comes next, so it can be
+computed while the client reads. For images whose extents change only through the
+server (:attr:`Image.stable_extents`), answers are shared per export in an
+:class:`AnswerCache`. Every cache here drops what overlaps a range the image's change
+feed announces (:mod:`pynbd.image.changes`), and nothing else. Event loop thread only.
 """
 
 from __future__ import annotations

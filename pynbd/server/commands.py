@@ -1,20 +1,14 @@
 """The command handlers (NBD spec "Request types"), one per command, and the table
-the connection engine dispatches with.
+the engine dispatches with. A handler's :class:`Kind` says where it runs:
 
-A handler is one of three kinds, which says where it runs and how its reply goes:
+- IMMEDIATE (BLOCK_STATUS, CACHE): a function on the event loop returning its
+  encoded reply, which the engine sends (from a reader callback or the task);
+- IN_ORDER (READ): a coroutine run by the connection's task, in request order;
+- IN_THREAD (WRITE, WRITE_ZEROES, TRIM, FLUSH): a task of its own whose blocking
+  call goes to a worker thread; replies may go out of order.
 
-- :attr:`Kind.IMMEDIATE` (BLOCK_STATUS, CACHE): a plain function on the event loop
-  thread that returns its encoded reply; the engine sends it, from a reader
-  callback or from the connection's task.
-- :attr:`Kind.IN_ORDER` (READ): a coroutine run by the connection's task, one at a
-  time, in the order the requests came; its reply may wait for the socket.
-- :attr:`Kind.IN_THREAD` (WRITE, WRITE_ZEROES, TRIM, FLUSH): a coroutine run as a task
-  of its own whose blocking call goes to a worker thread (a WRITE may run inline
-  while writes are fast: :class:`~pynbd.server.inline.InlineOrThread`); replies may
-  go out of order (NBD spec "Transmission": replies need not follow request order).
-
-Errors: a handler raises :class:`~pynbd.image.base.ImageError` or ``OSError``; the
-engine answers with the matching NBD error (:func:`nbd_error_for`).
+Handlers raise :class:`~pynbd.image.base.ImageError` or ``OSError``; the engine
+answers with :func:`nbd_error_for`.
 """
 
 from __future__ import annotations

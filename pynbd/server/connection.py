@@ -1,27 +1,13 @@
-"""The connection engine: one client, from accept to close.
+"""The connection engine: one client, from accept to close (docs/architecture.md).
 
-The protocol's rules live in :mod:`pynbd.protocol`: the handshake state machine,
-then the transmission receiver (bytes in, events out). The engine moves bytes
-between the socket and those machines and takes each event one way: a request goes
-through :meth:`Connection._dispatch` (or, from a reader callback,
-:meth:`Connection._serve_received`) to its command's handler from
-:data:`~pynbd.server.commands.HANDLERS`, and its reply back through the
-connection's :class:`~pynbd.server.replies.ReplyWriter`.
-
-Who waits. A plain-socket connection starts with no task: the socket's reader
-callback steps the handshake and serves immediate commands (BLOCK_STATUS, CACHE)
-while nothing has to wait, so a client that connects, maps and leaves costs no
-task, coroutine or future. At the first thing that must wait (a full socket,
-STARTTLS, any other request) a task takes over, with the event in hand; while the
-task waits for input the callback keeps serving immediate commands. Both run the
-same step functions. TLS connections are served by the task alone. Everything
-here runs on the event loop thread; handlers of writes send their blocking calls
-to worker threads (:mod:`pynbd.server.commands`).
-
-One client cannot make the server hold more than ``--max-requests`` requests in
-flight and 64 MiB of their data (plus the one WRITE payload being received): past
-that the engine stops reading until replies have gone out (NBD spec
-"Transmission": the server may limit what it accepts).
+Bytes go into the protocol's machines (the handshake, then the transmission
+receiver) and each event takes one way: a request goes through one dispatch to its
+command's handler (:data:`~pynbd.server.commands.HANDLERS`), its reply back through
+the connection's :class:`~pynbd.server.replies.ReplyWriter`. A plain-socket
+connection is served from its reader callback until something must wait, then by a
+task, with the same step functions; TLS connections by the task alone. Requests in
+flight and their bytes are bounded (``--max-requests``, 64 MiB, plus the one WRITE
+payload being received): at the bound the engine stops reading. Event loop thread only.
 """
 
 from __future__ import annotations

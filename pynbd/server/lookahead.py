@@ -1,20 +1,12 @@
 """What a connection does while its client reads a reply: the engine's one seam for it.
 
-:class:`Lookahead` prepares what a scanning client asks next (the block-status
-service's :meth:`~pynbd.server.blockstatus.BlockStatusService.prepare_next`) and
-polls the socket for the next request instead of sleeping until it comes
-(:class:`RequestPoller`). ``--poll-us 0`` gives :class:`NoLookahead`, which does
-neither; the engine is the same either way.
-
-Polling: a client that sends one request at a time (QEMU's nbd driver walking a
-map with REQ_ONE; a guest reading one block at a time) waits for each reply before
-it asks again. Sleeping in ``epoll_wait`` between its requests costs a wake-up
-per request; polling the socket for a short window after a reply sees the next
-request as it lands. As QEMU's IOThreads do (``poll-max-ns``), a poll is bounded
-(``window_ns``) and stops paying attention to a client that does not answer
-fast: after an empty window the connection sleeps between requests again until
-a request comes soon after its reply (``wake_gap_ns``). docs/serving.md says
-when it polls and what it costs.
+:class:`Lookahead` prepares what a scanning client asks next
+(:meth:`~pynbd.server.blockstatus.BlockStatusService.prepare_next`) and polls the
+socket for the next request instead of sleeping until it comes, as QEMU's
+IOThreads do (``poll-max-ns``): bounded by a window, and given up for a client
+that does not answer fast until one of its requests comes soon after a reply.
+``--poll-us 0`` gives :class:`NoLookahead`, which does neither; the engine is the
+same. docs/serving.md says when it polls and what it costs. Event loop thread only.
 """
 
 from __future__ import annotations
