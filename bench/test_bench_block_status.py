@@ -13,7 +13,8 @@ from pynbd.protocol import wire
 from pynbd.protocol.constants import MAX_EXTENTS_PER_CHUNK
 from pynbd.protocol.contexts import resolve_queries
 from pynbd.protocol.transmission import build_descriptors
-from pynbd.runlength import Runs, SpanRuns, concat
+from pynbd.runlength import Runs, concat
+from pynbd.runspans import SpanRuns
 from pynbd.server.contexts import PROVIDERS, ExtentQuery
 
 GiB = 1 << 30

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pynbd.protocol import wire
 from pynbd.protocol.constants import Command, CommandFlag
 from pynbd.protocol.handshake import ExportDescription
-from pynbd.protocol.transmission import NEED_DATA, Request, TransmissionReceiver, TransmissionState
+from pynbd.protocol.receiver import TransmissionReceiver
+from pynbd.protocol.transmission import NEED_DATA, Request, TransmissionState
 
 SIZE = 1 << 30
 PIPELINE = 64  # headers parsed back to back from one receive

@@ -14,7 +14,8 @@ from pynbd.image.changes import ChangeFeed
 from pynbd.protocol import wire
 from pynbd.protocol.constants import CMD_BLOCK_STATUS, CMD_READ, FLAG_REQ_ONE
 from pynbd.protocol.transmission import MAX_DESCRIPTOR_LENGTH, Request
-from pynbd.runlength import RunIndex, Runs
+from pynbd.runlength import Runs
+from pynbd.runspans import RunIndex
 from pynbd.server import answers
 from pynbd.server.answers import (
     ONE_EXTENT_FIRST_RUNS,

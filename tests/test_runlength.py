@@ -9,9 +9,7 @@ from hypothesis import strategies as st
 
 from pynbd.runlength import (
     PackedRuns,
-    RunIndex,
     Runs,
-    SpanRuns,
     byte_runs,
     clipped,
     concat,
@@ -21,6 +19,7 @@ from pynbd.runlength import (
     split_long,
     without_empty,
 )
+from pynbd.runspans import RunIndex, SpanRuns
 
 pairs = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 3)), max_size=30)
 nonempty_pairs = st.lists(st.tuples(st.integers(1, 12), st.integers(0, 3)), min_size=1, max_size=30)

@@ -260,14 +260,6 @@ def chunk_block_status(cookie: int, context_id: int, descriptors: AnyRuns, done:
 #: Offset of the cookie in every reply and chunk header (NBD spec "Simple reply
 #: message", "Structured reply chunk message").
 COOKIE_OFFSET = 8
-#: Where a request header carries its cookie (NBD spec "Request message"): [8, 16).
-REQUEST_COOKIE_START = 8
-REQUEST_COOKIE_END = 16
-
-
-def split_request_cookie(header: bytes) -> tuple[bytes, bytes]:
-    """A request header's bytes before and after its cookie."""
-    return header[:REQUEST_COOKIE_START], header[REQUEST_COOKIE_END:]
 
 
 def split_around_cookies(reply: bytes, chunk_size: int) -> list[bytes]:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from pynbd.protocol import wire
 from pynbd.protocol.transmission import MAX_DESCRIPTOR_LENGTH, Request
-from pynbd.runlength import Buffer, RunIndex
+from pynbd.runlength import Buffer
+from pynbd.runspans import RunIndex
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ from pynbd.image.base import ImageError, ImageIOError
 from pynbd.protocol import wire
 from pynbd.protocol.constants import FLAG_REQ_ONE
 from pynbd.protocol.transmission import Request, RequestError, TransmissionState, build_descriptors
-from pynbd.runlength import Buffer, RunIndex, Runs, clipped
+from pynbd.runlength import Buffer, Runs, clipped
+from pynbd.runspans import RunIndex
 from pynbd.server.answers import (
     ONE_EXTENT_FIRST_RUNS,
     AnswerCache,

@@ -22,14 +22,8 @@ from typing import Any
 from pynbd.image.base import ImageError
 from pynbd.protocol.constants import CMD_READ, Command
 from pynbd.protocol.handshake import ExportCatalog, HandshakeComplete, ServerHandshake
-from pynbd.protocol.transmission import (
-    NEED_DATA,
-    Disconnect,
-    Rejected,
-    Request,
-    TransmissionReceiver,
-    TransmissionState,
-)
+from pynbd.protocol.receiver import TransmissionReceiver
+from pynbd.protocol.transmission import NEED_DATA, Disconnect, Rejected, Request, TransmissionState
 from pynbd.runlength import Buffer
 from pynbd.server.blockstatus import BlockStatusService
 from pynbd.server.channel import Channel, ChannelClosed, ReadWaiter, SocketChannel

@@ -23,7 +23,8 @@ from bitarray import bitarray
 
 from pynbd.image.base import Bitmap, BitmapInfo, ImageError, ImageIOError
 from pynbd.image.qcow2.header import AUTOCLEAR_BITMAPS, Qcow2Header
-from pynbd.runlength import Runs, SpanRuns, bit_runs, concat
+from pynbd.runlength import Runs, bit_runs, concat
+from pynbd.runspans import SpanRuns
 
 log = logging.getLogger(__name__)
 

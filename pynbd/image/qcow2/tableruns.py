@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from pynbd.image.base import STATE_DATA, STATE_HOLE_ZERO
 from pynbd.image.qcow2.chain import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOC, KIND_ZERO, Run
 from pynbd.image.qcow2.unitruns import unit_runs
-from pynbd.runlength import Runs, SpanRuns
+from pynbd.runlength import Runs
+from pynbd.runspans import SpanRuns
 
 #: Per layer kind (chain.KIND_*): its allocation state, and its depth when it is the top layer's answer.
 ALLOCATION_OF_KIND = (STATE_DATA, STATE_DATA, STATE_HOLE_ZERO, STATE_HOLE_ZERO)  # DATA, COMPRESSED, ZERO, UNALLOC

@@ -1,7 +1,7 @@
 """Runs of a column of per-unit values (one byte per cluster), found without work per run.
 
 An L2 table classified for block status is one value byte per cluster; its
-runs are wanted as a :class:`~pynbd.runlength.SpanRuns`: big-endian u32
+runs are wanted as a :class:`~pynbd.runspans.SpanRuns`: big-endian u32
 ``(length, value)`` pairs and the first unit of every run. A fragmented table
 has a run per cluster, and a loop, or even a chain of ``map()`` passes, over
 thousands of runs per table is most of the cost of a first whole-image map.
@@ -32,7 +32,8 @@ from array import array
 from itertools import repeat
 from operator import mul
 
-from pynbd.runlength import U32_MAX, Runs, SpanRuns, byte_runs
+from pynbd.runlength import U32_MAX, Runs, byte_runs
+from pynbd.runspans import SpanRuns
 
 log = logging.getLogger(__name__)
 
