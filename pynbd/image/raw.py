@@ -48,7 +48,8 @@ _fallocate.restype = ctypes.c_int
 
 #: Upper bound of extents one ``extents()`` call produces; the caller re-queries.
 MAX_EXTENTS_PER_CALL = 65536
-#: Runs found with lseek before block status switches to FIEMAP (measured in bench/).
+#: Runs found with lseek before block status switches to FIEMAP: a few runs cost less
+#: by lseek than a FIEMAP call (bench/README.md).
 SEEKS_BEFORE_FIEMAP = 16
 #: Chunk size for writing explicit zeros when fallocate cannot help.
 _ZERO_CHUNK = 1 << 20

@@ -156,7 +156,7 @@ DIRTY = 0x1  # qemu:dirty-bitmap:NAME status bit (QEMU docs/interop/nbd.rst, "qe
 
 
 # Plain-int copies for the per-request path: ``int & IntFlag`` builds a new enum
-# object every time (measured: a third of the validation cost).
+# object every time, which the per-request path would feel.
 FLAG_FUA = int(CommandFlag.FUA)
 FLAG_NO_HOLE = int(CommandFlag.NO_HOLE)
 FLAG_DF = int(CommandFlag.DF)
