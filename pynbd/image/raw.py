@@ -32,6 +32,7 @@ from pynbd.image.base import (
     ZeroSegment,
 )
 from pynbd.image.fiemap import BATCH, FIRST_BATCH, FiemapUnsupported, MappedExtents, check_order, map_extents
+from pynbd.image.locking import RAW_READ_ONLY, RAW_WRITABLE, LockPermissions, lock_file
 from pynbd.runlength import Runs, concat, interleave, normalize
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,15 @@ SEEK_HOLE = os.SEEK_HOLE
 class RawImage(Image):
     format_name = "raw"
 
-    def __init__(self, path: str, read_only: bool = False, fiemap: bool = True) -> None:
+    def __init__(self, path: str, read_only: bool = False, fiemap: bool = True,
+                 lock: LockPermissions | None = None) -> None:
+        """Open ``path``; raises ImageError (the one-line reason, naming ``path``).
+
+        The file is locked as QEMU locks image files (:mod:`pynbd.image.locking`):
+        for ``lock``, by default :data:`~pynbd.image.locking.RAW_READ_ONLY` or
+        :data:`~pynbd.image.locking.RAW_WRITABLE` after ``read_only``. Another
+        process's conflicting lock raises ImageError; closing releases the lock.
+        """
         self.path = path
         self.read_only = read_only
         flags = os.O_RDONLY if read_only else os.O_RDWR
@@ -201,6 +210,13 @@ class RawImage(Image):
         else:
             os.close(self.fd)
             raise ImageError(f"{path}: not a regular file or block device")
+        try:
+            if lock is None:
+                lock = RAW_READ_ONLY if read_only else RAW_WRITABLE
+            lock_file(self.fd, path, lock)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.fast_zero = not read_only and not self.is_block_device
         #: Block status from FIEMAP (False: SEEK_DATA/SEEK_HOLE only). Turned
         #: off for good when the file system turns out not to support it.
@@ -257,6 +273,11 @@ class RawImage(Image):
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
+
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """A pwrite into the page cache, no metadata: always done now."""
+        self.write(offset, data)
+        return True
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
         self._check_writable()
