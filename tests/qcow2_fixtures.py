@@ -197,6 +197,13 @@ def _f6_bitmaps(d: Path) -> None:
     qimg(d, "create", "-q", "-f", "qcow2", "-b", "bm-base.raw", "-F", "raw", "bm-top.qcow2", "8M")
     qimg(d, "bitmap", "--add", "-g", "16k", "bm-top.qcow2", "top16k")
     qio(d, "qcow2", "bm-top.qcow2", "write -P 0x42 100k 10k", "write -z 5M 2M", "write -P 0x43 7M 4k")
+    # The zeroed rests of partly written clusters are unwritten extents, which SEEK_DATA calls
+    # holes or data depending on the page cache (ext4), and these two files look
+    # metadata-preallocated, so QEMU asks them (tests/test_qcow2_host_holes.py): make the
+    # zeros real holes, the same for every reader.
+    for name in ("bitmaps.qcow2", "bm-top.qcow2"):
+        run("cp", "--sparse=always", name, f"{name}.sparse", cwd=d)
+        os.replace(d / f"{name}.sparse", d / name)
 
 
 def _f7_extdata(d: Path) -> None:

@@ -210,8 +210,13 @@ class Image(abc.ABC):
     path: str
     #: Virtual size in bytes.
     size: int
-    #: True when the image was opened read-only (or the driver cannot write).
+    #: True when the image was opened read-only (or the driver cannot write it).
     read_only: bool
+    #: Why a driver serves an image read-only that was asked for writable (for the log).
+    read_only_reason: str | None = None
+    #: A WRITE may run on the event loop while writes are fast (it never waits for a
+    #: lock a worker thread holds); else writes always go to worker threads.
+    writes_inline: bool = False
     #: Short driver name ("raw", "qcow2"), for logs and ``nbdinfo`` descriptions.
     format_name: str
     #: Extents change only through this object (they come from metadata the

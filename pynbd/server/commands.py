@@ -126,9 +126,11 @@ async def _then_flush(conn: Connection, request: Request) -> None:
 
 async def write(conn: Connection, request: Request) -> None:
     export = conn.export
+    image = export.image
     if request.length:
-        await changing(export.image, request.offset, request.length, export.writes.run,
-                       export.image.write, request.offset, request.payload)
+        run = export.writes.run if image.writes_inline else in_thread
+        await changing(image, request.offset, request.length, run, image.write, request.offset,
+                       request.payload)
         await _then_flush(conn, request)
     await conn.writer.ok(request.cookie)
 

@@ -67,8 +67,8 @@ class Export:
             raise
         read_only = config.read_only or image.read_only
         if read_only and not config.read_only:
-            log.warning("export %r: %s is served read-only (pynbd cannot write %s images yet)",
-                        config.name, config.path, image.format_name)
+            log.warning("export %r: %s is served read-only (%s)", config.name, config.path,
+                        image.read_only_reason or f"pynbd cannot write {image.format_name} images")
         return cls(
             name=config.name,
             image=image,

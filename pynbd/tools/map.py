@@ -5,6 +5,8 @@ does (QEMU's block/io.c and qemu-img.c): ``depth`` is 0-based and names
 the first layer that answered DATA or ZERO — including the zeros a layer
 reports because its backing file is short or absent, which are *not*
 ``present``; ``offset`` appears only where QEMU knows a host offset.
+Data over a hole in its host file is ``zero: true, data: true`` where QEMU asks
+the host file (:attr:`pynbd.image.qcow2.layer.Qcow2Layer.asks_host_file`).
 Neighbouring records are merged with qemu-img's ``entry_mergeable`` rules,
 so the output equals qemu-img's record for record.
 """
@@ -19,6 +21,7 @@ from pynbd.image.qcow2 import Qcow2Image
 from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
     KIND_DATA,
+    KIND_HOST_HOLE,
     KIND_ZERO,
     RESOLVED_ABSENT,
     RESOLVED_SHORT,
@@ -40,10 +43,12 @@ def _qcow2_records(image: Qcow2Image) -> Iterator[MapRecord]:
     layers = image.layers
     for chunk in range(0, image.size, _CHUNK):
         end = min(image.size, chunk + _CHUNK)
-        for pos, n, idx, kind, host in resolve(layers, chunk, end):
+        for pos, n, idx, kind, host in resolve(layers, chunk, end, block_status=True):
             offset = host if host >= 0 else None
             if kind == KIND_DATA:
                 yield pos, n, idx, True, False, True, offset
+            elif kind == KIND_HOST_HOLE:
+                yield pos, n, idx, True, True, True, offset
             elif kind == KIND_COMPRESSED:
                 yield pos, n, idx, True, False, True, None
             elif kind == KIND_ZERO:
@@ -155,7 +160,8 @@ def _data_path(layer: object) -> str:
 
 
 def format_map_human(records: Sequence[dict], paths: Sequence[str]) -> str:
-    """Text like ``qemu-img map`` without --output: the data runs and their host offsets.
+    """Text like ``qemu-img map`` without --output: the data runs that are not known
+    to be zero, and their host offsets (qemu-img.c ``dump_map_entry``).
 
     Like qemu-img, the listing stops before the first data run without a host
     offset (a compressed cluster); :func:`human_map_complete` tells whether it did.
@@ -167,7 +173,7 @@ def format_map_human(records: Sequence[dict], paths: Sequence[str]) -> str:
     for r in records:
         if r["data"] and "offset" not in r:
             break
-        if r["data"]:
+        if r["data"] and not r["zero"]:
             path = paths[r["depth"]] if r["depth"] < len(paths) else "?"
             lines.append(f"{hx(r['start']):<16}{hx(r['length']):<16}{hx(r['offset']):<16}{path}")
     return "\n".join(lines) + "\n"

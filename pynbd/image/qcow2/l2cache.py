@@ -60,6 +60,8 @@ class TableCache:
         self.max_bytes = max_bytes
         self._bytes = 0
         self._tables: OrderedDict[tuple[int, int], Table] = OrderedDict()
+        #: Tables changed in memory and not yet written (a writer's): never evicted.
+        self._pinned: set[tuple[int, int]] = set()
         self._lock = Lock()
         self.hits = 0
         self.misses = 0
@@ -116,9 +118,36 @@ class TableCache:
         with self._lock:
             return [table for key, table in self._tables.items() if key[0] == owner]
 
+    def put(self, owner: int, offset: int, raw: bytes) -> Table:
+        """Cache a table made in memory (a new L2 table) and return it."""
+        table = Table((owner, offset), raw)
+        with self._lock:
+            old = self._tables.pop(table.key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._tables[table.key] = table
+            self._bytes += table.nbytes
+            self._evict()
+        return table
+
+    def pin(self, table: Table) -> None:
+        """Keep ``table`` cached until :meth:`unpin`: its entries changed and are not written yet."""
+        with self._lock:
+            self._pinned.add(table.key)
+
+    def unpin(self, table: Table) -> None:
+        with self._lock:
+            self._pinned.discard(table.key)
+
     def _evict(self) -> None:
-        while self._bytes > self.max_bytes and len(self._tables) > 1:
-            _, old = self._tables.popitem(last=False)
+        tables = self._tables
+        skipped = 0
+        while self._bytes > self.max_bytes and len(tables) - skipped > 1:
+            key, old = tables.popitem(last=False)
+            if key in self._pinned:
+                tables[key] = old  # (to the most recent end: looked at again after the others)
+                skipped += 1
+                continue
             self._bytes -= old.nbytes
 
     def drop_owner(self, owner: int) -> None:

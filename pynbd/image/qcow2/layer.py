@@ -6,7 +6,8 @@ clusters (qcow2 spec, 'Cluster mapping' and 'Extended L2 Entries') into runs of
 the :mod:`pynbd.image.qcow2.chain` kinds, without looking at its backing file.
 It also reads its compressed clusters. Whole L2 tables are classified once for
 block status and the runs kept with the cached table
-(:mod:`pynbd.image.qcow2.tableruns`).
+(:mod:`pynbd.image.qcow2.tableruns`). Where QEMU would, block status also asks
+the host file where data clusters lie over holes (:attr:`Qcow2Layer.asks_host_file`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from pynbd.image.qcow2.chain import (
     KIND_UNALLOC,
     KIND_ZERO,
     Run,
+    looks_metadata_preallocated,
     merge_runs,
     resolve_backing_path,
+    split_host_holes,
 )
 from pynbd.image.qcow2.compression import ClusterCache, DecompressError, compressed_range, decompress_cluster
 from pynbd.image.qcow2.header import (
@@ -109,6 +112,7 @@ class Qcow2Layer:
         self._compressed_cache = compressed_cache
         self._id = next(_layer_ids)
         self._fds: list[int] = []
+        self._asks_host_file: bool | None = None
         try:
             self.fd = self._open(path)
             self.file_size = os.fstat(self.fd).st_size
@@ -211,6 +215,27 @@ class Qcow2Layer:
         if stop < end:
             yield stop, end - stop, KIND_EOF, -1
 
+    def status_runs(self, offset: int, end: int) -> Iterator[Run] | list[Run]:
+        """:meth:`runs` as block status reports them: where the layer
+        :attr:`asks_host_file`, data over host-file holes is KIND_HOST_HOLE."""
+        if self.asks_host_file:
+            return split_host_holes(self.runs(offset, end), self.data_fd)
+        return self.runs(offset, end)
+
+    @property
+    def asks_host_file(self) -> bool:
+        """Whether block status asks the host file where data clusters lie over holes.
+
+        QEMU does where the image looks metadata-preallocated (block/qcow2.c
+        ``qcow2_co_block_status`` sets BDRV_BLOCK_RECURSE only then); it decides once,
+        at its first block-status call, and so does this (:func:`looks_metadata_preallocated`
+        on the qcow2 file, also when the data is in an external data file). Caller holds
+        the image's metadata lock where there is one.
+        """
+        if self._asks_host_file is None:
+            self._asks_host_file = looks_metadata_preallocated(self.fd, self.path, self.header)
+        return self._asks_host_file
+
     def _tables(self, offset: int, stop: int) -> Iterator[tuple[int, int, int, Table | None]]:
         """``(l1_index, pos, table_end, table)`` for each L2 table's part of ``[offset, stop)``.
 
@@ -256,6 +281,12 @@ class Qcow2Layer:
             return self._extended_pieces(table.entries, pos, end)
         return self._standard_pieces(table.entries, pos, end)
 
+    def _status_pieces(self, table: Table, pos: int, end: int) -> Iterator[Run] | list[Run]:
+        """:meth:`_table_pieces` as block status reports them (see :meth:`status_runs`)."""
+        if self.asks_host_file:
+            return split_host_holes(self._table_pieces(table, pos, end), self.data_fd)
+        return self._table_pieces(table, pos, end)
+
     def top_runs(self, offset: int, stop: int, value_of_kind: tuple[int, ...]) -> Runs:
         """Runs of ``[offset, stop)`` (inside the layer) with each kind reported as
         ``value_of_kind[kind]`` (tableruns.ALLOCATION_OF_KIND, TOP_DEPTH_OF_KIND),
@@ -266,6 +297,9 @@ class Qcow2Layer:
         bisection and a slice per table instead of Python work per cluster.
         A table with a corrupt entry is not cached: its ranges are classified
         on each request, so the error comes only for requests that touch it.
+        Where the layer :attr:`asks_host_file`, the host file's holes are asked
+        when a table is classified and kept with its runs: they change only when
+        the table's guest range is written, which drops the runs (:meth:`forget_derived`).
         """
         parts: list[Runs] = []
         for l1_index, pos, table_end, table in self._tables(offset, stop):
@@ -276,7 +310,7 @@ class Qcow2Layer:
                 n = table_end - pos
                 parts.append(Runs([n], [value_of_kind[KIND_UNALLOC]], True, n, n))
             else:
-                lengths, kinds = piece_columns(self._table_pieces(table, pos, table_end))
+                lengths, kinds = piece_columns(self._status_pieces(table, pos, table_end))
                 parts.append(Runs(lengths, [value_of_kind[k] for k in kinds]))
         return concat(parts)
 
@@ -288,8 +322,8 @@ class Qcow2Layer:
             start = l1_index << span_bits
             end = min(self.size, start + (1 << span_bits))
             try:
-                runs = (self._classify_plain_table(table, start, end)
-                        or TableRuns.classify(start, self._table_pieces(table, start, end)))
+                runs = ((not self.asks_host_file and self._classify_plain_table(table, start, end))
+                        or TableRuns.classify(start, self._status_pieces(table, start, end)))
             except ImageIOError:
                 runs = CORRUPT_TABLE
             self._cache.attach(table, runs, runs.nbytes)
@@ -468,4 +502,5 @@ class Qcow2Layer:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
+
 

@@ -1,7 +1,8 @@
 """Block-status runs of one L2 table, classified once and kept with the cached table.
 
 A :class:`TableRuns` holds the cluster kinds (data, compressed, zero,
-unallocated) over one L2 table's guest span; every block-status context of
+unallocated, and data over host-file holes where the layer asks the host file)
+over one L2 table's guest span; every block-status context of
 the top layer (``base:allocation``, ``qemu:allocation-depth``) is those kinds
 with each mapped to the context's value (:meth:`TableRuns.column`), derived
 once per context and kept with the kinds. The kinds are runs, or for a
@@ -15,16 +16,37 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pynbd.image.base import STATE_DATA, STATE_HOLE_ZERO
-from pynbd.image.qcow2.chain import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOC, KIND_ZERO, Run
+from pynbd.image.base import STATE_DATA, STATE_DATA_ZERO, STATE_HOLE_ZERO
+from pynbd.image.qcow2.chain import (
+    KIND_COMPRESSED,
+    KIND_DATA,
+    KIND_EOF,
+    KIND_HOST_HOLE,
+    KIND_UNALLOC,
+    KIND_ZERO,
+    RESOLVED_ABSENT,
+    RESOLVED_SHORT,
+    Run,
+)
 from pynbd.image.qcow2.unitruns import unit_runs
 from pynbd.runlength import Runs
 from pynbd.runspans import SpanRuns
 
-#: Per layer kind (chain.KIND_*): its allocation state, and its depth when it is the top layer's answer.
-ALLOCATION_OF_KIND = (STATE_DATA, STATE_DATA, STATE_HOLE_ZERO, STATE_HOLE_ZERO)  # DATA, COMPRESSED, ZERO, UNALLOC
-TOP_DEPTH_OF_KIND = (1, 1, 1, 0)
-assert (KIND_DATA, KIND_COMPRESSED, KIND_ZERO, KIND_UNALLOC) == (0, 1, 2, 3)
+#: Per kind (chain.KIND_* and chain.RESOLVED_*): its base:allocation state.
+ALLOCATION_OF_KIND = (
+    STATE_DATA,  # KIND_DATA
+    STATE_DATA,  # KIND_COMPRESSED
+    STATE_HOLE_ZERO,  # KIND_ZERO
+    STATE_HOLE_ZERO,  # KIND_UNALLOC
+    STATE_DATA_ZERO,  # KIND_HOST_HOLE
+    STATE_HOLE_ZERO,  # KIND_EOF
+    STATE_HOLE_ZERO,  # RESOLVED_SHORT
+    STATE_HOLE_ZERO,  # RESOLVED_ABSENT
+)
+#: Per layer kind of an L2 table: its qemu:allocation-depth when it is the top layer's answer.
+TOP_DEPTH_OF_KIND = (1, 1, 1, 0, 1)  # DATA, COMPRESSED, ZERO, UNALLOC, HOST_HOLE
+assert (KIND_DATA, KIND_COMPRESSED, KIND_ZERO, KIND_UNALLOC, KIND_HOST_HOLE, KIND_EOF, RESOLVED_SHORT,
+        RESOLVED_ABSENT) == tuple(range(8))
 
 
 def piece_columns(pieces: Iterable[Run]) -> tuple[list[int], list[int]]:
