@@ -79,9 +79,12 @@ def json_info(uri: str) -> dict:
     return json.loads(nbdinfo("--json", "--no-content", uri))
 
 
-def test_nbdinfo_over_tls_matches_qemu_nbd(pki, image):
+def test_nbdinfo_over_tls_matches_qemu_nbd(pki, image, tmp_path):
+    # (A copy for qemu-nbd: both serve writable, and a writable image is locked.)
+    reference = tmp_path / "reference.img"
+    shutil.copyfile(image, reference)
     with PynbdServer(image, "-v", "--tls-creds", pki["server"]) as ours, \
-            QemuNbdServer(image, "--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={pki['server']},"
+            QemuNbdServer(reference, "--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={pki['server']},"
                                              "verify-peer=off", "--tls-creds", "tls0", "-e", "2") as ref:
         mine = json_info(tls_uri(ours, pki["client"]))
         theirs = json_info(tls_uri(ref, pki["client"]))

@@ -89,8 +89,9 @@ class Extent(NamedTuple):
 
     ``data``: backed by allocated data somewhere in the chain (clear means
     NBD_STATE_HOLE in ``base:allocation``). ``zero``: reads as zeros
-    (NBD_STATE_ZERO); every driver here reports non-data as zeros and data
-    as not known to be zero, as qemu does. ``depth``: the
+    (NBD_STATE_ZERO); every driver here reports non-data as zeros, and data
+    as not known to be zero except where qemu knows it is (qcow2 data over a
+    hole in its host file: both set). ``depth``: the
     ``qemu:allocation-depth`` value, 0 when no layer allocates the range, 1
     for the top image, N for the (N-1)-th backing file (QEMU's
     ``qemu:allocation-depth`` context, docs/interop/nbd.txt in QEMU).
@@ -111,16 +112,19 @@ class Extent(NamedTuple):
 #: the NBD spec's base:allocation (HOLE = 1, ZERO = 2) on purpose: the context then
 #: sends the runs as they are, with no per-extent translation.
 STATE_DATA = 0
+#: Allocated and reads as zeros (ZERO without HOLE): qcow2 data over a hole in its host
+#: file, where QEMU asks the host file (pynbd.image.qcow2.chain.split_host_holes).
+STATE_DATA_ZERO = 2
 STATE_HOLE_ZERO = 3
 
 
 class Extents:
     """Allocation of a range from ``offset``, as two independent run lists.
 
-    ``allocation`` runs have values STATE_DATA or STATE_HOLE_ZERO: every
-    driver reports non-data as reading zeros and data as not known to be
-    zero, as qemu does. ``depth`` runs have ``qemu:allocation-depth`` values;
-    a driver may give a function that computes them, called only if a client
+    ``allocation`` runs have values STATE_DATA, STATE_DATA_ZERO or STATE_HOLE_ZERO:
+    every driver reports non-data as reading zeros and data as not known to be
+    zero, as qemu does, except qcow2 data over host-file holes (STATE_DATA_ZERO).
+    ``depth`` runs have ``qemu:allocation-depth`` values; a driver may give a function that computes them, called only if a client
     asks for that context. Each may cover a prefix of the range (a driver may
     stop early; clients re-query). Run lists, not one object per extent: a
     fragmented image gives tens of thousands per block-status request, and
@@ -156,7 +160,7 @@ class Extents:
             n = min(alloc_left, depth_left)
             if n <= 0:
                 return
-            yield Extent(pos, n, state == STATE_DATA, state != STATE_DATA, depth)
+            yield Extent(pos, n, state != STATE_HOLE_ZERO, state != STATE_DATA, depth)
             pos += n
             alloc_left -= n
             depth_left -= n
@@ -214,9 +218,7 @@ class Image(abc.ABC):
     read_only: bool
     #: Why a driver serves an image read-only that was asked for writable (for the log).
     read_only_reason: str | None = None
-    #: A WRITE may run on the event loop while writes are fast (it never waits for a
-    #: lock a worker thread holds); else writes always go to worker threads.
-    writes_inline: bool = False
+
     #: Short driver name ("raw", "qcow2"), for logs and ``nbdinfo`` descriptions.
     format_name: str
     #: Extents change only through this object (they come from metadata the
@@ -295,6 +297,12 @@ class Image(abc.ABC):
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         raise ImageError(f"{self.path}: {self.format_name} image is read-only in pynbd")
+
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """Do :meth:`write` now if it needs no lock another thread may hold and no change
+        of metadata (True), else nothing (False: the caller runs :meth:`write` in a
+        worker thread). Called on the event loop thread."""
+        return False
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
         """Make the range read as zeros; ``may_trim`` allows punching holes.

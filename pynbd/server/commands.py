@@ -128,9 +128,8 @@ async def write(conn: Connection, request: Request) -> None:
     export = conn.export
     image = export.image
     if request.length:
-        run = export.writes.run if image.writes_inline else in_thread
-        await changing(image, request.offset, request.length, run, image.write, request.offset,
-                       request.payload)
+        await changing(image, request.offset, request.length, export.writes.run_or, image.write_now,
+                       image.write, request.offset, request.payload)
         await _then_flush(conn, request)
     await conn.writer.ok(request.cookie)
 

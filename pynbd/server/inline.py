@@ -24,11 +24,21 @@ class InlineOrThread:
         self._threads_until = 0.0
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, inline or in a thread (see the class doc)."""
+        return await self.run_or(None, fn, *args)
+
+    async def run_or(self, now: Callable[..., bool] | None, fn: Callable[..., Any], *args: Any) -> Any:
+        """Like :meth:`run`, but inline only ``now(*args)``, which does the work if it can
+        without waiting for a lock or a thread (True) or leaves it all to ``fn`` in a
+        thread (False). ``now`` None: ``fn`` itself runs inline."""
         start = time.monotonic()
-        if start < self._threads_until:
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        try:
-            return fn(*args)
-        finally:
-            if time.monotonic() - start > self.slow:
-                self._threads_until = time.monotonic() + self.cooldown
+        if start >= self._threads_until:
+            try:
+                if now is None:
+                    return fn(*args)
+                if now(*args):
+                    return None
+            finally:
+                if time.monotonic() - start > self.slow:
+                    self._threads_until = time.monotonic() + self.cooldown
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

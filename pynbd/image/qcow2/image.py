@@ -16,8 +16,6 @@ from collections.abc import Mapping, Sequence
 from pynbd.image.base import (
     Bitmap,
     BitmapInfo,
-    STATE_DATA,
-    STATE_HOLE_ZERO,
     BytesSegment,
     Extents,
     HostSegment,
@@ -26,6 +24,7 @@ from pynbd.image.base import (
     ReadSegment,
     ZeroSegment,
 )
+from pynbd.image.locking import QCOW2_READ_ONLY, QCOW2_WRITABLE, lock_file
 from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
     KIND_DATA,
@@ -41,6 +40,7 @@ from pynbd.image.qcow2.header import MAGIC
 from pynbd.image.qcow2.l2cache import TableCache
 from pynbd.image.qcow2.layer import Qcow2Layer
 from pynbd.image.qcow2.tableruns import ALLOCATION_OF_KIND, TOP_DEPTH_OF_KIND
+from pynbd.image.qcow2.writer import Qcow2Writer, writable_problem
 from pynbd.runlength import Runs
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ MAX_CHAIN_LENGTH = 1000
 
 
 class Qcow2Image(Image):
-    """A qcow2 image with its backing chain, served read-only."""
+    """A qcow2 image with its backing chain; writable through :meth:`make_writable`
+    (writes go to the top image only: :mod:`pynbd.image.qcow2.writer`)."""
 
     format_name = "qcow2"
 
@@ -72,6 +73,7 @@ class Qcow2Image(Image):
         self.stable_extents = all(isinstance(layer, Qcow2Layer) for layer in self.layers)
         self.header = top.header
         self.snapshots = top.snapshots
+        self.writer: Qcow2Writer | None = None
         self._closed = False
         for bitmap in top.bitmaps:
             bitmap.metadata_lock = self.metadata_lock
@@ -148,9 +150,12 @@ class Qcow2Image(Image):
     def extents(self, offset: int, length: int, limit: int | None = None) -> Extents:
         """base:allocation flags and qemu:allocation-depth, as qemu-nbd reports them.
 
-        Data (normal or compressed, in any layer) is never zero; everything
-        else (zero clusters, raw holes, short backing files, unallocated
-        everywhere) is a zero hole. Depth is 1-based, 0 when no layer owns the range.
+        Data (normal or compressed, in any layer) is not zero, except where the layer
+        asks its host file (QEMU's metadata-preallocation rule,
+        :attr:`Qcow2Layer.asks_host_file`) and the data lies over a hole there: that is
+        allocated and zero (NBD_STATE_ZERO without HOLE). Everything else (zero
+        clusters, raw holes, short backing files, unallocated everywhere) is a zero
+        hole. Depth is 1-based, 0 when no layer owns the range.
         On the event loop thread; each lookup (the depth runs too, made when asked
         for) runs under :attr:`metadata_lock`.
         """
@@ -171,13 +176,55 @@ class Qcow2Image(Image):
         states: list[int] = []
         depths: list[int] = []
         with self.metadata_lock:
-            for _pos, n, idx, kind, _host in resolve(self.layers, offset, end):
+            for _pos, n, idx, kind, _host in resolve(self.layers, offset, end, block_status=True):
                 lengths.append(n)
-                states.append(STATE_DATA if kind == KIND_DATA or kind == KIND_COMPRESSED else STATE_HOLE_ZERO)
+                states.append(ALLOCATION_OF_KIND[kind])
                 depths.append(0 if kind == RESOLVED_ABSENT else idx + 1)
                 if len(lengths) >= cap:
                     break
         return Extents(offset, Runs(lengths, states), Runs(lengths, depths))
+
+    # -- writing (in worker threads; see writer.py) --
+
+    def make_writable(self) -> None:
+        """Open the top file for writing. Raises ImageError (one line) when pynbd cannot
+        write this image or the file cannot be opened for writing."""
+        problem = writable_problem(self)
+        if problem:
+            raise ImageError(f"{self.path}: pynbd cannot write this image: {problem}")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageError(f"{self.path}: cannot open for writing: {exc.strerror}") from None
+        try:
+            lock_file(fd, self.path, QCOW2_WRITABLE)
+            self.writer = Qcow2Writer(self, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.read_only = False
+        self.fast_zero = self.top.zero_flag_allowed
+
+    def _writable(self) -> Qcow2Writer:
+        if self.writer is None:
+            raise ImageError(f"{self.path}: opened read-only")
+        return self.writer
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._writable().write(offset, data)
+
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        return self.writer is not None and self.writer.write_now(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
+        self._writable().write_zeroes(offset, length, may_trim, fast)
+
+    def trim(self, offset: int, length: int) -> None:
+        self._writable().trim(offset, length)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
     # -- bitmaps --
 
@@ -192,8 +239,12 @@ class Qcow2Image(Image):
             return
         self._closed = True
         self.changes.unlisten(self._forget_changed)
-        for layer in self.layers:
-            layer.close()
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        finally:
+            for layer in self.layers:
+                layer.close()
 
 
 def _probe_is_qcow2(path: str) -> bool:
@@ -254,13 +305,28 @@ def open_chain(path: str, cache: TableCache | None = None) -> list[Layer]:
 
 
 def open_qcow2(path: str, read_only: bool, fiemap: bool = True) -> Image:
-    """Open a qcow2 image with its backing chain. The driver is read-only.
+    """Open a qcow2 image with its backing chain, writable unless ``read_only``.
 
-    ``read_only=False`` is accepted, but the image is still opened read-only
-    and reports :attr:`Image.read_only` True, so the server can advertise it.
+    An image pynbd cannot write yet (:func:`writable_problem`) is opened read-only:
+    :attr:`Image.read_only` says so and :attr:`Image.read_only_reason` why.
     ``fiemap`` does not apply: qcow2 block status comes from the L2 tables.
     """
-    if not read_only:
-        log.info("%s: the qcow2 driver is read-only; serving the image read-only", path)
     cache = TableCache()
-    return Qcow2Image(open_chain(path, cache), cache)
+    image = Qcow2Image(open_chain(path, cache), cache)
+    try:
+        # Locked as QEMU locks a chain: backing files for shared reading, the top for
+        # what it is served as (pynbd.image.locking); a raw backing file locks itself.
+        for layer in image.layers[1:]:
+            if isinstance(layer, Qcow2Layer):
+                lock_file(layer.fd, layer.path, QCOW2_READ_ONLY)
+        problem = None if read_only else writable_problem(image)
+        if problem:
+            image.read_only_reason = f"pynbd cannot write this image: {problem}"
+        if read_only or problem:
+            lock_file(image.top.fd, path, QCOW2_READ_ONLY)
+        else:
+            image.make_writable()
+    except BaseException:
+        image.close()
+        raise
+    return image

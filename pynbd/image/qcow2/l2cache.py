@@ -118,6 +118,11 @@ class TableCache:
         with self._lock:
             return [table for key, table in self._tables.items() if key[0] == owner]
 
+    def peek(self, owner: int, offset: int) -> Table | None:
+        """The table if it is cached (no load, no change of its place in the LRU)."""
+        with self._lock:
+            return self._tables.get((owner, offset))
+
     def put(self, owner: int, offset: int, raw: bytes) -> Table:
         """Cache a table made in memory (a new L2 table) and return it."""
         table = Table((owner, offset), raw)

@@ -80,10 +80,10 @@ class Qcow2Writer:
 
     # -- mapping ----------------------------------------------------------------------------
 
-    def _table_for(self, guest: int, create: bool) -> tuple[Table | None, int]:
+    def _table_for(self, guest: int, create: bool, load: bool = True) -> tuple[Table | None, int]:
         """The L2 table mapping guest offset ``guest`` and the entry's index in it; a new
-        (zeroed) table is allocated when ``create`` and the L1 entry is empty. Under the
-        metadata lock."""
+        (zeroed) table is allocated when ``create`` and the L1 entry is empty; with
+        ``load`` False, None for a table not in the cache. Under the metadata lock."""
         top = self.top
         l1_index = guest >> (self.cluster_bits + self.l2_bits)
         index = (guest >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
@@ -97,6 +97,8 @@ class Qcow2Writer:
             self._dirty_l1.add(l1_index)
             self._mark(table)
             return table, index
+        if not load:
+            return self.cache.peek(top._id, l2_offset), index
         return top._l2_table(l1_index, l2_offset), index
 
     def _mark(self, table: Table) -> None:
@@ -136,6 +138,10 @@ class Qcow2Writer:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write guest bytes (in a worker thread). Raises ImageIOError on I/O errors."""
+        self._write_clusters(offset, data, locked=False)
+
+    def _write_clusters(self, offset: int, data: bytes | memoryview, locked: bool) -> None:
+        """Write cluster by cluster; ``locked``: the caller holds the mapping lock."""
         view = memoryview(data)
         cs = self.cluster_size
         pos = 0
@@ -143,19 +149,65 @@ class Qcow2Writer:
             guest = offset + pos
             start = guest & (cs - 1)
             n = min(cs - start, len(view) - pos)
-            self._write_cluster(guest - start, start, view[pos:pos + n])
+            if locked:
+                self._write_cluster_locked(guest - start, start, view[pos:pos + n])
+            else:
+                self._write_cluster(guest - start, start, view[pos:pos + n])
             pos += n
 
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """The whole write in place, now, if every cluster it touches is allocated to this
+        image alone and the metadata lock is free (True); else nothing (False). On the
+        event loop thread: it never waits for a lock another thread holds long."""
+        cs = self.cluster_size
+        end = offset + len(data)
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            hosts = []
+            for cluster in range(offset - (offset & (cs - 1)), end, cs):
+                table, index = self._table_for(cluster, create=False, load=False)
+                entry = table.entries[index] if table is not None else 0
+                if not self._in_place_ok(entry):
+                    hosts = None
+                    break
+                hosts.append(entry & L2E_OFFSET_MASK)
+            else:
+                self._claim(len(hosts))
+        finally:
+            self.lock.release()
+        if hosts is None:
+            # Clusters to allocate: now too, unless a flush or another allocation runs.
+            if not self._mapping_lock.acquire(blocking=False):
+                return False
+            try:
+                self._write_clusters(offset, data, locked=True)
+            finally:
+                self._mapping_lock.release()
+            return True
+        view = memoryview(data)
+        pos = 0
+        try:
+            for host in hosts:
+                start = (offset + pos) & (cs - 1)
+                n = min(cs - start, len(view) - pos)
+                self._pwrite(view[pos:pos + n], host + start)
+                pos += n
+        finally:
+            self._unclaim(len(hosts))
+        return True
+
     def _write_cluster(self, cluster: int, start: int, data: memoryview) -> None:
-        entry = self._entry(cluster)
-        if self._in_place_ok(entry):
-            self._write_in_place(entry, start, data)
+        if self._write_in_place(cluster, start, data):
             return
         with self._mapping_lock:
-            entry = self._entry(cluster)  # (another write may have allocated it meanwhile)
-            if self._in_place_ok(entry):
-                self._write_in_place(entry, start, data)
-                return
+            self._write_cluster_locked(cluster, start, data)
+
+    def _write_cluster_locked(self, cluster: int, start: int, data: memoryview) -> None:
+        """With the mapping lock: in place if the cluster has its own host cluster (another
+        write may have allocated it meanwhile), else a new one."""
+        if not self._write_in_place(cluster, start, data):
+            entry = self._entry(cluster)
             if entry & OFLAG_ZERO and entry & OFLAG_COPIED and entry & L2E_OFFSET_MASK:
                 self._fill_zero_cluster(cluster, entry, start, data)
             else:
@@ -166,15 +218,29 @@ class Qcow2Writer:
         return bool(entry & OFLAG_COPIED) and not entry & (OFLAG_COMPRESSED | OFLAG_ZERO) \
             and bool(entry & L2E_OFFSET_MASK)
 
-    def _write_in_place(self, entry: int, start: int, data: memoryview) -> None:
-        with self._in_place_done:
-            self._in_place += 1
+    def _write_in_place(self, cluster: int, start: int, data: memoryview) -> bool:
+        """Write into the cluster's own host cluster if it has one (True), else nothing."""
+        with self.lock:
+            entry = self._entry(cluster)
+            if not self._in_place_ok(entry):
+                return False
+            self._claim(1)
         try:
             self._pwrite(data, (entry & L2E_OFFSET_MASK) + start)
         finally:
-            with self._in_place_done:
-                self._in_place -= 1
-                self._in_place_done.notify_all()
+            self._unclaim(1)
+        return True
+
+    def _claim(self, n: int) -> None:
+        """In-place writes start (under the metadata lock, with their lookup): no free is
+        applied until they are done (flush), so their clusters are not reused under them."""
+        with self._in_place_done:
+            self._in_place += n
+
+    def _unclaim(self, n: int) -> None:
+        with self._in_place_done:
+            self._in_place -= n
+            self._in_place_done.notify_all()
 
     def _fill_zero_cluster(self, cluster: int, entry: int, start: int, data: memoryview) -> None:
         """A write to an allocated cluster flagged zero (left by WRITE_ZEROES with NO_HOLE):
@@ -196,7 +262,9 @@ class Qcow2Writer:
         zeros, a compressed or shared cluster) with ``data`` over it. With the mapping lock."""
         cs = self.cluster_size
         whole = start == 0 and len(data) == cs
-        current = b"" if whole else self._current(cluster)
+        # Unallocated with nothing below, or a zero cluster: its content is zeros.
+        known_zero = entry == OFLAG_ZERO or (not entry and not self.has_backing)
+        current = b"" if whole else self._zero_cluster if known_zero else self._current(cluster)
         with self.lock:
             host = self.refcounts.allocate(1)
         fresh = host >= os.fstat(self.fd).st_size
