@@ -13,6 +13,10 @@ TLS rows (``--no-tls`` skips them, ``--tls-only`` runs only them): sequential
 reads and writes with nbdcopy over nbds:// against pynbd and qemu-nbd, both
 with one x509 PKI made for the run by ``python -m pynbd certs``.
 
+Write rows (groups ``raw-write-*``, ``qcow2-write-*``): every measurement on a
+server started for it, exporting a target image made fresh for it (an empty
+image, or a copy of a fully allocated one), checked after the client's FLUSH.
+
 Run ``scripts/bench --help``; bench/README.md has the results and the reasons
 for the choices below.
 """
@@ -443,7 +447,7 @@ def server_argv(spec: ServerSpec, image: Path, fmt: str, ep: Endpoint, python: s
         argv += ["-k", ep.socket_path] if ep.transport == "unix" else ["-b", "127.0.0.1", "-p", str(ep.port)]
         return argv + extra + [str(image)]
     if spec.kind == "nbdkit":
-        argv = ["nbdkit", "-f", "-r"]
+        argv = ["nbdkit", "-f"] + ([] if writable else ["-r"])
         argv += ["-U", ep.socket_path] if ep.transport == "unix" else ["-i", "127.0.0.1", "-p", str(ep.port)]
         return argv + extra + ["file", str(image)]
     argv = [python, "-m", "pynbd", "serve", str(image)] + ([] if writable else ["--read-only"]) + ["--format", fmt]
@@ -483,14 +487,15 @@ class Settings:
 class Workloads:
     """Clients run against a live server; each returns {metric_key: value}.
 
-    For write groups ``target`` is the raw file the server exports and ``source``
-    the file nbdcopy copies from.
+    For write groups ``target`` is the image file the server exports (in ``fmt``)
+    and ``source`` the raw file nbdcopy copies from.
     """
 
-    def __init__(self, st: Settings, target: Path | None = None, source: Path | None = None):
+    def __init__(self, st: Settings, target: Path | None = None, source: Path | None = None, fmt: str = "raw"):
         self.st = st
         self.target = target
         self.source = source
+        self.fmt = fmt
 
     def seq_read(self, uri: str, size: int, conns: int) -> float:
         argv = ["nbdcopy", f"--connections={conns}", f"--requests={self.st.requests}", uri, "null:"]
@@ -518,11 +523,60 @@ class Workloads:
         check_copied(self.source, self.target, size)
         return size / min(best) / MiB
 
-    def rand_read(self, uri: str, size: int, depth: int = 16) -> float:
-        """4 KiB random-read IOPS from fio's nbd engine with ``depth`` requests in flight."""
+    def seq_write_flushed(self, uri: str, size: int, conns: int) -> float:
+        """MiB/s of one ``nbdcopy --flush`` of the source into the export (a fresh target).
+
+        The wall time of the whole process, so it includes the server's FLUSH replies
+        (nbdcopy sends one per connection at the end, and none without ``--flush``).
+        Afterwards, with the server still up, the target file must hold the source:
+        after FLUSH everything written is in the file (see ``check_target``). Raises
+        BenchError when nbdcopy fails or the target is wrong.
+        """
+        if self.target is None or self.source is None:
+            raise BenchError("seq_write_flushed: no source/target file")
+        argv = ["nbdcopy", "--flush", f"--connections={conns}", f"--requests={self.st.requests}",
+                str(self.source), uri]
+        t0 = time.perf_counter()
+        run_cmd(argv, timeout=300, what="nbdcopy")
+        elapsed = time.perf_counter() - t0
+        self.check_target(size, holds_source=True)
+        return size / elapsed / MiB
+
+    def rand_write(self, uri: str, size: int) -> float:
+        """4 KiB random-write IOPS at depth 16 into the export (a fresh target).
+
+        The figure has no flush in it, like the read rows. A qcow2 target is then
+        flushed (``qemu-io -c flush``, untimed) and checked, so a write path that
+        leaves the image inconsistent gives BenchError instead of a figure.
+        """
+        iops = self.rand_io(uri, size, "randwrite")
+        if self.fmt == "qcow2":
+            run_cmd(["qemu-io", "-f", "raw", "-c", "flush", uri], timeout=120, what="qemu-io flush")
+            self.check_target(size, holds_source=False)
+        return iops
+
+    def check_target(self, size: int, holds_source: bool) -> None:
+        """Check the target file beside the live server, after a FLUSH: a qcow2 target must
+        pass ``qemu-img check`` (no corruption, no leaked cluster) and, if ``holds_source``,
+        read back equal to the source through QEMU's qcow2 driver (``qemu-img compare``); a
+        raw one is compared with the source in 17 blocks of 64 KiB. ``-U``: the server holds
+        the image's locks. Raises BenchError naming what is wrong."""
+        assert self.target is not None and self.source is not None
+        if self.fmt != "qcow2":
+            if holds_source:
+                check_copied(self.source, self.target, size)
+            return
+        check_qcow2(self.target)
+        if holds_source:
+            run_cmd(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", str(self.source), str(self.target)],
+                    timeout=300, what="qemu-img compare")
+
+    def rand_io(self, uri: str, size: int, rw: str = "randread", depth: int = 16) -> float:
+        """4 KiB random IOPS from fio's nbd engine (``rw``: randread or randwrite) with
+        ``depth`` requests in flight, over ``fio_runtime`` after ``fio_ramp`` seconds."""
         out = self.st.workdir / "fio.json"
         argv = [
-            "fio", "--name=randread4k", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
+            "fio", f"--name={rw}4k", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
             f"--iodepth={depth}", "--numjobs=1", f"--size={size}", "--time_based", f"--runtime={self.st.fio_runtime}",
             f"--ramp_time={self.st.fio_ramp}", "--randrepeat=0", "--output-format=json", f"--output={out}",
         ]
@@ -532,7 +586,7 @@ class Workloads:
             job = data["jobs"][0]
             if job.get("error"):
                 raise BenchError(f"fio: job error {job['error']}")
-            return float(job["read"]["iops"])
+            return float(job["write" if rw == "randwrite" else "read"]["iops"])
         except (OSError, ValueError, KeyError, IndexError) as exc:
             raise BenchError(f"fio: cannot parse output: {exc}") from None
 
@@ -606,6 +660,24 @@ class Workloads:
         return n / elapsed, n
 
 
+def check_qcow2(path: Path) -> None:
+    """``qemu-img check`` of a qcow2 file in use (``-U``); BenchError unless it finds nothing
+    (no corruption, no leaked cluster, the check itself complete)."""
+    try:
+        proc = subprocess.run(["qemu-img", "check", "-U", "-f", "qcow2", "--output=json", str(path)],
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise BenchError("qemu-img check: timed out after 300s") from None
+    if proc.returncode == 0:
+        return
+    try:
+        report = json.loads(proc.stdout)
+        found = ", ".join(f"{report.get(k, 0)} {k}" for k in ("corruptions", "leaks", "check-errors"))
+    except ValueError:
+        found = last_line(proc.stderr) or f"exit {proc.returncode}"
+    raise BenchError(f"qemu-img check after the write: {found}")
+
+
 def check_copied(source: Path, target: Path, size: int, samples: int = 16) -> None:
     """Spot check that the write landed: first, last and evenly spaced 64 KiB blocks equal the source."""
     block = 64 * KiB
@@ -631,15 +703,49 @@ class Group:
     extra: dict[str, list[str]] = field(default_factory=dict)  # server kind -> extra args
     context: str | None = None  # meta context the steps need (checked before running them)
     tls: bool = False  # serve with the run's x509 credentials, connect with nbds://
-    #: Serve a fresh sparse raw target (writable) instead of ``image``; ``image`` is then the
-    #: source the steps copy from (warmed into the page cache like any image).
-    write: bool = False
+    #: Makes the target (in ``fmt``) that a server instance exports writable instead of
+    #: ``image``, fresh for each instance; ``image`` is then the source the steps copy from
+    #: (warmed into the page cache like any image). None: ``image`` is served read-only.
+    target: TargetMaker | None = None
+    #: Each step on a server instance of its own (with its own target): a write step changes
+    #: the target, and every write measurement starts from the same image.
+    instance_per_step: bool = False
     #: (server CPU, client CPU) to pin both to with taskset, None to let the scheduler place them.
     pin: tuple[int, int] | None = None
 
     @property
     def metrics(self) -> list[Metric]:
         return [m for ms, _ in self.steps for m in ms]
+
+    @property
+    def write(self) -> bool:
+        return self.target is not None
+
+
+#: Makes a server's writable target at the path: (path, export size, the bench's images).
+#: Raises BenchError. Runs in this process, before the server starts.
+TargetMaker = Callable[[Path, int, Images], None]
+
+
+def sparse_raw_target(path: Path, size: int, images: Images) -> None:
+    """A raw file of ``size`` bytes, all hole."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def empty_qcow2_target(path: Path, size: int, images: Images) -> None:
+    """A qcow2 image with nothing allocated (qemu-img's defaults: 64 KiB clusters)."""
+    run_cmd(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], timeout=60, what="qemu-img create")
+
+
+def copy_target(image_key: str) -> TargetMaker:
+    """A copy of the bench's image ``image_key`` (fully allocated: every write overwrites).
+
+    The copy is not synced: write steps that time no flush measure the server's way into
+    the page cache, and a target's dirty pages go with it when it is removed."""
+    def make(path: Path, size: int, images: Images) -> None:
+        run_cmd(["cp", "--reflink=auto", str(images.paths[image_key]), str(path)], timeout=300, what="cp")
+    return make
 
 
 METRICS: dict[str, Metric] = {}
@@ -661,10 +767,10 @@ def seq_group(key: str, title: str, image: str, fmt: str, transport: str, server
         steps.append(([m], lambda w, uri, size, c=c, m=m: {m.key: w.seq_read(uri, size, c)}))
     if image == "raw-full":
         rr = metric(f"{key}/rand4k", f"{title}: 4 KiB random read, fio nbd QD16", "IOPS")
-        steps.append(([rr], lambda w, uri, size: {rr.key: w.rand_read(uri, size)}))
+        steps.append(([rr], lambda w, uri, size: {rr.key: w.rand_io(uri, size)}))
         # One request in flight: every read is a round trip (a guest or tool that waits).
         r1 = metric(f"{key}/rand4k-qd1", f"{title}: 4 KiB random read, fio nbd QD1", "IOPS")
-        steps.append(([r1], lambda w, uri, size: {r1.key: w.rand_read(uri, size, depth=1)}))
+        steps.append(([r1], lambda w, uri, size: {r1.key: w.rand_io(uri, size, depth=1)}))
     return Group(key, title, image, fmt, transport, servers, steps)
 
 
@@ -683,7 +789,34 @@ def tls_groups(transport: str, servers) -> list[Group]:
         Group(f"tls-read-{transport}", f"TLS raw {transport} read", "raw-full", "raw", transport, servers,
               read_steps, tls=True),
         Group(f"tls-write-{transport}", f"TLS raw {transport} write", "raw-full", "raw", transport, servers,
-              write_steps, tls=True, write=True),
+              write_steps, tls=True, target=sparse_raw_target),
+    ]
+
+
+def write_groups(fmt: str, transport: str, servers) -> list[Group]:
+    """Writes in ``fmt``, each measurement on a server started for it with a fresh target:
+    ``FMT-write-T`` into an empty image (nbdcopy 1 and 4 connections with ``--flush``, fio
+    4 KiB random writes, which allocate), ``FMT-write-allocated-T`` fio 4 KiB random writes
+    into a copy of the fully allocated image (``raw-full`` / ``qcow2-full``)."""
+    title = f"{fmt} {transport}"
+    empty_key, allocated_key = f"{fmt}-write-{transport}", f"{fmt}-write-allocated-{transport}"
+    empty_steps = []
+    for c in (1, 4):
+        m = metric(f"{empty_key}/seq{c}", f"{title}: sequential write into an empty image, nbdcopy {c} conn "
+                   "+ flush", "MiB/s")
+        empty_steps.append(([m], lambda w, uri, size, c=c, m=m: {m.key: w.seq_write_flushed(uri, size, c)}))
+    allocating = metric(f"{empty_key}/rand4k", f"{title}: 4 KiB random write into an empty image, fio nbd QD16",
+                        "IOPS")
+    empty_steps.append(([allocating], lambda w, uri, size: {allocating.key: w.rand_write(uri, size)}))
+    overwriting = metric(f"{allocated_key}/rand4k",
+                         f"{title}: 4 KiB random write into an allocated image, fio nbd QD16", "IOPS")
+    allocated_steps = [([overwriting], lambda w, uri, size: {overwriting.key: w.rand_write(uri, size)})]
+    full = f"{fmt}-full"
+    return [
+        Group(empty_key, title, "raw-full", fmt, transport, servers, empty_steps,
+              target=empty_qcow2_target if fmt == "qcow2" else sparse_raw_target, instance_per_step=True),
+        Group(allocated_key, title, full, fmt, transport, servers, allocated_steps,
+              target=copy_target(full), instance_per_step=True),
     ]
 
 
@@ -789,21 +922,24 @@ def run_bench(args, st: Settings, groups: list[Group], images: Images, python: s
     broken: dict[tuple[str, str], str] = {}
     counter = 0
     t_start = time.monotonic()
+    width = max((len(g.key) for g in groups), default=14) + 7  # a write group's step: KEY/seqN
     for rnd in range(st.rounds):
         for g in groups:
             warm_page_cache(images.files_of(g.image))
             order = g.servers[rnd % len(g.servers):] + g.servers[: rnd % len(g.servers)] if g.servers else []
-            for spec in order:
+            batches = [[step] for step in g.steps] if g.instance_per_step else [list(g.steps)]
+            for spec, batch in ((spec, batch) for spec in order for batch in batches):
                 if (g.key, spec.id) in broken:
                     continue
-                pending = list(g.steps)
+                pending = batch
                 for attempt in range(1 + MAX_RESTARTS):
                     counter += 1
                     t0 = time.monotonic()
                     last = attempt == MAX_RESTARTS
                     pending, status = run_instance(spec, g, pending, images, python, rundir, counter, st, res,
                                                    broken, record_deaths=last)
-                    print(f"  [r{rnd + 1} {time.monotonic() - t_start:6.1f}s] {g.key:<14} {spec.id:<22} "
+                    label = batch[0][0][0].key if g.instance_per_step else g.key
+                    print(f"  [r{rnd + 1} {time.monotonic() - t_start:6.1f}s] {label:<{width}} {spec.id:<22} "
                           f"{time.monotonic() - t0:5.1f}s {status}", flush=True)
                     if not pending:
                         break
@@ -837,11 +973,8 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
     """
     image = images.paths[g.image]
     size = nbd_size_of(g, images)
-    target = None
-    if g.write:  # a fresh sparse target per server instance; the image is the copy's source
-        target = rundir / f"target{counter}.raw"
-        with open(target, "wb") as f:
-            f.truncate(size)
+    # a fresh target per server instance (made in the try below); the image is the copy's source
+    target = rundir / f"target{counter}.{g.fmt}" if g.write else None
     ep = Endpoint(g.transport)
     if ep.transport == "unix":
         ep.socket_path = str(rundir / f"s{counter}.sock")
@@ -861,6 +994,8 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
     failed: list[str] = []
     try:
         try:
+            if g.target is not None and target is not None:
+                g.target(target, size, images)
             srv = Running(spec, argv, ep, log,
                           env=pynbd_env() if spec.kind == "pynbd" else None,
                           cwd=REPO if spec.kind == "pynbd" else None)
@@ -888,7 +1023,8 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
                 died.append((metrics, step))
                 continue
             try:
-                got = step(Workloads(st, target=target, source=image if g.write else None), ep.uri, size)
+                got = step(Workloads(st, target=target, source=image if g.write else None, fmt=g.fmt), ep.uri,
+                           size)
             except BenchError as exc:
                 reason = str(exc)
                 if srv.proc.poll() is None and "received SIGTERM" in tail(log, 30):
@@ -1009,7 +1145,7 @@ def suggest_defaults(res: Results, groups: list[Group]) -> list[str]:
     out = []
     for transport in ("unix", "tcp"):
         keys = [m.key for g in groups if g.transport == transport and g.image == "raw-full" and not g.tls
-                for m in g.metrics]
+                and not g.write for m in g.metrics]
         scores = {}
         for v in variants:
             rel = []
@@ -1110,9 +1246,13 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
         tls += tls_map_groups(tls_servers + poll_off, bitmap_extra if args.qcow2 else None)
     if args.tls_only:
         return [g for g in tls if g.servers]
+    # writes: each server with its defaults (the loop and zero-copy variants differ in READs),
+    # nbdkit's file plugin for raw only. Unix socket only, to keep the run short.
+    w_raw_servers = [s for s in servers if not (s.kind == "pynbd" and s.pynbd_args)]
     groups = []
     for t in args.transports:
         groups.append(seq_group(f"raw-{t}", f"raw {t}", "raw-full", "raw", t, raw_servers))
+    groups += write_groups("raw", "unix", w_raw_servers)
     groups.append(map_group("raw-frag", "raw fragmented", "raw-frag", "raw", raw_servers))
     groups.append(qemu_map_group("raw-frag-qemu", "raw fragmented", "raw-frag", "raw", raw_servers + poll_off))
     if SYSTEM_PYTHON:
@@ -1121,6 +1261,7 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
         groups.append(seq_group("qcow2-unix", "qcow2 unix", "qcow2-full", "qcow2", "unix", q_seq_servers))
         groups.append(seq_group("chain-unix", "qcow2 3-layer chain unix", "qcow2-chain", "qcow2", "unix",
                                 q_seq_servers))
+        groups += write_groups("qcow2", "unix", q_servers)
         groups.append(map_group("qcow2-frag", "qcow2 fragmented", "qcow2-frag", "qcow2", q_servers))
         # qemu-nbd offers qemu:allocation-depth only with -A; nbdkit has no qcow2 reader.
         groups.append(map_group("qcow2-frag-depth", "qcow2 fragmented, qemu:allocation-depth", "qcow2-frag",
