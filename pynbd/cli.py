@@ -36,7 +36,7 @@ from pynbd.server.server import (
 )
 from pynbd.server.tls import TlsConfig, TlsSetupError, read_authz, read_psk_file
 from pynbd.tools.bitmap import format_bitmap_list, format_bitmaps_json
-from pynbd.tools.create import CreateError, create_raw
+from pynbd.tools.create import FORMATS, PREALLOC_MODES, CreateError, CreateOptions, create_image
 from pynbd.tools.map import format_map_human, format_map_json, human_map_complete, image_map, layer_paths
 
 log = logging.getLogger("pynbd")
@@ -295,18 +295,35 @@ def _size(text: str) -> int:
 
 
 def add_create_parser(sub: Any) -> None:
-    p = sub.add_parser("create", help="create a sparse raw image")
+    p = sub.add_parser(
+        "create", help="create a raw or qcow2 image",
+        description="Create IMAGE as qemu-img create does: raw (sparse unless preallocated) or "
+                    "qcow2 v3 (-f qcow2, the default for names ending in .qcow2). SIZE may be left "
+                    "out when a backing file gives it; qcow2 sizes are rounded up to 512 bytes.",
+    )
     p.add_argument("image")
-    p.add_argument("size", type=_size, help="size, e.g. 1G")
+    p.add_argument("size", type=_size, nargs="?", help="size, e.g. 1G (default: the backing file's)")
+    p.add_argument("-f", "--format", choices=FORMATS, help="image format (default: by the name)")
+    p.add_argument("-b", "--backing", metavar="BACKING",
+                   help="qcow2 backing file, stored as given (relative to IMAGE's directory)")
+    p.add_argument("-F", "--backing-format", choices=FORMATS, help="backing file format (default: probed)")
+    p.add_argument("--cluster-size", type=_size, metavar="N", help="qcow2 cluster size, 512 to 2M (default 64K)")
+    p.add_argument("--extended-l2", action="store_true", help="qcow2 extended L2 entries (subclusters)")
+    p.add_argument("--preallocation", choices=PREALLOC_MODES, default="off",
+                   help="off, metadata (qcow2), falloc or full (default off)")
     p.set_defaults(func=cmd_create)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    options = CreateOptions(
+        fmt=args.format, size=args.size, backing=args.backing, backing_format=args.backing_format,
+        cluster_size=args.cluster_size, extended_l2=args.extended_l2, preallocation=args.preallocation,
+    )
     try:
-        create_raw(args.image, args.size)
+        created = create_image(args.image, options)
     except CreateError as exc:
         raise UsageError(str(exc)) from None
-    print(f"created {args.image}: raw, {args.size} bytes (sparse)")
+    print(f"created {args.image}: {created.describe()}")
     return 0
 
 
