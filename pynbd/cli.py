@@ -92,6 +92,8 @@ def add_serve_parser(sub: Any) -> None:
     where.add_argument("-b", "--bind", metavar="HOST", default=None, help="TCP address (default 127.0.0.1)")
     p.add_argument("-p", "--port", type=int, default=None, help=f"TCP port (default {DEFAULT_PORT})")
     p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    p.add_argument("-s", "--snapshot", action="store_true",
+                   help="writes go to a temporary qcow2 overlay, deleted at exit; the image is not changed")
     p.add_argument("-f", "--format", choices=["raw", "qcow2"], help="image format (default: probe)")
     p.add_argument("-B", "--bitmap", action="append", metavar="NAME",
                    help="export only these persistent bitmaps (default: all valid ones)")
@@ -138,9 +140,10 @@ def export_configs(args: argparse.Namespace) -> list[ExportConfig]:
     configs = []
     if args.image:
         configs.append(ExportConfig(args.name, args.image, args.description, args.read_only,
-                                    args.format, bitmaps, fiemap))
+                                    args.format, bitmaps, fiemap, args.snapshot))
     for name, path in args.export:
-        configs.append(ExportConfig(name, path, "", args.read_only, args.format, bitmaps, fiemap))
+        configs.append(ExportConfig(name, path, "", args.read_only, args.format, bitmaps, fiemap,
+                                    args.snapshot))
     if not configs:
         raise UsageError("nothing to serve: give an IMAGE or --export NAME=PATH")
     names = [c.name for c in configs]

@@ -350,7 +350,7 @@ def run_step(step: tuple, rc: Refcounts, fd: int, leases: HostLeases | None, mod
 
 @pytest.mark.parametrize("use_leases", [False, True])
 @pytest.mark.parametrize("template", TEMPLATES)
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(steps=STEPS)
 def test_against_model(templates: dict[tuple[int, bool], Path],
                        template: tuple[int, bool], use_leases: bool, steps: list[tuple]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -12,6 +14,7 @@ from pynbd.protocol.handshake import ExportDescription
 from pynbd.server.answers import AnswerCache
 from pynbd.server.contexts import ContextTable
 from pynbd.server.inline import InlineOrThread
+from pynbd.tools.create import CreateError, CreateOptions, create_image
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ class ExportConfig:
     bitmaps: tuple[str, ...] | None = None
     #: Raw block status may use FIEMAP (False: SEEK_DATA/SEEK_HOLE only).
     fiemap: bool = True
+    #: Writes go to a temporary qcow2 overlay over the image, deleted at close.
+    snapshot: bool = False
 
 
 @dataclass(eq=False)
@@ -50,10 +55,20 @@ class Export:
         self.image.leases  # noqa: B018
         self.image.changes.listen(self.answers.drop)
 
+    #: The temporary overlay of a snapshot export (deleted at close).
+    overlay: str | None = None
+
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
         """Open the image; raises ImageError with a one-line message."""
-        image = open_image(config.path, config.fmt, read_only=config.read_only, fiemap=config.fiemap)
+        overlay = snapshot_overlay(config) if config.snapshot and not config.read_only else None
+        try:
+            image = open_image(overlay or config.path, "qcow2" if overlay else config.fmt,
+                               read_only=config.read_only, fiemap=config.fiemap)
+        except BaseException:
+            if overlay:
+                os.unlink(overlay)
+            raise
         try:
             bitmaps = dict(image.bitmaps())
             if config.bitmaps is not None:
@@ -76,6 +91,7 @@ class Export:
             read_only=read_only,
             bitmaps=bitmaps,
             contexts=ContextTable.for_image(image, bitmaps),
+            overlay=overlay,
         )
 
     @staticmethod
@@ -113,6 +129,24 @@ class Export:
             self.image.close()
         except OSError as exc:
             log.error("export %r: closing %s failed: %s", self.name, self.image.path, exc)
+        finally:
+            if self.overlay:
+                os.unlink(self.overlay)
+
+
+def snapshot_overlay(config: ExportConfig) -> str:
+    """A new qcow2 overlay over the export's image, in $TMPDIR (as qemu-nbd -s): the
+    image is its backing file, read only; the overlay takes the writes. Raises ImageError."""
+    image = os.path.abspath(config.path)
+    fd, overlay = tempfile.mkstemp(prefix="pynbd-snapshot-", suffix=".qcow2")
+    os.close(fd)
+    os.unlink(overlay)  # (create_image never overwrites: it makes the file itself)
+    try:
+        create_image(overlay, CreateOptions(fmt="qcow2", backing=image, backing_format=config.fmt))
+    except CreateError as exc:
+        raise ImageError(f"{config.path}: cannot make the snapshot overlay: {exc}") from None
+    log.info("export %r: writes go to the temporary overlay %s", config.name, overlay)
+    return overlay
 
 
 def open_exports(configs: Sequence[ExportConfig]) -> list[Export]:

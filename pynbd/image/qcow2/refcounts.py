@@ -101,11 +101,9 @@ class _Entries:
 
 def _runs(indexes: list[int]) -> Iterator[tuple[int, int]]:
     """``[start, end)`` runs of consecutive values in sorted, distinct ``indexes``."""
-    for _, run in groupby(enumerate(indexes), lambda pair: pair[1] - pair[0]):
-        first = last = next(run)[1]
-        for _, last in run:
-            pass
-        yield first, last + 1
+    for _, run in groupby(enumerate(indexes), lambda pair: pair[1] - pair[0]):  # constant within a run
+        values = [value for _, value in run]
+        yield values[0], values[-1] + 1
 
 
 class Refcounts:
@@ -139,7 +137,7 @@ class Refcounts:
         self._dirty_blocks: set[int] = set()
         self._dirty_links: set[int] = set()  # table slots given a block since write_allocations()
         self._pending_frees: dict[int, int] = {}  # cluster index -> decrements to apply
-        #: Sorted, disjoint ``(start, end)`` cluster spans at refcount 0 that leases still pin.
+        #: Sorted, disjoint ``(start, end)`` cluster spans at refcount 0 not reusable yet (leases).
         self._held: list[tuple[int, int]] = []
         #: Held spans whose leases ended (appended by lease actions, on any thread).
         self._released: deque[tuple[int, int]] = deque()
