@@ -20,6 +20,7 @@ import ctypes
 import fcntl
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,7 +155,14 @@ def qemu_nbd(image: Path, *args: str, fmt: str = "raw") -> Iterator[QemuNbdServe
 def qemu_nbd_lock_bytes(image: Path, files: list[Path], *args: str, fmt: str) -> list[set[int]]:
     """The bytes locked on each of ``files`` while qemu-nbd serves ``image`` (nothing else uses them)."""
     with qemu_nbd(image, *args, fmt=fmt):
-        return [lock_bytes_held_by_others(f) for f in files]
+        # qemu-nbd may still be settling the chain's permissions when its socket appears
+        # (backing files locked a moment later): read until every file holds locks.
+        deadline = time.monotonic() + 10
+        while True:
+            held = [lock_bytes_held_by_others(f) for f in files]
+            if all(held) or time.monotonic() > deadline:
+                return held
+            time.sleep(0.05)
 
 
 @pytest.mark.needs("qemu-nbd")
