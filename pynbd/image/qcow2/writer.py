@@ -288,8 +288,7 @@ class Qcow2Writer:
         changes when zeros would have to be written."""
         cs = self.cluster_size
         end = offset + length
-        first = -(-offset // cs) * cs
-        last = end // cs * cs
+        first, last = self._whole_clusters(offset, end)
         by_metadata = first < last and (self.zero_flag or (may_trim and not self.has_backing))
         edges = [(offset, min(end, first) - offset), (max(last, offset), end - max(last, offset))]
         if not by_metadata:
@@ -304,6 +303,15 @@ class Qcow2Writer:
         with self._mapping_lock:
             for cluster in range(first, last, cs):
                 self._zero_cluster_entry(cluster, may_trim)
+
+    def _whole_clusters(self, offset: int, end: int) -> tuple[int, int]:
+        """The clusters wholly inside ``[offset, end)`` as ``[first, last)`` offsets; the
+        image's last cluster counts as whole when the range reaches the end of the image
+        (its part past the virtual size is never read), as in QEMU."""
+        cs = self.cluster_size
+        first = -(-offset // cs) * cs
+        last = -(-end // cs) * cs if end >= self.image.size else end // cs * cs
+        return first, max(first, last)
 
     def _write_zeros(self, offset: int, length: int) -> None:
         cs = self.cluster_size
@@ -321,9 +329,10 @@ class Qcow2Writer:
             if entry:
                 self._release(self._set_entry(cluster, 0))
             return
-        if not may_trim and self._in_place_ok(entry):
+        if not may_trim and self._in_place_ok(entry & ~OFLAG_ZERO):
             # NO_HOLE: the cluster stays allocated, flagged zero (qcow2 v3 'zero flag').
-            self._set_entry(cluster, entry | OFLAG_ZERO)
+            if not entry & OFLAG_ZERO:
+                self._set_entry(cluster, entry | OFLAG_ZERO)
             return
         if entry == OFLAG_ZERO:
             return
@@ -334,8 +343,7 @@ class Qcow2Writer:
         would show through (v3 zero flag; v2 keeps them), as QEMU's discard does; partial
         clusters are left as they are."""
         cs = self.cluster_size
-        first = -(-offset // cs) * cs
-        last = (offset + length) // cs * cs
+        first, last = self._whole_clusters(offset, offset + length)
         with self._mapping_lock:
             for cluster in range(first, last, cs):
                 entry = self._entry(cluster)
