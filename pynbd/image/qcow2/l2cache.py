@@ -99,14 +99,16 @@ class TableCache:
 
     def forget_derived(self, owner: int, offsets: Iterable[int]) -> None:
         """Drop what was derived from the cached tables of ``owner`` at ``offsets`` (their
-        entries changed or will): ``derived`` goes, ``all_zero`` is computed again from
-        the entries. The entries stay; tables not cached are skipped."""
+        entries changed or will): ``derived`` goes, ``all_zero`` becomes False ("look at
+        the entries"). The entries stay; tables not cached are skipped."""
         with self._lock:
             for offset in offsets:
                 table = self._tables.get((owner, offset))
                 if table is None:
                     continue
-                table.all_zero = all_zero(table.entries)
+                # (Not computed again here: that is a pass over the table per change. False
+                # only means "look at the entries", which is right whatever they hold.)
+                table.all_zero = False
                 if table.derived is not None:
                     table.derived = None
                     table.nbytes -= table.derived_nbytes
