@@ -141,7 +141,9 @@ class Qcow2Writer:
         self._write_clusters(offset, data, locked=False)
 
     def _write_clusters(self, offset: int, data: bytes | memoryview, locked: bool) -> None:
-        """Write cluster by cluster; ``locked``: the caller holds the mapping lock."""
+        """Write cluster by cluster; ``locked``: the caller holds the mapping lock. Whole
+        clusters that all need new host clusters in a row get them in one allocation and
+        one write (a sequential copy into an empty image)."""
         view = memoryview(data)
         cs = self.cluster_size
         pos = 0
@@ -149,11 +151,46 @@ class Qcow2Writer:
             guest = offset + pos
             start = guest & (cs - 1)
             n = min(cs - start, len(view) - pos)
+            whole = (len(view) - pos) // cs if not start else 0
+            if whole > 1:
+                if self._write_in_place(guest, 0, view[pos:pos + cs]):
+                    pos += cs
+                    continue
+                if locked:
+                    done = self._allocate_run(guest, view[pos:pos + whole * cs])
+                else:
+                    with self._mapping_lock:
+                        done = self._allocate_run(guest, view[pos:pos + whole * cs])
+                pos += done
+                continue
             if locked:
                 self._write_cluster_locked(guest - start, start, view[pos:pos + n])
             else:
                 self._write_cluster(guest - start, start, view[pos:pos + n])
             pos += n
+
+    def _allocate_run(self, guest: int, data: memoryview) -> int:
+        """With the mapping lock: new host clusters for the whole clusters from ``guest`` that
+        need one (unallocated, zero, compressed or shared), as many in a row as there are,
+        written at once; returns the bytes written (at least one cluster)."""
+        cs = self.cluster_size
+        count = len(data) // cs
+        entries = []
+        for i in range(count):
+            entry = self._entry(guest + i * cs)
+            if self._in_place_ok(entry) or (entry & OFLAG_ZERO and entry & OFLAG_COPIED
+                                            and entry & L2E_OFFSET_MASK):
+                break
+            entries.append(entry)
+        if not entries:
+            self._write_cluster_locked(guest, 0, data[:cs])
+            return cs
+        with self.lock:
+            host = self.refcounts.allocate(len(entries))
+        self._pwrite(data[:len(entries) * cs], host)
+        for i, _ in enumerate(entries):
+            self._release(self._set_entry(guest + i * cs, (host + i * cs) | OFLAG_COPIED))
+        return len(entries) * cs
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool:
         """The whole write in place, now, if every cluster it touches is allocated to this
