@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pynbd.image import open_image
+from pynbd.image.overlay import snapshot_overlay
 from pynbd.image.base import Bitmap, Image, ImageError
 from pynbd.protocol.handshake import ExportDescription
 from pynbd.server.answers import AnswerCache
 from pynbd.server.contexts import ContextTable
 from pynbd.server.inline import InlineOrThread
-from pynbd.tools.create import CreateError, CreateOptions, create_image
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,8 @@ class Export:
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
         """Open the image; raises ImageError with a one-line message."""
-        overlay = snapshot_overlay(config) if config.snapshot and not config.read_only else None
+        overlay = (snapshot_overlay(config.path, config.fmt, config.name)
+                   if config.snapshot and not config.read_only else None)
         try:
             image = open_image(overlay or config.path, "qcow2" if overlay else config.fmt,
                                read_only=config.read_only, fiemap=config.fiemap)
@@ -132,21 +132,6 @@ class Export:
         finally:
             if self.overlay:
                 os.unlink(self.overlay)
-
-
-def snapshot_overlay(config: ExportConfig) -> str:
-    """A new qcow2 overlay over the export's image, in $TMPDIR (as qemu-nbd -s): the
-    image is its backing file, read only; the overlay takes the writes. Raises ImageError."""
-    image = os.path.abspath(config.path)
-    fd, overlay = tempfile.mkstemp(prefix="pynbd-snapshot-", suffix=".qcow2")
-    os.close(fd)
-    os.unlink(overlay)  # (create_image never overwrites: it makes the file itself)
-    try:
-        create_image(overlay, CreateOptions(fmt="qcow2", backing=image, backing_format=config.fmt))
-    except CreateError as exc:
-        raise ImageError(f"{config.path}: cannot make the snapshot overlay: {exc}") from None
-    log.info("export %r: writes go to the temporary overlay %s", config.name, overlay)
-    return overlay
 
 
 def open_exports(configs: Sequence[ExportConfig]) -> list[Export]:
