@@ -307,7 +307,7 @@ class Qcow2Writer:
         fresh = host >= os.fstat(self.fd).st_size
         if whole:
             self._pwrite(data, host)
-        elif fresh and current.count(0) == cs:
+        elif fresh and (known_zero or current.count(0) == cs):
             # Only the bytes written: the rest of a cluster past the end of the file reads
             # as zeros (a hole in the host file, as QEMU leaves it).
             self._pwrite(data, host + start)
