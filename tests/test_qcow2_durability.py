@@ -17,6 +17,7 @@ import json
 import pytest
 
 from pynbd.image.qcow2 import open_qcow2
+from pynbd.image.qcow2.layer import L1E_OFFSET_MASK
 from tests.support.nbdclient import CMD_FLAG_FUA, CMD_FLUSH, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, NbdClient
 from tests.support.servers import run
 from tests.support.strace import WRITE, StracedPynbd, check_durable
@@ -60,7 +61,7 @@ def _tables(image) -> tuple[int, int, int]:
     """(L1 table offset, L2 table offset of L1 entry 0, refcount table offset)."""
     with open_qcow2(str(image), read_only=True) as img:
         top = img.top
-        return top.header.l1_table_offset, top.l1[0] & 0x00FFFFFFFFFFFE00, top.header.refcount_table_offset
+        return top.header.l1_table_offset, top.l1[0] & L1E_OFFSET_MASK, top.header.refcount_table_offset
 
 
 def _synced_between(trace, first, then) -> bool:

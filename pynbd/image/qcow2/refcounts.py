@@ -163,8 +163,17 @@ class Refcounts:
     @property
     def dirty(self) -> bool:
         """Whether write_allocations() or apply_frees() has something to write."""
-        return bool(self._dirty_blocks or self._dirty_links or self._pending_frees
-                    or self._table_offset != self._disk_table[0])
+        return self.allocations_pending or self.frees_pending
+
+    @property
+    def allocations_pending(self) -> bool:
+        """Whether write_allocations() has something to write."""
+        return bool(self._dirty_blocks or self._dirty_links or self._table_offset != self._disk_table[0])
+
+    @property
+    def frees_pending(self) -> bool:
+        """Whether apply_frees() has something to apply."""
+        return bool(self._pending_frees)
 
     def allocate(self, count: int = 1) -> int:
         """The host offset of ``count`` contiguous free clusters, now at refcount 1 (in memory).

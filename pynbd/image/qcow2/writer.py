@@ -400,7 +400,7 @@ class Qcow2Writer:
         with self._mapping_lock:
             self._sync()
             with self.lock:
-                allocations = self.refcounts.dirty
+                allocations = self.refcounts.allocations_pending
                 if allocations:
                     self.refcounts.write_allocations()
             if allocations:
@@ -415,7 +415,7 @@ class Qcow2Writer:
                 while self._in_place:
                     self._in_place_done.wait()
                 with self.lock:
-                    frees = self.refcounts.dirty
+                    frees = self.refcounts.frees_pending
                     if frees:
                         self.refcounts.apply_frees()
             if frees:
