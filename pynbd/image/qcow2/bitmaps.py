@@ -50,7 +50,8 @@ FLAG_AUTO = 1 << 1
 FLAGS_KNOWN = FLAG_IN_USE | FLAG_AUTO  # QEMU 7.2 treats bit 2 as reserved
 TYPE_DIRTY_TRACKING = 1
 
-_ENTRY = struct.Struct(">QIIBBHI")
+#: One directory entry's fixed part (name and extra data follow).
+DIRECTORY_ENTRY = struct.Struct(">QIIBBHI")
 # qcow2 spec, 'Bitmap table': its entries
 BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_RESERVED_MASK = 0xFF000000000001FE
@@ -97,6 +98,8 @@ class Qcow2Bitmap(Bitmap):
         self._cluster_size = cluster_size
         self.nbits = -(-image_size // entry.granularity)
         self._bits: bitarray | None = None
+        #: The bitmap table's entries, read with the bits (:meth:`bits`).
+        self.table: list[int] = []
         self._lock = Lock()
         #: Guards the bits against a writer: the image's metadata lock once the image
         #: that owns the bitmap is made (Qcow2Image), a lock of its own until then.
@@ -122,18 +125,11 @@ class Qcow2Bitmap(Bitmap):
     def _load(self) -> bitarray:
         cs = self._cluster_size
         nbytes = (self.nbits + 7) // 8
-        raw_table = os.pread(self._fd, 8 * self.entry.table_size, self.entry.table_offset)
-        if len(raw_table) != 8 * self.entry.table_size:
-            raise ImageIOError(f"{self.path}: bitmap {self.name!r}: table at "
-                               f"{self.entry.table_offset:#x} is truncated")
-        table = struct.unpack(f">{self.entry.table_size}Q", raw_table)
+        self.table = read_table(self.path, self._fd, self.entry)
         buf = bytearray(nbytes)
-        for i, tentry in enumerate(table):
+        for i, tentry in enumerate(self.table):
             start = i * cs
             n = min(cs, nbytes - start)
-            if tentry & BME_RESERVED_MASK:
-                raise ImageIOError(f"{self.path}: bitmap {self.name!r}: table entry {i}={tentry:#x} "
-                                   "has reserved bits set")
             off = tentry & BME_OFFSET_MASK
             if off == 0:
                 if tentry & BME_ALL_ONES:
@@ -285,6 +281,20 @@ class Qcow2Bitmap(Bitmap):
                           dirty_bytes=dirty)
 
 
+def read_table(path: str, fd: int, entry: DirectoryEntry) -> list[int]:
+    """The entries of a bitmap's table (qcow2 spec, 'Bitmap table'); ImageIOError if the
+    table is truncated or an entry has reserved bits set."""
+    raw = os.pread(fd, 8 * entry.table_size, entry.table_offset)
+    if len(raw) != 8 * entry.table_size:
+        raise ImageIOError(f"{path}: bitmap {entry.name!r}: table at {entry.table_offset:#x} is truncated")
+    table = list(struct.unpack(f">{entry.table_size}Q", raw))
+    for i, tentry in enumerate(table):
+        if tentry & BME_RESERVED_MASK:
+            raise ImageIOError(f"{path}: bitmap {entry.name!r}: table entry {i}={tentry:#x} "
+                               "has reserved bits set")
+    return table
+
+
 def load_bitmaps(path: str, fd: int, file_size: int, hdr: Qcow2Header) -> list[Qcow2Bitmap]:
     """Parse the bitmap directory of a qcow2 image (qcow2 spec, 'Bitmaps extension', 'Bitmap directory').
 
@@ -320,11 +330,11 @@ def load_bitmaps(path: str, fd: int, file_size: int, hdr: Qcow2Header) -> list[Q
     names: set[str] = set()
     pos = 0
     for i in range(ext.nb_bitmaps):
-        if pos + _ENTRY.size > len(directory):
+        if pos + DIRECTORY_ENTRY.size > len(directory):
             raise bad(f"directory entry {i} runs past bitmap_directory_size")
         (table_offset, table_size, flags, btype, gbits, name_size,
-         extra_size) = _ENTRY.unpack_from(directory, pos)
-        name_start = pos + _ENTRY.size + extra_size
+         extra_size) = DIRECTORY_ENTRY.unpack_from(directory, pos)
+        name_start = pos + DIRECTORY_ENTRY.size + extra_size
         entry_end = name_start + name_size
         if entry_end > len(directory):
             raise bad(f"directory entry {i} runs past bitmap_directory_size")

@@ -39,6 +39,7 @@ from pynbd.image.qcow2.compression import ClusterCache
 from pynbd.image.qcow2.header import MAGIC
 from pynbd.image.qcow2.l2cache import TableCache
 from pynbd.image.qcow2.layer import Qcow2Layer
+from pynbd.image.qcow2.recording import BitmapRecorder
 from pynbd.image.qcow2.tableruns import ALLOCATION_OF_KIND, TOP_DEPTH_OF_KIND
 from pynbd.image.qcow2.writer import Qcow2Writer, writable_problem
 from pynbd.runlength import Runs
@@ -74,6 +75,8 @@ class Qcow2Image(Image):
         self.header = top.header
         self.snapshots = top.snapshots
         self.writer: Qcow2Writer | None = None
+        #: Records writes into the enabled bitmaps (made with the writer).
+        self.recorder: BitmapRecorder | None = None
         self._closed = False
         for bitmap in top.bitmaps:
             bitmap.metadata_lock = self.metadata_lock
@@ -198,7 +201,9 @@ class Qcow2Image(Image):
             raise ImageError(f"{self.path}: cannot open for writing: {exc.strerror}") from None
         try:
             lock_file(fd, self.path, QCOW2_WRITABLE)
-            self.writer = Qcow2Writer(self, fd)
+            writer = Qcow2Writer(self, fd)
+            self.recorder = BitmapRecorder(self, writer)
+            self.writer = writer
         except BaseException:
             os.close(fd)
             raise
@@ -210,21 +215,35 @@ class Qcow2Image(Image):
             raise ImageError(f"{self.path}: opened read-only")
         return self.writer
 
+    def _recorded(self, offset: int, length: int) -> Qcow2Writer:
+        """The writer, once the change is recorded in the enabled bitmaps (before any of
+        its data is written, as pynbd.image.qcow2.recording requires)."""
+        writer = self._writable()
+        assert self.recorder is not None
+        self.recorder.record(offset, length)
+        return writer
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        self._writable().write(offset, data)
+        self._recorded(offset, len(data)).write(offset, data)
 
     def write_now(self, offset: int, data: bytes | memoryview) -> bool:
-        return self.writer is not None and self.writer.write_now(offset, data)
+        writer, recorder = self.writer, self.recorder
+        return (writer is not None and recorder is not None and recorder.record(offset, len(data), wait=False)
+                and writer.write_now(offset, data))
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
-        self._writable().write_zeroes(offset, length, may_trim, fast)
+        # Recorded even when FAST_ZERO then fails, as QEMU marks every write request it ran.
+        self._recorded(offset, length).write_zeroes(offset, length, may_trim, fast)
 
     def trim(self, offset: int, length: int) -> None:
-        self._writable().trim(offset, length)
+        self._recorded(offset, length).trim(offset, length)
 
     def flush(self) -> None:
+        """Make completed writes durable, then store the bitmaps they dirtied."""
         if self.writer is not None:
             self.writer.flush()
+            assert self.recorder is not None
+            self.recorder.store()
 
     # -- bitmaps --
 
@@ -241,7 +260,10 @@ class Qcow2Image(Image):
         self.changes.unlisten(self._forget_changed)
         try:
             if self.writer is not None:
-                self.writer.close()
+                try:
+                    self.flush()
+                finally:
+                    self.writer.close()
         finally:
             for layer in self.layers:
                 layer.close()

@@ -481,8 +481,6 @@ def writable_problem(image: Qcow2Image) -> str | None:
         return "it has extended L2 entries"
     if top.has_data_file:
         return "it has an external data file"
-    if top.bitmaps:
-        return "it has persistent bitmaps, and writes are not recorded in them yet"
     if top.header.incompatible_features & INCOMPAT_DIRTY:
         return "its dirty bit is set (lazy refcounts: repair it with qemu-img check -r all)"
     return None

@@ -1,0 +1,205 @@
+"""Recording writes into the enabled persistent bitmaps of a writable qcow2 image,
+and storing them so that a crash never leaves a bitmap that looks valid but lies.
+
+Every WRITE, WRITE_ZEROES and TRIM dirties the granules its range touches in every
+enabled bitmap (flag ``auto``) of the top image, before its data is written;
+disabled bitmaps and bitmaps found inconsistent at open are never touched.
+
+The crash rule (qcow2 spec, 'Bitmap directory': the ``in_use`` flag marks a bitmap
+whose on-disk bits may be stale): on disk, an enabled bitmap is either valid - its
+bits cover every write that may have reached the image - or flagged in use.
+
+- A write that dirties a granule not dirty yet waits until the enabled bitmaps are
+  flagged in use on disk (the directory written and synced) - once, not per write:
+  later writes find them flagged and only set bits in memory. A write whose
+  granules are all dirty already needs nothing (the stored bits cover it).
+- :meth:`BitmapRecorder.store` (on FLUSH, FUA and at a clean stop) writes the bits
+  changed since the last store into their data clusters, syncs, makes the refcounts
+  and tables that point at them durable, then clears the in-use flags (synced).
+  While it runs, writes that would dirty new granules wait for it.
+
+So after SIGKILL an enabled bitmap is valid exactly when no granule was dirtied
+since the last completed store, and flagged in use otherwise; QEMU then reports it
+inconsistent, and pynbd leaves it out. Disabled bitmaps are valid always.
+
+Thread model: :meth:`~BitmapRecorder.record` runs in the worker thread of each
+change, or on the event loop without waiting (``wait=False``, the inline write
+path); :meth:`~BitmapRecorder.store` in the FLUSH worker thread or at close. Bits
+change under the image's metadata lock (block status reads them under it);
+marking and storing are serialised by a lock of their own, never taken with the
+metadata lock held.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from pynbd.image.base import ImageError
+from pynbd.image.qcow2.bitmaps import FLAG_IN_USE, Qcow2Bitmap
+from pynbd.image.qcow2.bitmapstore import BitmapStore, encode_directory
+
+if TYPE_CHECKING:
+    from pynbd.image.qcow2.image import Qcow2Image
+    from pynbd.image.qcow2.writer import Qcow2Writer
+
+log = logging.getLogger(__name__)
+
+
+class BitmapRecorder:
+    """The enabled bitmaps of one writable qcow2 image (see the module doc).
+
+    Made by :meth:`Qcow2Image.make_writable`; raises ImageError if a bitmap the image
+    records into cannot be read, or if the directory cannot be rewritten in place
+    (an entry with extra data), so the image is not opened for writing.
+    """
+
+    def __init__(self, image: Qcow2Image, writer: Qcow2Writer) -> None:
+        top = image.top
+        self.path = top.path
+        self.lock = image.metadata_lock
+        self._writer = writer
+        self._all = list(top.bitmaps)
+        self.recording: list[Qcow2Bitmap] = [b for b in self._all if b.consistent and b.entry.enabled]
+        ext = top.header.bitmaps_ext
+        self._directory_offset = ext.directory_offset if ext else 0
+        if self.recording:
+            assert ext is not None
+            if len(encode_directory([b.entry for b in self._all])) != ext.directory_size:
+                raise ImageError(f"{self.path}: the bitmap directory holds data pynbd does not write "
+                                 "(extra data in an entry); cannot record writes into its bitmaps")
+            for bitmap in self.recording:
+                bitmap.bits()  # ImageIOError (an ImageError) if unreadable
+        self.store_file = BitmapStore(writer.fd, self.path, top.cluster_size, writer.refcounts)
+        #: The recording bitmaps are flagged in use on disk.
+        self._flagged = False
+        #: A store is writing: writes that would dirty new granules wait for it.
+        self._storing = False
+        #: Table slots whose bits changed since the last store, per recording bitmap.
+        self._changed: dict[str, set[int]] = {b.name: set() for b in self.recording}
+        #: Serialises flagging and storing (never taken under the metadata lock).
+        self._disk_lock = threading.Lock()
+
+    # -- recording ------------------------------------------------------------------------
+
+    def record(self, offset: int, length: int, wait: bool = True) -> bool:
+        """Dirty guest bytes ``[offset, offset+length)`` in every recording bitmap before
+        their data is written. With ``wait`` False (on the event loop), True only if that
+        needed no I/O and no lock held elsewhere; else False and nothing changed. With
+        ``wait``, flags the bitmaps in use on disk first when needed (ImageIOError if
+        that write fails: the change must not go ahead)."""
+        if not self.recording or length <= 0:
+            return True
+        if self.lock.acquire(blocking=wait):
+            try:
+                if self._set_bits(offset, length, flagging_done=False):
+                    return True
+            finally:
+                self.lock.release()
+        if not wait:
+            return False
+        with self._disk_lock:
+            with self.lock:
+                flagged = self._flagged
+            if not flagged:
+                self._write_flags(in_use=True)
+                with self.lock:
+                    self._flagged = True
+            with self.lock:
+                self._set_bits(offset, length, flagging_done=True)
+        return True
+
+    def _set_bits(self, offset: int, length: int, flagging_done: bool) -> bool:
+        """Under the metadata lock: set the range's bits and True if that is safe now (the
+        bits are all set already, or the bitmaps are flagged in use and no store is
+        reading them), else False and nothing set."""
+        spans = []
+        for bitmap in self.recording:
+            g = bitmap.granularity
+            first, last = offset // g, min(bitmap.nbits, -(-(offset + length) // g))
+            if bitmap.bits().find(0, first, last) >= 0:
+                spans.append((bitmap, first, last))
+        if not spans:
+            return True
+        if not flagging_done and (not self._flagged or self._storing):
+            return False
+        for bitmap, first, last in spans:
+            bitmap.bits()[first:last] = 1
+            self._changed[bitmap.name].update(
+                self.store_file.slots_of(bitmap.granularity, first * bitmap.granularity,
+                                         (last - first) * bitmap.granularity))
+        return True
+
+    # -- storing ----------------------------------------------------------------------------
+
+    def store(self) -> None:
+        """Write the bits changed since the last store and clear the in-use flags, each
+        stage synced before the next (module doc). Nothing when the bitmaps are not
+        flagged. ImageIOError if a write fails: the flags stay set (the bitmaps are then
+        inconsistent on disk, never stale-looking) and the next store writes again."""
+        if not self.recording:
+            return
+        writer = self._writer
+        with self._disk_lock:
+            with self.lock:
+                if not self._flagged:
+                    return
+                self._storing = True
+                changed, self._changed = self._changed, {b.name: set() for b in self.recording}
+            try:
+                self._store(writer, changed)
+            except BaseException:
+                with self.lock:
+                    for name, slots in changed.items():
+                        self._changed[name] |= slots
+                raise
+            finally:
+                with self.lock:
+                    self._storing = False
+
+    def _store(self, writer: Qcow2Writer, changed: dict[str, set[int]]) -> None:
+        """The stages of :meth:`store`. The writer's own allocations may be in flight:
+        writing their refcounts early costs at most a leak, and frees are only recorded
+        here, for the writer's next flush to apply after its own stages."""
+        store = self.store_file
+        refcounts = writer.refcounts
+        frees: list[int] = []
+        with self.lock:
+            for bitmap in self.recording:
+                slots = changed[bitmap.name]
+                if slots:
+                    frees += store.write_bits(bitmap.table, bitmap.bits(), sorted(slots))
+        store.sync()  # the data clusters, before the refcounts and tables that reach them
+        with self.lock:
+            if refcounts.allocations_pending:
+                refcounts.write_allocations()
+        store.sync()
+        for bitmap in self.recording:
+            if changed[bitmap.name]:
+                store.write_table(bitmap.entry.table_offset, bitmap.table)
+        store.sync()
+        self._write_flags(in_use=False)
+        with self.lock:
+            self._flagged = False
+            # Applied by the writer's next flush (at the latest when the image closes),
+            # after the tables that no longer point at them were synced above.
+            for host in frees:
+                refcounts.free(host, 1)
+
+    def _write_flags(self, in_use: bool) -> None:
+        """Rewrite the directory in place with the recording bitmaps' in-use flag set or
+        clear (the others as they are), synced."""
+        names = {b.name for b in self.recording}
+        entries = []
+        for bitmap in self._all:
+            entry = bitmap.entry
+            if entry.name in names:
+                flags = entry.flags | FLAG_IN_USE if in_use else entry.flags & ~FLAG_IN_USE
+                entry = type(entry)(entry.name, entry.table_offset, entry.table_size, flags,
+                                    entry.granularity_bits, entry.extra_data_size)
+            entries.append(entry)
+        self.store_file.write_directory_in_place(self._directory_offset, entries)
+        self.store_file.sync()
+        log.debug("%s: bitmaps %s %s on disk", self.path, ", ".join(sorted(names)),
+                  "flagged in use" if in_use else "stored")
