@@ -109,17 +109,7 @@ MATRIX = (
     ("rnd512", "rnd-top.qcow2", 60),
 )
 SEEDS = (None, 301, 302, 303, 304)  # None: the edge list (edge_commands)
-#: What pynbd's qcow2 writer does not handle yet: it serves these images read-only (with
-#: the reason), so their cases fail until it does; strict, so they fail loudly when they pass.
-NOT_WRITABLE_YET = {
-    "extl2-64k": "extended L2 entries are not written yet",
-    "extl2-16k": "extended L2 entries are not written yet",
-    "extdata": "external data files are not written yet",
-    "extdata-raw": "external data files are not written yet",
-}
-CASES = [pytest.param(case, image, count, seed, id=f"{case}-{seed or 'edges'}",
-                      marks=[pytest.mark.xfail(reason=NOT_WRITABLE_YET[case], strict=True)]
-                      if case in NOT_WRITABLE_YET else [])
+CASES = [pytest.param(case, image, count, seed, id=f"{case}-{seed or 'edges'}")
          for case, image, count in MATRIX for seed in SEEDS]
 
 
@@ -388,15 +378,17 @@ def run_round(uri: str, round_: Round) -> None:
 
 
 @pytest.mark.pynbd
-@pytest.mark.parametrize("cluster", [512, 64 * KiB], ids=["512", "64k"])
-def test_concurrent_writers_on_the_same_clusters(tmp_path, cluster):
+@pytest.mark.parametrize("cluster,extended_l2", [(512, False), (64 * KiB, False), (64 * KiB, True)],
+                         ids=["512", "64k", "64k-extl2"])
+def test_concurrent_writers_on_the_same_clusters(tmp_path, cluster, extended_l2):
     """Four connections (four qemu-io) writing quarters of the same clusters, then
     overlapping ranges with equal bytes, then zeroes, each round all at once: the image
-    reads like the model and checks clean."""
+    reads like the model and checks clean (with extended L2 entries: racing for the
+    subclusters of one cluster)."""
     rounds, expected = concurrent_rounds(cluster, clusters=256 if cluster == 512 else 48, writers=4)
     image = tmp_path / "shared.qcow2"
-    run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", image,
-              str(len(expected))])
+    options = f"cluster_size={cluster}" + (",extended_l2=on" if extended_l2 else "")
+    run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, image, str(len(expected))])
     server = start_server("pynbd", image)
     try:
         for round_ in rounds:
