@@ -613,20 +613,30 @@ def test_qcow2_without_r_is_writable_and_with_r_read_only(fx: dict[str, Path], t
     assert image.read_bytes() == before
 
 
-def test_qcow2_pynbd_cannot_write_yet_is_served_read_only(fx: dict[str, Path], tmp_path: Path) -> None:
-    """An image with what the writer does not handle yet (extended L2 entries) is served
-    read-only, with the reason in one warning line, and left untouched."""
-    image = tmp_path / "extl2.qcow2"
-    shutil.copy(fx["extl2.qcow2"], image)
+def test_dirty_image_is_repaired_and_served_writable(fx: dict[str, Path], tmp_path: Path) -> None:
+    """An image left with the dirty bit (lazy refcounts, a crash) is repaired when served
+    writable, as QEMU repairs it on open: one warning line naming it, then writes work
+    and ``qemu-img check`` finds nothing; served read-only it is left untouched."""
+    image = tmp_path / "dirty.qcow2"
+    shutil.copy(fx["dirty.qcow2"], image)
     before = image.read_bytes()
-    with PynbdServer(image, workdir=tmp_path) as server:
+    with PynbdServer(image, "-r", workdir=tmp_path) as server:
         with nc.NbdClient.connect(server) as c:
             assert c.flags & nc.TF_READ_ONLY
-            assert c.write(0, b"x" * 512).error == nc.EPERM
-        log = server.log()
-    assert any("read-only" in line and "extended L2" in line and str(image) in line
-               for line in log.splitlines()), log
     assert image.read_bytes() == before
+    with PynbdServer(image, workdir=tmp_path) as server:
+        with nc.NbdClient.connect(server) as c:
+            assert not c.flags & nc.TF_READ_ONLY
+            assert c.write(0, b"x" * 512).error == 0
+            assert c.flush().error == 0
+        log = server.log()
+    assert any("dirty bit" in line and "repaired" in line and str(image) in line
+               for line in log.splitlines()), log
+    check = run(["qemu-img", "check", "--output", "json", str(image)], check=False)
+    report = json.loads(check.stdout)
+    assert check.returncode == 0 and not report.get("leaks") and not report.get("corruptions"), check.stdout
+    info = json.loads(run(["qemu-img", "info", "--output", "json", str(image)]).stdout)
+    assert info["dirty-flag"] is False
 
 
 def test_format_raw_on_qcow2(fx: dict[str, Path], tmp_path: Path) -> None:
