@@ -241,6 +241,8 @@ def qemu_dirty_bytes(path: Path, sock: Path, names: list[str]) -> dict[str, int]
 @pytest.mark.parametrize("name", BITMAP_FIXTURES)
 def test_bitmap_list_matches_qemu(fx: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                   name: str) -> None:
+    """BlockDirtyInfo's keys, with QEMU's values: an in-use bitmap is inconsistent, counts 0
+    and does not record; a consistent one counts the dirty bytes qemu-nbd serves."""
     path = fx[name]
     ref = qemu_bitmaps(path)
     rc, out, _ = pynbd_main(capsys, "bitmap", "--output", "json", str(path))
@@ -248,15 +250,16 @@ def test_bitmap_list_matches_qemu(fx: dict[str, Path], capsys: pytest.CaptureFix
     mine = json.loads(out)
     assert [(b["name"], b["granularity"]) for b in mine] == [(b["name"], b["granularity"]) for b in ref]
     for b, r in zip(mine, ref):
-        assert b["enabled"] == ("auto" in r["flags"])
-        assert b["in_use"] == ("in-use" in r["flags"])
-        assert b["consistent"] == (not b["in_use"])
-        if b["in_use"]:
-            assert b["dirty_bytes"] is None
-    valid = [b["name"] for b in mine if b["consistent"]]
+        assert list(b) == ["name", "count", "granularity", "recording", "busy", "persistent", "inconsistent"]
+        assert b["inconsistent"] == ("in-use" in r["flags"])
+        assert b["recording"] == ("auto" in r["flags"] and not b["inconsistent"])
+        assert not b["busy"] and b["persistent"]
+        if b["inconsistent"]:
+            assert b["count"] == 0
+    valid = [b["name"] for b in mine if not b["inconsistent"]]
     if valid:
         expected = qemu_dirty_bytes(path, tmp_path / "q.sock", valid)
-        assert {b["name"]: b["dirty_bytes"] for b in mine if b["consistent"]} == expected
+        assert {b["name"]: b["count"] for b in mine if not b["inconsistent"]} == expected
     rc, human, _ = pynbd_main(capsys, "bitmap", str(path))
     assert rc == 0
     if not mine:
@@ -276,23 +279,33 @@ def test_bitmap_concrete(fx: dict[str, Path], capsys: pytest.CaptureFixture[str]
         "            [0]: auto\n"
         "        name: b0\n"
         "        granularity: 65536\n"
-        "        consistent: true\n"
-        "        dirty bytes: 1245184\n"
+        "        count: 1245184\n"
+        "        recording: true\n"
+        "        busy: false\n"
+        "        persistent: true\n"
+        "        inconsistent: false\n"
         "    [1]:\n"
         "        flags:\n"
         "        name: b1\n"
         "        granularity: 131072\n"
-        "        consistent: true\n"
-        "        dirty bytes: 262144\n"
+        "        count: 262144\n"
+        "        recording: false\n"
+        "        busy: false\n"
+        "        persistent: true\n"
+        "        inconsistent: false\n"
     )
     rc, out, _ = pynbd_main(capsys, "bitmap", "--output", "json", str(fx["bitmaps-inuse.qcow2"]))
     assert rc == 0
     assert json.loads(out) == [
-        {"name": "b0", "granularity": 65536, "enabled": True, "in_use": True, "consistent": False,
-         "dirty_bytes": None},
-        {"name": "b1", "granularity": 131072, "enabled": False, "in_use": True, "consistent": False,
-         "dirty_bytes": None},
+        {"name": "b0", "count": 0, "granularity": 65536, "recording": False, "busy": False,
+         "persistent": True, "inconsistent": True},
+        {"name": "b1", "count": 0, "granularity": 131072, "recording": False, "busy": False,
+         "persistent": True, "inconsistent": True},
     ]
+    rc, out, _ = pynbd_main(capsys, "bitmap", str(fx["bitmaps-inuse.qcow2"]))
+    assert rc == 0
+    assert "            [0]: in-use\n            [1]: auto\n        name: b0\n" in out
+    assert out.count("        inconsistent: true\n        problem: is in use") == 2
 
 
 def test_bitmap_missing_and_corrupt(fx: dict[str, Path], tmp_path: Path) -> None:

@@ -279,8 +279,9 @@ def test_bitmap_data_past_eof_is_eio(fx: dict[str, Path], tmp_path: Path) -> Non
         with pytest.raises(ImageIOError, match="bitmap 'b0'"):
             list(b0.dirty_runs(0, 4096))
         infos = {i.name: i for i in image.bitmap_infos()}
-        assert infos["b0"].dirty_bytes is None and not infos["b0"].consistent
-        assert infos["b1"].consistent
+        assert infos["b0"].inconsistent and infos["b0"].count == 0
+        assert "cannot be read" in (infos["b0"].problem or "")
+        assert not infos["b1"].inconsistent
 
 
 def test_bitmap_all_ones_table_entry(fx: dict[str, Path], tmp_path: Path) -> None:

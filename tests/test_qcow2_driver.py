@@ -193,11 +193,13 @@ def test_f6_bitmap_contents(fx: dict[str, Path]) -> None:
         assert dirty_rows(image, "b1") == [
             (0, 131072, 1), (131072, 917504, 0), (1048576, 131072, 1), (1179648, 15597568, 0)]
         infos = {i.name: i for i in image.bitmap_infos()}
-        assert infos["b0"].enabled and not infos["b1"].enabled
+        assert infos["b0"].recording and not infos["b1"].recording
+        assert infos["b0"].flags == ("auto",) and infos["b1"].flags == ()
         assert infos["b0"].granularity == 65536 and infos["b1"].granularity == 131072
-        assert infos["b0"].dirty_bytes == (1 + 1 + 1 + 16) * 65536
-        assert infos["b1"].dirty_bytes == 2 * 131072
-        assert all(i.consistent and not i.in_use for i in infos.values())
+        assert infos["b0"].count == (1 + 1 + 1 + 16) * 65536
+        assert infos["b1"].count == 2 * 131072
+        assert all(not i.inconsistent and i.problem is None and i.persistent and not i.busy
+                   for i in infos.values())
         text = format_bitmap_list(image.bitmap_infos())
     assert "name: b0" in text and "[0]: auto" in text and "granularity: 131072" in text
 
@@ -226,8 +228,8 @@ def test_inuse_bitmaps_are_not_exported(fx: dict[str, Path], caplog: pytest.LogC
         with open_fixture(fx, "bitmaps-inuse.qcow2") as image:
             assert image.bitmaps() == {}
             infos = image.bitmap_infos()
-    assert [(i.name, i.in_use, i.consistent, i.dirty_bytes) for i in infos] == [
-        ("b0", True, False, None), ("b1", True, False, None)]
+    assert [(i.name, i.flags, i.inconsistent, i.recording, i.count) for i in infos] == [
+        ("b0", ("in-use", "auto"), True, False, 0), ("b1", ("in-use",), True, False, 0)]
     for b in ("b0", "b1"):
         assert any("bitmaps-inuse.qcow2" in r.getMessage() and repr(b) in r.getMessage()
                    for r in caplog.records)

@@ -203,7 +203,7 @@ def test_dirty_runs_across_cached_chunks(raw: list[bool], gbits: int, data: st.D
     crosses many of them, and asking again (from the cache) gives the same runs."""
     from unittest import mock
 
-    from pynbd.image.qcow2 import bitmaps
+    from pynbd.image import dirtybitmap as bitmaps
 
     g = 1 << gbits
     size = data.draw(st.integers((len(raw) - 1) * g + 1, len(raw) * g))
@@ -291,7 +291,7 @@ def test_bitmap_run_cache_is_bounded() -> None:
     """Chunks of runs are kept up to a count, and a chunk with too many runs is not kept."""
     from unittest import mock
 
-    from pynbd.image.qcow2 import bitmaps
+    from pynbd.image import dirtybitmap as bitmaps
 
     g = 1 << 9
     bits = bitarray(64 * 8, endian="little")

@@ -170,10 +170,13 @@ class Extents:
 
 
 class Bitmap(abc.ABC):
-    """A persistent dirty bitmap, exported as ``qemu:dirty-bitmap:NAME``."""
+    """A dirty bitmap, exported as ``qemu:dirty-bitmap:NAME``."""
 
     name: str
     granularity: int
+    #: NBD connections that selected its context (changed under the image's metadata
+    #: lock): the bitmap is busy while any does.
+    readers: int = 0
 
     @abc.abstractmethod
     def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> Runs:
@@ -194,14 +197,26 @@ class Bitmap(abc.ABC):
 
 @dataclass(frozen=True, slots=True)
 class BitmapInfo:
-    """What ``pynbd bitmap --list`` shows for one bitmap in an image file."""
+    """One bitmap of an image file in the words of QEMU's ``BlockDirtyInfo``
+    (``query-named-block-nodes``), plus its on-disk flags and what makes it unusable.
+    What ``pynbd bitmap`` lists."""
 
     name: str
+    #: Dirty bytes: the granules set times the granularity; 0 when inconsistent, as QEMU says.
+    count: int
     granularity: int
-    enabled: bool
-    in_use: bool
-    consistent: bool
-    dirty_bytes: int | None  # None when the bitmap could not be read
+    #: Records writes: enabled (flag ``auto``) and not inconsistent.
+    recording: bool
+    #: In use by an operation (an NBD export of a running server, say); never offline.
+    busy: bool
+    #: Stored in the image (every bitmap pynbd reads is).
+    persistent: bool
+    #: Unusable: flagged in use on disk (not stored cleanly), or not readable.
+    inconsistent: bool
+    #: The directory entry's flags as ``qemu-img info`` names them ("in-use", "auto").
+    flags: tuple[str, ...] = ()
+    #: Why it is inconsistent (None when it is not).
+    problem: str | None = None
 
 
 # --- the image ---------------------------------------------------------------------

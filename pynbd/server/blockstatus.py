@@ -9,9 +9,11 @@ touches (:mod:`pynbd.image.changes`).
 from __future__ import annotations
 
 import logging
+
 from pynbd.image.base import ImageError, ImageIOError
 from pynbd.protocol import wire
 from pynbd.protocol.constants import FLAG_REQ_ONE
+from pynbd.protocol.contexts import QEMU_DIRTY_BITMAP_PREFIX
 from pynbd.protocol.transmission import Request, RequestError, TransmissionState, build_descriptors
 from pynbd.runlength import Buffer, Runs, clipped
 from pynbd.runspans import RunIndex
@@ -52,9 +54,21 @@ class BlockStatusService:
         #: :meth:`prepare_next` continues from.
         self._last: tuple[Request, BlockStatusAnswer | None, list[Buffer]] | None = None
         image.changes.listen(self._changed)
+        #: The bitmaps this connection reads: busy until it closes (QEMU's BlockDirtyInfo
+        #: ``busy``; operations on them are refused meanwhile).
+        self._reading = [export.bitmaps[name[len(QEMU_DIRTY_BITMAP_PREFIX):]]
+                         for name in state.contexts.values() if name.startswith(QEMU_DIRTY_BITMAP_PREFIX)]
+        with image.metadata_lock:
+            for bitmap in self._reading:
+                bitmap.readers += 1
 
     def close(self) -> None:
-        self.export.image.changes.unlisten(self._changed)
+        image = self.export.image
+        image.changes.unlisten(self._changed)
+        with image.metadata_lock:
+            for bitmap in self._reading:
+                bitmap.readers -= 1
+        self._reading = []
 
     def _changed(self, offset: int, length: int) -> None:
         if not self._shared:

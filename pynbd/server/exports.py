@@ -14,6 +14,7 @@ from pynbd.protocol.handshake import ExportDescription
 from pynbd.server.answers import AnswerCache
 from pynbd.server.contexts import ContextTable
 from pynbd.server.inline import InlineOrThread
+from pynbd.server.stats import IoStats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Export:
     #: Block status answers every connection may reuse (images with stable extents);
     #: the image's change feed drops those a change overlaps.
     answers: AnswerCache = field(default_factory=AnswerCache)
+    #: I/O counters of the requests served (pynbd.server.stats); exports of one image may share them.
+    stats: IoStats = field(default_factory=IoStats)
 
     def __post_init__(self) -> None:
         # (Created here, before any thread can reach them: cached_property has no lock.)
@@ -56,6 +59,8 @@ class Export:
 
     #: The temporary overlay of a snapshot export (deleted at close).
     overlay: str | None = None
+    #: The bitmaps it may export (``-B``); None: every consistent one of the image.
+    bitmap_names: tuple[str, ...] | None = None
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
@@ -92,6 +97,7 @@ class Export:
             bitmaps=bitmaps,
             contexts=ContextTable.for_image(image, bitmaps),
             overlay=overlay,
+            bitmap_names=config.bitmaps,
         )
 
     @staticmethod
@@ -110,6 +116,16 @@ class Export:
                 continue
             loaded[name] = bitmap
         return loaded
+
+    def refresh_bitmaps(self) -> None:
+        """Export the image's bitmaps as they are now (after bitmaps were added or removed
+        at run time): new connections see them; open ones keep the contexts they chose,
+        whose bitmaps stay while they read them (they are busy). On the event loop."""
+        bitmaps = dict(self.image.bitmaps())
+        if self.bitmap_names is not None:
+            bitmaps = {name: bitmaps[name] for name in self.bitmap_names if name in bitmaps}
+        self.bitmaps = bitmaps
+        self.contexts = ContextTable.for_image(self.image, bitmaps)
 
     def describe(self) -> ExportDescription:
         return ExportDescription(

@@ -25,6 +25,7 @@ from pynbd.image.base import (
     ZeroSegment,
 )
 from pynbd.image.locking import QCOW2_READ_ONLY, QCOW2_WRITABLE, lock_file
+from pynbd.image.dirtybitmap import DirtyBitmap
 from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
     KIND_DATA,
@@ -36,12 +37,13 @@ from pynbd.image.qcow2.chain import (
     resolve_backing_path,
 )
 from pynbd.image.qcow2.compression import ClusterCache
-from pynbd.image.qcow2.header import MAGIC
+from pynbd.image.qcow2.header import INCOMPAT_DIRTY, MAGIC, parse_header
 from pynbd.image.qcow2.l2cache import TableCache
 from pynbd.image.qcow2.layer import Qcow2Layer
 from pynbd.image.qcow2.recording import BitmapRecorder
 from pynbd.image.qcow2.tableruns import ALLOCATION_OF_KIND, TOP_DEPTH_OF_KIND
-from pynbd.image.qcow2.writer import Qcow2Writer, writable_problem
+from pynbd.image.qcow2.repair import repair_refcounts
+from pynbd.image.qcow2.writer import Qcow2Writer
 from pynbd.runlength import Runs
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class Qcow2Image(Image):
         """
         with self.metadata_lock:
             self.top.forget_derived(offset, length)
-            for bitmap in self.top.bitmaps:
+            for bitmap in self.bitmap_list():
                 bitmap.forget_runs(offset, length)
 
     # -- reading --
@@ -190,11 +192,10 @@ class Qcow2Image(Image):
     # -- writing (in worker threads; see writer.py) --
 
     def make_writable(self) -> None:
-        """Open the top file for writing. Raises ImageError (one line) when pynbd cannot
-        write this image or the file cannot be opened for writing."""
-        problem = writable_problem(self)
-        if problem:
-            raise ImageError(f"{self.path}: pynbd cannot write this image: {problem}")
+        """Open the top file for writing. Raises ImageError (one line) when the file cannot
+        be opened or locked for writing, or a bitmap it records into cannot be read."""
+        if self.top.header.incompatible_features & INCOMPAT_DIRTY:
+            raise ImageError(f"{self.path}: its dirty bit is set: open it with open_qcow2, which repairs it")
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -247,11 +248,16 @@ class Qcow2Image(Image):
 
     # -- bitmaps --
 
+    def bitmap_list(self) -> list[DirtyBitmap]:
+        """Every bitmap of the top image: the file's, and on a writable image those made
+        at run time (:mod:`pynbd.image.qcow2.bitmapops`), oldest first."""
+        return self.recorder.bitmaps if self.recorder is not None else list(self.top.bitmaps)
+
     def bitmaps(self) -> Mapping[str, Bitmap]:
-        return {b.name: b for b in self.top.bitmaps if b.consistent}
+        return {b.name: b for b in self.bitmap_list() if b.consistent}
 
     def bitmap_infos(self) -> Sequence[BitmapInfo]:
-        return [b.info() for b in self.top.bitmaps]
+        return [b.info() for b in self.bitmap_list()]
 
     def close(self) -> None:
         if self._closed:
@@ -326,13 +332,36 @@ def open_chain(path: str, cache: TableCache | None = None) -> list[Layer]:
         raise
 
 
-def open_qcow2(path: str, read_only: bool, fiemap: bool = True) -> Image:
-    """Open a qcow2 image with its backing chain, writable unless ``read_only``.
+def repair_if_dirty(path: str) -> None:
+    """Repair the refcounts of an image whose dirty bit is set (lazy refcounts left by a
+    crash) and clear the bit, as QEMU does when it opens such an image for writing
+    (:mod:`pynbd.image.qcow2.repair`); nothing for a clean image. The file is locked
+    for writing while it is looked at and repaired (ImageError if another writer has
+    it, or if it cannot be repaired safely)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open for writing: {exc.strerror}") from None
+    try:
+        lock_file(fd, path, QCOW2_WRITABLE)
+        header = parse_header(path, fd, os.fstat(fd).st_size)
+        if header.incompatible_features & INCOMPAT_DIRTY:
+            report = repair_refcounts(path, fd)
+            log.warning("%s: the dirty bit was set (refcounts not up to date after a crash): repaired "
+                        "(%d refcounts raised, %d leaked clusters freed, %d COPIED flags fixed)",
+                        path, report.raised, report.lowered, report.copied_fixed)
+    finally:
+        os.close(fd)  # (its locks go with it; the image's own open locks again)
 
-    An image pynbd cannot write yet (:func:`writable_problem`) is opened read-only:
-    :attr:`Image.read_only` says so and :attr:`Image.read_only_reason` why.
+
+def open_qcow2(path: str, read_only: bool, fiemap: bool = True) -> Image:
+    """Open a qcow2 image with its backing chain, writable unless ``read_only`` (an image
+    left dirty by a crash is repaired first: :func:`repair_if_dirty`).
+
     ``fiemap`` does not apply: qcow2 block status comes from the L2 tables.
     """
+    if not read_only:
+        repair_if_dirty(path)
     cache = TableCache()
     image = Qcow2Image(open_chain(path, cache), cache)
     try:
@@ -341,10 +370,7 @@ def open_qcow2(path: str, read_only: bool, fiemap: bool = True) -> Image:
         for layer in image.layers[1:]:
             if isinstance(layer, Qcow2Layer):
                 lock_file(layer.fd, layer.path, QCOW2_READ_ONLY)
-        problem = None if read_only else writable_problem(image)
-        if problem:
-            image.read_only_reason = f"pynbd cannot write this image: {problem}"
-        if read_only or problem:
+        if read_only:
             lock_file(image.top.fd, path, QCOW2_READ_ONLY)
         else:
             image.make_writable()

@@ -34,9 +34,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pynbd.image.base import ImageError
+from pynbd.image.dirtybitmap import DirtyBitmap
 from pynbd.image.qcow2.bitmaps import FLAG_IN_USE, Qcow2Bitmap
 from pynbd.image.qcow2.bitmapstore import BitmapStore, encode_directory
 
@@ -48,7 +52,8 @@ log = logging.getLogger(__name__)
 
 
 class BitmapRecorder:
-    """The enabled bitmaps of one writable qcow2 image (see the module doc).
+    """The bitmaps of one writable qcow2 image: recording, storing (see the module doc),
+    and the live operations of :mod:`pynbd.image.qcow2.bitmapops`.
 
     Made by :meth:`Qcow2Image.make_writable`; raises ImageError if a bitmap the image
     records into cannot be read, or if the directory cannot be rewritten in place
@@ -57,29 +62,40 @@ class BitmapRecorder:
 
     def __init__(self, image: Qcow2Image, writer: Qcow2Writer) -> None:
         top = image.top
+        self.image = image
         self.path = top.path
         self.lock = image.metadata_lock
-        self._writer = writer
-        self._all = list(top.bitmaps)
-        self.recording: list[Qcow2Bitmap] = [b for b in self._all if b.consistent and b.entry.enabled]
+        self.writer = writer
+        #: Every bitmap of the image, persistent ones in directory order, then any made
+        #: at run time; changed under :attr:`lock`.
+        self.bitmaps: list[DirtyBitmap] = list(top.bitmaps)
         ext = top.header.bitmaps_ext
-        self._directory_offset = ext.directory_offset if ext else 0
         if self.recording:
             assert ext is not None
-            if len(encode_directory([b.entry for b in self._all])) != ext.directory_size:
+            if len(encode_directory([b.entry for b in self.stored])) != ext.directory_size:
                 raise ImageError(f"{self.path}: the bitmap directory holds data pynbd does not write "
                                  "(extra data in an entry); cannot record writes into its bitmaps")
             for bitmap in self.recording:
                 bitmap.bits()  # ImageIOError (an ImageError) if unreadable
         self.store_file = BitmapStore(writer.fd, self.path, top.cluster_size, writer.refcounts)
-        #: The recording bitmaps are flagged in use on disk.
+        #: The persistent recording bitmaps are flagged in use on disk.
         self._flagged = False
-        #: A store is writing: writes that would dirty new granules wait for it.
+        #: A store or an operation is writing: writes that would dirty new granules wait.
         self._storing = False
-        #: Table slots whose bits changed since the last store, per recording bitmap.
-        self._changed: dict[str, set[int]] = {b.name: set() for b in self.recording}
-        #: Serialises flagging and storing (never taken under the metadata lock).
-        self._disk_lock = threading.Lock()
+        #: Table slots whose bits changed since the last store, per persistent bitmap name.
+        self._changed: dict[str, set[int]] = {}
+        #: Serialises flagging, storing and operations (never taken under the metadata lock).
+        self.disk_lock = threading.Lock()
+
+    @property
+    def recording(self) -> list[DirtyBitmap]:
+        """The bitmaps writes go into (enabled and consistent)."""
+        return [b for b in self.bitmaps if b.recording and b.consistent]
+
+    @property
+    def stored(self) -> list[Qcow2Bitmap]:
+        """The bitmaps in the image file, in directory order."""
+        return [b for b in self.bitmaps if isinstance(b, Qcow2Bitmap)]
 
     # -- recording ------------------------------------------------------------------------
 
@@ -89,7 +105,7 @@ class BitmapRecorder:
         needed no I/O and no lock held elsewhere; else False and nothing changed. With
         ``wait``, flags the bitmaps in use on disk first when needed (ImageIOError if
         that write fails: the change must not go ahead)."""
-        if not self.recording or length <= 0:
+        if length <= 0 or not self.bitmaps:
             return True
         if self.lock.acquire(blocking=wait):
             try:
@@ -99,7 +115,7 @@ class BitmapRecorder:
                 self.lock.release()
         if not wait:
             return False
-        with self._disk_lock:
+        with self.disk_lock:
             with self.lock:
                 flagged = self._flagged
             if not flagged:
@@ -112,8 +128,8 @@ class BitmapRecorder:
 
     def _set_bits(self, offset: int, length: int, flagging_done: bool) -> bool:
         """Under the metadata lock: set the range's bits and True if that is safe now (the
-        bits are all set already, or the bitmaps are flagged in use and no store is
-        reading them), else False and nothing set."""
+        bits are all set already, or only bitmaps in memory change, or the persistent ones
+        are flagged in use and no store is reading them), else False and nothing set."""
         spans = []
         for bitmap in self.recording:
             g = bitmap.granularity
@@ -122,62 +138,77 @@ class BitmapRecorder:
                 spans.append((bitmap, first, last))
         if not spans:
             return True
-        if not flagging_done and (not self._flagged or self._storing):
+        stored = [span for span in spans if span[0].persistent]
+        if stored and not flagging_done and (not self._flagged or self._storing):
             return False
         for bitmap, first, last in spans:
             bitmap.bits()[first:last] = 1
-            self._changed[bitmap.name].update(
-                self.store_file.slots_of(bitmap.granularity, first * bitmap.granularity,
-                                         (last - first) * bitmap.granularity))
+        for bitmap, first, last in stored:
+            g = bitmap.granularity
+            self._changed.setdefault(bitmap.name, set()).update(
+                self.store_file.slots_of(g, first * g, (last - first) * g))
         return True
 
     # -- storing ----------------------------------------------------------------------------
+
+    @contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Hold :attr:`disk_lock` with the recorded bits stored and writes that would dirty
+        new granules waiting, for an operation that rewrites bitmaps (bitmapops)."""
+        with self.disk_lock:
+            with self.lock:
+                storing, self._storing = self._storing, True
+            try:
+                self.store_locked()
+                yield
+            finally:
+                with self.lock:
+                    self._storing = storing
 
     def store(self) -> None:
         """Write the bits changed since the last store and clear the in-use flags, each
         stage synced before the next (module doc). Nothing when the bitmaps are not
         flagged. ImageIOError if a write fails: the flags stay set (the bitmaps are then
         inconsistent on disk, never stale-looking) and the next store writes again."""
-        if not self.recording:
-            return
-        writer = self._writer
-        with self._disk_lock:
-            with self.lock:
-                if not self._flagged:
-                    return
-                self._storing = True
-                changed, self._changed = self._changed, {b.name: set() for b in self.recording}
-            try:
-                self._store(writer, changed)
-            except BaseException:
-                with self.lock:
-                    for name, slots in changed.items():
-                        self._changed[name] |= slots
-                raise
-            finally:
-                with self.lock:
-                    self._storing = False
+        with self.disk_lock:
+            self.store_locked()
 
-    def _store(self, writer: Qcow2Writer, changed: dict[str, set[int]]) -> None:
+    def store_locked(self) -> None:
+        """:meth:`store` for a caller holding :attr:`disk_lock`."""
+        with self.lock:
+            if not self._flagged:
+                return
+            storing, self._storing = self._storing, True
+            changed, self._changed = self._changed, {}
+        try:
+            self._store(changed)
+        except BaseException:
+            with self.lock:
+                for name, slots in changed.items():
+                    self._changed.setdefault(name, set()).update(slots)
+            raise
+        finally:
+            with self.lock:
+                self._storing = storing
+
+    def _store(self, changed: dict[str, set[int]]) -> None:
         """The stages of :meth:`store`. The writer's own allocations may be in flight:
         writing their refcounts early costs at most a leak, and frees are only recorded
         here, for the writer's next flush to apply after its own stages."""
         store = self.store_file
-        refcounts = writer.refcounts
+        refcounts = self.writer.refcounts
         frees: list[int] = []
         with self.lock:
-            for bitmap in self.recording:
-                slots = changed[bitmap.name]
-                if slots:
-                    frees += store.write_bits(bitmap.table, bitmap.bits(), sorted(slots))
+            written = [b for b in self.stored if changed.get(b.name)]
+            for bitmap in written:
+                frees += store.write_bits(bitmap.table, bitmap.bits(), sorted(changed[bitmap.name]))
         store.sync()  # the data clusters, before the refcounts and tables that reach them
         with self.lock:
             if refcounts.allocations_pending:
                 refcounts.write_allocations()
         store.sync()
-        for bitmap in self.recording:
-            if changed[bitmap.name]:
-                store.write_table(bitmap.entry.table_offset, bitmap.table)
+        for bitmap in written:
+            store.write_table(bitmap.entry.table_offset, bitmap.table)
         store.sync()
         self._write_flags(in_use=False)
         with self.lock:
@@ -188,18 +219,20 @@ class BitmapRecorder:
                 refcounts.free(host, 1)
 
     def _write_flags(self, in_use: bool) -> None:
-        """Rewrite the directory in place with the recording bitmaps' in-use flag set or
-        clear (the others as they are), synced."""
-        names = {b.name for b in self.recording}
+        """Rewrite the directory in place with the persistent recording bitmaps' in-use
+        flag set or clear (the others as they are), synced."""
+        with self.lock:
+            stored = self.stored
+            directory = self.image.top.header.bitmaps_ext
+        if directory is None:
+            return
         entries = []
-        for bitmap in self._all:
+        for bitmap in stored:
             entry = bitmap.entry
-            if entry.name in names:
+            if bitmap.recording and bitmap.consistent:
                 flags = entry.flags | FLAG_IN_USE if in_use else entry.flags & ~FLAG_IN_USE
-                entry = type(entry)(entry.name, entry.table_offset, entry.table_size, flags,
-                                    entry.granularity_bits, entry.extra_data_size)
+                entry = replace(entry, flags=flags)
             entries.append(entry)
-        self.store_file.write_directory_in_place(self._directory_offset, entries)
+        self.store_file.write_directory_in_place(directory.directory_offset, entries)
         self.store_file.sync()
-        log.debug("%s: bitmaps %s %s on disk", self.path, ", ".join(sorted(names)),
-                  "flagged in use" if in_use else "stored")
+        log.debug("%s: bitmaps %s on disk", self.path, "flagged in use" if in_use else "stored")

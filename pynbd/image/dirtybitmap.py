@@ -1,0 +1,231 @@
+"""A dirty bitmap held in memory as a :class:`bitarray.bitarray`, and its runs for block status.
+
+:class:`DirtyBitmap` is what ``qemu:dirty-bitmap:NAME`` reads (NBD block status) and what
+a writable image records writes into; its state is what QEMU's BlockDirtyInfo reports.
+A bitmap that lives in an image file subclasses it to load its bits on first use
+(:class:`pynbd.image.qcow2.bitmaps.Qcow2Bitmap`); one made at run time and not
+persistent starts with its bits clear.
+
+:meth:`DirtyBitmap.dirty_runs` finds run boundaries with bitarray's C-level search,
+and whole-range scans are served from cached chunks of runs, so a query costs a few C
+loops, not Python work per bit or per run. Bits change under :attr:`metadata_lock`
+(the image's); a change's range is then dropped from the run cache
+(:meth:`forget_runs`, called by the image's change feed on the event loop).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from itertools import repeat
+from operator import mul
+from threading import Lock, RLock
+
+from bitarray import bitarray
+
+from pynbd.image.base import Bitmap, BitmapInfo, ImageIOError
+from pynbd.runlength import Runs, bit_runs, concat
+from pynbd.runspans import SpanRuns
+
+#: Guest bytes per cached chunk of runs: 2 GiB, so a run inside a chunk fits
+#: a u32 and slices go to the wire encoder as arrays.
+RUN_CHUNK_BYTES = 1 << 31
+#: Chunks kept per bitmap (a full scan of a 256 GiB image).
+RUN_CHUNKS_CACHED = 128
+#: A chunk with more runs than this (16 bytes each) is not kept: at most 32 MiB per bitmap.
+MAX_CACHED_CHUNK_BYTES = 256 * 1024
+
+
+class DirtyBitmap(Bitmap):
+    """A dirty bitmap of an image of ``image_size`` bytes, one bit per ``granularity``
+    bytes. ``bits`` are its bits (little endian); None: :meth:`_load` reads them on
+    first use. Not persistent, recording, and not busy until told otherwise."""
+
+    #: Stored in the image file (QEMU's ``persistent``).
+    persistent = False
+
+    def __init__(self, name: str, granularity: int, image_size: int, bits: bitarray | None = None) -> None:
+        self.name = name
+        self.granularity = granularity
+        #: The size of the image it tracks (merges need equal sizes).
+        self.image_size = image_size
+        self.nbits = -(-image_size // granularity)
+        if bits is not None and len(bits) != self.nbits:
+            raise ValueError(f"bitmap {name!r}: {len(bits)} bits for {self.nbits} granules")
+        self._bits = bits
+        self._load_lock = Lock()
+        #: Why this bitmap cannot be used (None when it can): QEMU's ``inconsistent``.
+        self.problem: str | None = None
+        #: Writes are recorded into it (QEMU's ``recording``; the qcow2 flag ``auto``).
+        self.recording = True
+        #: NBD connections with its context selected: busy while any (QEMU's ``busy``).
+        self.readers = 0
+        #: Guards the bits against a writer: the image's metadata lock once the image
+        #: that owns the bitmap is made, a lock of its own until then.
+        self.metadata_lock: RLock = RLock()
+        #: chunk index -> its runs (see :meth:`_chunk_runs`), least recently used first.
+        self._run_cache: OrderedDict[int, SpanRuns] = OrderedDict()
+        self._chunk_granules = max(1, RUN_CHUNK_BYTES // granularity)
+
+    @property
+    def consistent(self) -> bool:
+        return self.problem is None
+
+    @property
+    def busy(self) -> bool:
+        return self.readers > 0
+
+    def bits(self) -> bitarray:
+        """The bit array (loaded on first call); raises ImageIOError if unreadable."""
+        if self._bits is None:
+            with self._load_lock:
+                if self._bits is None:
+                    self._bits = self._load()
+        return self._bits
+
+    def _load(self) -> bitarray:
+        raise ImageIOError(f"bitmap {self.name!r} has no bits")
+
+    def count(self) -> int:
+        """Dirty bytes (granules times the granularity), as QEMU counts them."""
+        return self.bits().count(1) * self.granularity
+
+    def info(self) -> BitmapInfo:
+        """The bitmap as QEMU's BlockDirtyInfo describes it; a bitmap whose bits cannot be
+        read is inconsistent (count 0)."""
+        problem = self.problem
+        count = 0
+        if problem is None:
+            try:
+                count = self.count()
+            except ImageIOError as exc:
+                problem = f"cannot be read: {exc}"
+        return BitmapInfo(name=self.name, count=count, granularity=self.granularity,
+                          recording=self.recording and problem is None, busy=self.busy,
+                          persistent=self.persistent, inconsistent=problem is not None,
+                          flags=self.flags(), problem=problem)
+
+    def flags(self) -> tuple[str, ...]:
+        """The flags ``qemu-img info`` shows for it (none for a bitmap only in memory)."""
+        return ()
+
+    # -- queries --
+
+    def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> Runs:
+        """See :meth:`Bitmap.dirty_runs`; on the event loop thread. The bits are read
+        (on first use) before :attr:`metadata_lock` is taken, and the search runs under it,
+        so a writer setting bits under that lock is never seen half done."""
+        self.bits()
+        with self.metadata_lock:
+            return self._dirty_runs(offset, length, limit)
+
+    def _dirty_runs(self, offset: int, length: int, limit: int | None) -> Runs:
+        g = self.granularity
+        end = offset + length
+        first = offset // g
+        last = min(-(-end // g), self.nbits)  # granules [first, last) overlap the range
+        if first >= last:  # past the last granule (cannot happen inside the image)
+            return Runs([length], [0], True)
+        if limit is not None and limit < 64:
+            return self._few_runs(offset, end, first, last, limit)
+        # Whole ranges come from cached chunks of runs: a scan of the bitmap
+        # (nbdinfo --map, an incremental backup) then costs slices, not bit searches.
+        stop = min(end, self.nbits * g)
+        chunk_bytes = self.chunk_bytes
+        parts: list[Runs] = []
+        pos = offset
+        while pos < stop:
+            chunk = pos // chunk_bytes
+            part_end = min(stop, (chunk + 1) * chunk_bytes)
+            parts.append(self._chunk_runs(chunk).slice(pos, part_end))
+            pos = part_end
+        if end > stop:  # the range runs past the bitmap's last granule: clean
+            parts.append(Runs([end - stop], [0], True, end - stop, end - stop))
+        runs = concat(parts)
+        return runs if limit is None else runs.head(limit)
+
+    def _few_runs(self, offset: int, end: int, first: int, last: int, limit: int) -> Runs:
+        """At most ``limit`` runs from ``offset`` (REQ_ONE), found boundary by boundary in C
+        without copying the range or caching."""
+        g = self.granularity
+        bits = self.bits()
+        granules: list[int] = []
+        values: list[int] = []
+        k = first
+        while k < last and len(granules) < limit:
+            dirty = bits[k]
+            nxt = bits.find(not dirty, k + 1, last)
+            stop = last if nxt < 0 else nxt
+            granules.append(stop - k)
+            values.append(dirty)
+            k = stop
+        # Granules to bytes, clipping the partial first and last granule to the range.
+        lengths = list(map(mul, granules, repeat(g)))
+        lengths[0] -= offset - first * g
+        if k == last:
+            overshoot = last * g - end
+            if overshoot > 0:
+                lengths[-1] -= overshoot
+            elif overshoot < 0:  # the range runs past the bitmap's last granule: clean
+                if values[-1]:
+                    lengths.append(-overshoot)
+                    values.append(0)
+                else:
+                    lengths[-1] -= overshoot
+        # Runs found at value changes are non-empty and alternate.
+        return Runs(lengths, values, True)
+
+    def forget_runs(self, offset: int, length: int) -> None:
+        """Drop the cached run chunks that overlap guest bytes ``[offset, offset+length)``
+        (their bits change or will; the bits themselves are the authority and stay).
+
+        A granule never straddles two chunks, so the chunks overlapping the range
+        hold every granule the change can dirty. On the event loop thread.
+        """
+        if length <= 0 or not self._run_cache:
+            return
+        chunk_bytes = self.chunk_bytes
+        first, last = offset // chunk_bytes, (offset + length - 1) // chunk_bytes
+        run_cache = self._run_cache
+        if last - first < len(run_cache):
+            for chunk in range(first, last + 1):
+                run_cache.pop(chunk, None)
+        else:  # a range wider than the cache: look at what is cached instead
+            for chunk in [c for c in run_cache if first <= c <= last]:
+                del run_cache[chunk]
+
+    @property
+    def cached_chunks(self) -> list[int]:
+        """Indexes of the chunks whose runs are cached, least recently used first
+        (for tests and statistics); chunk ``k`` covers guest bytes from
+        ``k * chunk_bytes`` (:attr:`chunk_bytes`)."""
+        return list(self._run_cache)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Guest bytes one cached chunk of runs covers."""
+        return self._chunk_granules * self.granularity
+
+    def _chunk_runs(self, chunk: int) -> SpanRuns:
+        """The runs of one chunk of granules, in bytes (computed once, kept while the cache allows).
+
+        Block status runs on the event loop thread only, so the cache needs no lock.
+        """
+        cached = self._run_cache.get(chunk)
+        if cached is not None:
+            self._run_cache.move_to_end(chunk)
+            return cached
+        g = self.granularity
+        first = chunk * self._chunk_granules
+        granules = bit_runs(self.bits()[first:min(first + self._chunk_granules, self.nbits)])
+        runs = SpanRuns(first * g, Runs(list(map(mul, granules.lengths, repeat(g))), granules.values, True))
+        if runs.nbytes <= MAX_CACHED_CHUNK_BYTES:  # a pathological chunk is computed each time instead
+            self._run_cache[chunk] = runs
+            while len(self._run_cache) > RUN_CHUNKS_CACHED:
+                self._run_cache.popitem(last=False)
+        return runs
+
+    def preload(self) -> None:
+        """Load the bits and compute the runs of the chunks the cache keeps."""
+        self.bits()
+        for chunk in range(min(RUN_CHUNKS_CACHED, -(-self.nbits // self._chunk_granules))):
+            self._chunk_runs(chunk)
