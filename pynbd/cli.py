@@ -1,7 +1,8 @@
 """The ``pynbd`` command line: parses arguments, builds exports, starts the server.
 
 Every user error (bad option, missing image, busy port) is one line on stderr
-and exit code 2, never a traceback.
+and exit code 2, never a traceback; ``pynbd bitmap`` operations that fail exit 1,
+as ``qemu-img bitmap`` does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from pynbd.server.lookahead import DEFAULT_POLL_WINDOW_NS
 from pynbd.server.process import LoopUnavailable, event_loop_factory, tune_for_serving
 from pynbd.certs import ensure_default_creds
 from pynbd.protocol.handshake import TlsMode
+from pynbd.qmp import standard_registry
+from pynbd.qmp.basic import PYNBD_QMP_VERSION
+from pynbd.qmp.monitor import QmpMonitor, bind_monitor_socket
+from pynbd.qmp.nodes import NodeTable
 from pynbd.server.server import (
     ListenAddress,
     ListenError,
@@ -35,7 +40,7 @@ from pynbd.server.server import (
     systemd_sockets,
 )
 from pynbd.server.tls import TlsConfig, TlsSetupError, read_authz, read_psk_file
-from pynbd.tools.bitmap import format_bitmap_list, format_bitmaps_json
+from pynbd.tools.bitmap import BitmapRequest, change_bitmaps, format_bitmap_list, format_bitmaps_json
 from pynbd.tools.create import FORMATS, PREALLOC_MODES, CreateError, CreateOptions, create_image
 from pynbd.tools.map import format_map_human, format_map_json, human_map_complete, image_map, layer_paths
 
@@ -130,6 +135,12 @@ def add_serve_parser(sub: Any) -> None:
     tls.add_argument("--tls-authz", action="append", default=[], metavar="DN|@FILE",
                      help="allowed client subject (e.g. 'O=pynbd,CN=backup'); repeatable; @FILE: one per line")
     tls.add_argument("--tls-psk", metavar="FILE", help="TLS-PSK keys, username:hexkey per line (Python >= 3.13)")
+    p.add_argument("--node-name", metavar="NAME",
+                   help="the QMP node name of IMAGE (default: the export name, or disk0 for the export \"\"); "
+                        "its file node is NAME-file")
+    p.add_argument("--qmp", metavar="PATH",
+                   help="QMP control socket (unix, mode 0600) speaking as qemu-storage-daemon's monitor; "
+                        "with it IMAGE may be left out: exports then come from QMP")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for protocol detail)")
     p.set_defaults(func=cmd_serve)
 
@@ -144,8 +155,8 @@ def export_configs(args: argparse.Namespace) -> list[ExportConfig]:
     for name, path in args.export:
         configs.append(ExportConfig(name, path, "", args.read_only, args.format, bitmaps, fiemap,
                                     args.snapshot))
-    if not configs:
-        raise UsageError("nothing to serve: give an IMAGE or --export NAME=PATH")
+    if not configs and not args.qmp:
+        raise UsageError("nothing to serve: give an IMAGE, --export NAME=PATH or --qmp PATH")
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise UsageError(f"export names must be unique, got {names}")
@@ -212,8 +223,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except LoopUnavailable as exc:
         raise UsageError(str(exc)) from None
     exports = open_exports(configs)
+    qmp_socket = None
     try:
         hold_stop_signals()
+        if args.qmp:
+            qmp_socket = bind_monitor_socket(args.qmp)
         sockets = listen_sockets(args)
         tls_mode, tls_upgrade = tls_settings(args, sockets)
         settings = ConnectionSettings(
@@ -227,6 +241,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         async def main() -> None:
             server = NbdServer(exports, sockets, settings, max_connections=args.shared)
+            if qmp_socket is not None:
+                node_names = {configs[0].name: args.node_name} if args.node_name and configs else {}
+                server.nodes = NodeTable(exports, node_names)
+                monitor = QmpMonitor(qmp_socket, standard_registry(), PYNBD_QMP_VERSION, server=server,
+                                     request_stop=server.stop)
+                server.add_service(monitor)
+                server.add_event_listener(monitor.emit_event)
             await server.serve()
 
         tune_for_serving(settings.max_inflight_bytes)
@@ -236,6 +257,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for export in exports:
             export.close()
+        if qmp_socket is not None:
+            qmp_socket.release()
     log.info("stopped")
     return 0
 
@@ -267,18 +290,63 @@ def cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+class _BitmapOperation(argparse.Action):
+    """Appends ``(operation, argument)`` to ``operations``: the order given is the order applied."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        namespace.operations = [*namespace.operations, (self.const, values or None)]
+
+
 def add_bitmap_parser(sub: Any) -> None:
-    p = sub.add_parser("bitmap", help="inspect an image's persistent dirty bitmaps")
+    p = sub.add_parser(
+        "bitmap", help="list or change an image's persistent dirty bitmaps",
+        description="Without BITMAP: list IMAGE's persistent dirty bitmaps. With BITMAP: apply the "
+                    "operations to it in the order given, as qemu-img bitmap does, but all or nothing: "
+                    "on an error the image is left unchanged and the exit code is 1.",
+    )
     p.add_argument("image")
-    p.add_argument("--list", action="store_true", default=True, help="list bitmaps (the default)")
-    p.add_argument("--output", choices=["human", "json"], default="human")
-    p.set_defaults(func=cmd_bitmap)
+    p.add_argument("bitmap", nargs="?")
+    p.add_argument("--list", action="store_true", default=True, help="list bitmaps (the default without BITMAP)")
+    p.add_argument("--output", choices=["human", "json"], default=None, help="listing format (default human)")
+    p.add_argument("-f", "--format", choices=["raw", "qcow2"], help="image format (default: probe)")
+    p.set_defaults(operations=[], func=cmd_bitmap)
+    ops = p.add_argument_group("operations on BITMAP (several apply in the order given)")
+    for op, help_text in (("add", "add the bitmap (recording writes)"), ("remove", "remove the bitmap"),
+                          ("clear", "clear every bit"), ("enable", "record writes"),
+                          ("disable", "stop recording writes")):
+        ops.add_argument(f"--{op}", action=_BitmapOperation, nargs=0, const=op, help=help_text)
+    ops.add_argument("--merge", action=_BitmapOperation, const="merge", metavar="SOURCE",
+                     help="set the bits of bitmap SOURCE (of IMAGE, or of -b SOURCE_FILE)")
+    ops.add_argument("-g", dest="granularity", metavar="GRANULARITY",
+                     help="with --add: bytes per bit, a power of 2 from 512 to 2G (default: the cluster "
+                          "size within 4K..64K)")
+    ops.add_argument("-b", dest="source_file", metavar="SOURCE_FILE", help="with --merge: the image holding SOURCE")
+    ops.add_argument("-F", dest="source_format", choices=["raw", "qcow2"], metavar="SOURCE_FMT",
+                     help="the format of SOURCE_FILE (default: probe)")
+
+
+#: ``pynbd bitmap`` with operations fails with qemu-img bitmap's exit code.
+EXIT_BITMAP_FAILED = 1
 
 
 def cmd_bitmap(args: argparse.Namespace) -> int:
-    with open_image(args.image, None, read_only=True) as image:
-        infos = list(image.bitmap_infos())
-    print(format_bitmaps_json(infos) if args.output == "json" else format_bitmap_list(infos), end="")
+    changing = args.bitmap is not None or args.operations or args.granularity is not None \
+        or args.source_file is not None or args.source_format is not None
+    if not changing:
+        with open_image(args.image, args.format, read_only=True) as image:
+            infos = list(image.bitmap_infos())
+        print(format_bitmaps_json(infos) if args.output == "json" else format_bitmap_list(infos), end="")
+        return 0
+    if args.output is not None:
+        raise UsageError("--output goes with the listing only (no BITMAP, no operations)")
+    request = BitmapRequest(args.image, args.bitmap, args.operations, args.format, args.granularity,
+                            args.source_file, args.source_format)
+    try:
+        change_bitmaps(request)
+    except ImageError as exc:
+        print(f"pynbd: error: {exc}", file=sys.stderr)
+        return EXIT_BITMAP_FAILED
     return 0
 
 

@@ -242,7 +242,7 @@ def _extended_l2(d: Path) -> Path:
 
 
 def _data_file(d: Path) -> Path:
-    image = create(d / "ext.qcow2", "8M", "data_file=ext.data")
+    image = create(d / "ext.qcow2", "8M", f"data_file={d / 'ext.data'}")  # (absolute: not in the cwd)
     lazy_session(image, ["write -P 1 0 1M", "write -z 2M 64k", "flush", "write -P 2 5M 64k"])
     return image
 

@@ -122,6 +122,11 @@ class ExportCatalog:
     def __iter__(self):
         return iter(self._by_name.values())
 
+    def replace(self, description: ExportDescription) -> None:
+        """Offer ``description`` under its name from now on (an export whose contexts
+        changed); handshakes under way keep what they looked up."""
+        self._by_name[description.name] = description
+
 
 # --- events ----------------------------------------------------------------------------
 

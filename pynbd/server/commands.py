@@ -24,6 +24,7 @@ from pynbd.image.base import FastZeroUnsupported, Image, ImageIOError
 from pynbd.protocol.constants import FLAG_DF, FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, Command, Error
 from pynbd.protocol.transmission import Request
 from pynbd.runlength import Buffer
+from pynbd.server.stats import IO_FLUSH, IO_READ, IO_UNMAP, IO_WRITE, counted
 
 if TYPE_CHECKING:
     from pynbd.server.connection import Connection
@@ -160,12 +161,13 @@ async def flush(conn: Connection, request: Request) -> None:
 
 
 #: Command -> its handler. DISC never reaches a handler (the receiver's Disconnect event).
+#: The commands QEMU accounts are counted in the export's I/O statistics (pynbd.server.stats).
 HANDLERS: dict[int, Handler] = {
     Command.BLOCK_STATUS: Handler(Kind.IMMEDIATE, block_status),
     Command.CACHE: Handler(Kind.IMMEDIATE, cache),
-    Command.READ: Handler(Kind.IN_ORDER, read),
-    Command.WRITE: Handler(Kind.IN_THREAD, write),
-    Command.WRITE_ZEROES: Handler(Kind.IN_THREAD, write_zeroes),
-    Command.TRIM: Handler(Kind.IN_THREAD, trim),
-    Command.FLUSH: Handler(Kind.IN_THREAD, flush),
+    Command.READ: Handler(Kind.IN_ORDER, counted(IO_READ, read)),
+    Command.WRITE: Handler(Kind.IN_THREAD, counted(IO_WRITE, write)),
+    Command.WRITE_ZEROES: Handler(Kind.IN_THREAD, counted(IO_WRITE, write_zeroes)),
+    Command.TRIM: Handler(Kind.IN_THREAD, counted(IO_UNMAP, trim)),
+    Command.FLUSH: Handler(Kind.IN_THREAD, counted(IO_FLUSH, flush)),
 }

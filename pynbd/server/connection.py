@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from pynbd.image.base import ImageError
-from pynbd.protocol.constants import CMD_READ, Command
+from pynbd.protocol.constants import CMD_READ, Command, Error
 from pynbd.protocol.handshake import ExportCatalog, HandshakeComplete, ServerHandshake
 from pynbd.protocol.receiver import TransmissionReceiver
 from pynbd.protocol.transmission import NEED_DATA, Disconnect, Rejected, Request, TransmissionState
@@ -344,6 +344,8 @@ class Connection(Negotiation):
                     await self._await_request()
                 elif kind is Rejected:
                     self.log.debug("request %s rejected: %s", event.request, event.message)
+                    if event.error != Error.ESHUTDOWN:  # (refused for the stop, not invalid)
+                        self.export.stats.invalid_command(event.request.type)
                     await writer.error(event.request.cookie, event.error, event.message)
                 elif kind is Disconnect:
                     self._disconnect()

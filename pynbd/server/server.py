@@ -12,6 +12,7 @@ import stat
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pynbd.protocol.handshake import GREETING, ExportCatalog, TlsMode
 from pynbd.server.channel import SocketChannel
@@ -116,6 +117,19 @@ def systemd_sockets() -> list[socket.socket]:
     return socks
 
 
+class Service(Protocol):
+    """Something that runs beside the NBD listeners for the server's lifetime (the QMP
+    monitor): started once the server accepts, closed first when it stops."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+#: ``listener(name, data)``: told of each event :meth:`NbdServer.emit_event` emits.
+EventListener = Callable[[str, "dict[str, Any] | None"], None]
+
+
 class NbdServer:
     def __init__(self, exports: Sequence[Export], listeners: Sequence[socket.socket],
                  settings: ConnectionSettings, max_connections: int = 0,
@@ -129,9 +143,32 @@ class NbdServer:
         self.connections: set[Connection] = set()
         self._stop = asyncio.Event()
         self._accepting: list[_Acceptor] = []
+        self.services: list[Service] = []
+        #: The block nodes of the served images, named for the QMP monitor
+        #: (pynbd.qmp.nodes.NodeTable); None without a monitor.
+        self.nodes: Any = None
+        self._event_listeners: list[EventListener] = []
+
+    def refresh_export(self, export: Export) -> None:
+        """Offer ``export`` as it is now to new clients (its bitmaps changed)."""
+        self.catalog.replace(export.describe())
 
     def stop(self) -> None:
+        """Begin the clean stop (as SIGTERM): :meth:`serve` then winds everything down."""
         self._stop.set()
+
+    def add_service(self, service: Service) -> None:
+        """Run ``service`` with the server (call before :meth:`serve`)."""
+        self.services.append(service)
+
+    def add_event_listener(self, listener: EventListener) -> None:
+        self._event_listeners.append(listener)
+
+    def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
+        """Tell the event listeners (the QMP monitor's clients) of event ``name``; on the
+        event loop's thread. Without listeners nothing happens."""
+        for listener in self._event_listeners:
+            listener(name, data)
 
     async def serve(self) -> None:
         """Accept until stop(); then finish in-flight requests and close everything."""
@@ -149,12 +186,16 @@ class NbdServer:
         self._accepting = [_Acceptor(loop, sock, self._connected, self._resume_accepting)
                            for sock in self.listeners]
         self._resume_accepting()
+        for service in self.services:
+            await service.start()
         await self._stop.wait()
         log.info("stopping: no new connections; finishing requests in flight")
         for acceptor in self._accepting:
             acceptor.pause()
         for sock in self.listeners:
             self._close_listener(sock)
+        for service in self.services:
+            await service.close()
         await self._shutdown_connections()
         for sig in STOP_SIGNALS:
             with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -127,6 +127,7 @@ PACKAGES = {
     "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "nbdsh": "libnbd-bin",
     "libnbd-python": "python3-libnbd", "nbdkit": "nbdkit", "certtool": "gnutls-bin",
     "fio": "fio", "nbd-client": "nbd-client", "strace": "strace",
+    "qemu-storage-daemon": "qemu-system-common",
 }
 
 
