@@ -248,7 +248,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                      request_stop=server.stop)
                 server.add_service(monitor)
                 server.add_event_listener(monitor.emit_event)
-            await server.serve()
+            try:
+                await server.serve()
+            finally:
+                if server.nodes is not None:
+                    server.nodes.close()  # (the images of the command line's exports too)
 
         tune_for_serving(settings.max_inflight_bytes)
         with asyncio.Runner(loop_factory=factory) as runner:

@@ -122,9 +122,13 @@ class ExportCatalog:
     def __iter__(self):
         return iter(self._by_name.values())
 
+    def remove(self, name: str) -> None:
+        """Stop offering the export ``name`` (KeyError if there is none)."""
+        del self._by_name[name]
+
     def replace(self, description: ExportDescription) -> None:
-        """Offer ``description`` under its name from now on (an export whose contexts
-        changed); handshakes under way keep what they looked up."""
+        """Offer ``description`` under its name from now on (a new export, or one whose
+        contexts changed); handshakes under way keep what they looked up."""
         self._by_name[description.name] = description
 
 

@@ -12,7 +12,8 @@ drive it unchanged. The layers:
 * :mod:`pynbd.qmp.nodes` — the block nodes of the served images;
 * :mod:`pynbd.qmp.nodecmds` — query-named-block-nodes, query-blockstats
   (answers built by :mod:`pynbd.qmp.blockinfo` and :mod:`pynbd.server.stats`);
-* :mod:`pynbd.qmp.bitmapcmds` — block-dirty-bitmap-* and transaction.
+* :mod:`pynbd.qmp.bitmapcmds` — block-dirty-bitmap-* and transaction;
+* :mod:`pynbd.qmp.exportcmds` — blockdev-add/-del, block-export-add/-del, query-block-exports.
 
 A command set is a module with ``register(registry)``; :func:`standard_registry` lists them.
 """
@@ -24,9 +25,9 @@ from pynbd.qmp.registry import CommandRegistry
 
 def standard_registry() -> CommandRegistry:
     """A registry with every command ``pynbd serve --qmp`` offers."""
-    from pynbd.qmp import basic, bitmapcmds, nodecmds
+    from pynbd.qmp import basic, bitmapcmds, exportcmds, nodecmds
 
     registry = CommandRegistry()
-    for commands in (basic, nodecmds, bitmapcmds):
+    for commands in (basic, nodecmds, bitmapcmds, exportcmds):
         commands.register(registry)
     return registry

@@ -1,24 +1,38 @@
-"""The block nodes the QMP monitor names: each served image as a format node over its
-file node (plus the nodes of its backing chain), as a qemu-storage-daemon configured
-with ``--blockdev`` for both would have them (:func:`pynbd.qmp.blockinfo.image_nodes`).
+"""The block nodes and block exports the QMP monitor names.
 
-On the event loop's thread. A node table is made once per server from its exports;
-an image served by several exports is one node (named after its first export).
+Each served image is a format node over its file node (plus the nodes of its backing
+chain), as a qemu-storage-daemon configured with ``--blockdev`` for both would have
+them (:func:`pynbd.qmp.blockinfo.image_nodes`). Images come from the command line (one
+node per image, named by ``--node-name``, else after its first export) or from
+``blockdev-add``; a ``file`` node added alone stands for its host file until a format
+node opens it. Exports have QMP ids: the node name of a command-line image's export,
+the ``id`` given to ``block-export-add`` otherwise.
+
+The table owns every image once the monitor runs (exports only use them) and closes
+them at :meth:`NodeTable.close`. On the event loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pynbd.image.base import Image
-from pynbd.qmp.blockinfo import AutoNodeNames, BlockNode, image_nodes
+from pynbd.image import open_image
+from pynbd.image.base import Image, ImageError
+from pynbd.qmp.blockinfo import DRIVER_FILE, AutoNodeNames, BlockNode, image_nodes
 from pynbd.qmp.registry import QmpError
 from pynbd.server.exports import Export
 
+log = logging.getLogger(__name__)
+
 #: The node name of the export named "" (qemu-storage-daemon's examples use it too).
 DEFAULT_NODE_NAME = "disk0"
+#: QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
+_WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
 def default_node_name(export_name: str) -> str:
@@ -34,39 +48,81 @@ def node_not_found(name: str) -> QmpError:
 
 @dataclass(eq=False)
 class ImageNodes:
-    """One served image: its top format node's name, the image, the exports serving it."""
+    """One served image: its top format node's name, the image, the exports serving it,
+    its nodes (oldest first), and the explicitly added file node it was opened over."""
 
     node_name: str
     image: Image
     exports: list[Export]
     nodes: list[BlockNode]
+    #: A file node added with blockdev-add that this image's format node took as its file.
+    file_node: BlockNode | None = None
+    #: Added with blockdev-add (blockdev-del may remove it); else from the command line.
+    monitor_owned: bool = False
+
+
+@dataclass(eq=False)
+class FileNode:
+    """A ``file`` node added alone: its host file, open read-only for its sizes."""
+
+    node: BlockNode
+    users: list[ImageNodes] = field(default_factory=list)
 
 
 class NodeTable:
-    """Every block node, oldest first, and which image each top format node is."""
+    """Every block node, oldest first, which image each top format node is, and the
+    exports by QMP id."""
 
     def __init__(self, exports: Iterable[Export], node_names: dict[str, str] | None = None) -> None:
         """``node_names``: export name -> the node name ``--node-name`` gave its image."""
         self._auto = AutoNodeNames()
         self.images: list[ImageNodes] = []
+        self.files: list[FileNode] = []
+        #: The block exports by QMP id, oldest first.
+        self.exports: dict[str, Export] = {}
         #: Serialises operations that change bitmaps (one at a time, as QEMU's big lock).
         self.bitmap_lock = asyncio.Lock()
         names = node_names or {}
         for export in exports:
             served = self.served_image(export.image)
-            if served is not None:
-                served.exports.append(export)
-                continue
-            name = names.get(export.name) or default_node_name(export.name)
-            nodes = image_nodes(export.image, name, self._auto, stats=export.stats)
-            for node in nodes:
-                if node.node_name == name:
-                    node.image = export.image
-            self.images.append(ImageNodes(name, export.image, [export], nodes))
+            if served is None:
+                served = self._add_image(names.get(export.name) or default_node_name(export.name), export.image)
+            export.owns_image = False  # (the table closes it)
+            self.attach(served, export, served.node_name if not served.exports else export.name)
+
+    def attach(self, served: ImageNodes, export: Export, export_id: str) -> None:
+        """``export`` serves ``served``'s image under QMP id ``export_id``; the image's top
+        node reports the I/O counters of its first export."""
+        served.exports.append(export)
+        self.exports[export_id] = export
+        top = next(node for node in served.nodes if node.node_name == served.node_name)
+        if top.stats is None:
+            top.stats = export.stats
+
+    def detach(self, export_id: str) -> Export:
+        """Forget the export ``export_id`` (the caller stopped serving it)."""
+        export = self.exports.pop(export_id)
+        for served in self.images:
+            if export in served.exports:
+                served.exports.remove(export)
+        return export
+
+    def _add_image(self, name: str, image: Image) -> ImageNodes:
+        nodes = image_nodes(image, name, self._auto)
+        for node in nodes:
+            if node.node_name == name:
+                node.image = image
+        served = ImageNodes(name, image, [], nodes)
+        self.images.append(served)
+        return served
+
+    # -- looking up --
 
     @property
     def nodes(self) -> list[BlockNode]:
-        return [node for served in self.images for node in served.nodes]
+        """Every node, oldest first (standalone file nodes before the images opened since)."""
+        return [file.node for file in self.files if not file.users] + \
+            [node for served in self.images for node in served.nodes]
 
     def served_image(self, image: Image) -> ImageNodes | None:
         return next((served for served in self.images if served.image is image), None)
@@ -86,3 +142,92 @@ class NodeTable:
     def exports_of(self, image: Image) -> Sequence[Export]:
         served = self.served_image(image)
         return served.exports if served is not None else ()
+
+    def export_id(self, export: Export) -> str:
+        return next(key for key, value in self.exports.items() if value is export)
+
+    # -- blockdev-add, blockdev-del --
+
+    def check_new_name(self, name: str | None) -> str:
+        """A name for a new node: QEMU's checks and messages."""
+        if name is None:
+            raise QmpError("'node-name' must be specified for the root node")
+        if not _WELL_FORMED.match(name):
+            raise QmpError(f"Invalid node-name: '{name}'")
+        if any(node.node_name == name for node in self.nodes):
+            raise QmpError(f"Duplicate nodes with node-name='{name}'")
+        return name
+
+    def add_file(self, name: str, filename: str, read_only: bool) -> None:
+        """A ``file`` node for ``filename`` (QmpError as QEMU's if it cannot be opened)."""
+        try:
+            fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise QmpError(f"Could not open '{filename}': {exc.strerror}") from None
+        self.files.append(FileNode(BlockNode(name, DRIVER_FILE, filename, read_only, fd=fd)))
+
+    def add_format(self, name: str, driver: str, file: str | dict[str, object], read_only: bool) -> ImageNodes:
+        """A ``raw`` or ``qcow2`` node over ``file``: the name of a file node, or an inline
+        ``{"driver": "file", "filename": ...}`` (its node gets an automatic name)."""
+        file_node = None
+        if isinstance(file, str):
+            standalone = next((f for f in self.files if f.node.node_name == file), None)
+            if standalone is None:
+                self.find(file)  # a node of another kind: "in use" as QEMU's permissions say
+                raise QmpError(f"Node '{file}' is in use by another image; pynbd opens a host file once")
+            if standalone.users:
+                raise QmpError(f"Node '{file}' is in use by another image; pynbd opens a host file once")
+            filename, file_node = standalone.node.filename, standalone
+        else:
+            if file.get("driver") != DRIVER_FILE or not isinstance(file.get("filename"), str):
+                raise QmpError("pynbd opens images over 'file' nodes only")
+            filename = str(file["filename"])
+        try:
+            image = open_image(filename, driver, read_only=read_only)
+        except ImageError as exc:
+            raise QmpError(f"Could not open '{filename}': {exc}") from None
+        served = self._add_image(name, image)
+        served.monitor_owned = True
+        if file_node is not None:
+            served.nodes[0].node_name = file_node.node.node_name
+            served.file_node = file_node.node
+            file_node.users.append(served)
+        else:
+            served.nodes[0].node_name = self._auto()
+        return served
+
+    def delete(self, name: str) -> None:
+        """blockdev-del: QEMU's checks and messages; the image is flushed and closed."""
+        standalone = next((f for f in self.files if f.node.node_name == name), None)
+        if standalone is not None:
+            if standalone.users:
+                raise QmpError(f"Block device {name} is in use")
+            self.files.remove(standalone)
+            os.close(standalone.node.fd)
+            return
+        served = next((s for s in self.images if s.node_name == name), None)
+        if served is None:
+            if any(node.node_name == name for node in self.nodes):
+                raise QmpError(f"Node {name} is not owned by the monitor")
+            raise QmpError(f"Failed to find node with node-name='{name}'")
+        if served.exports:
+            raise QmpError(f"Node {name} is in use")
+        if not served.monitor_owned:
+            raise QmpError(f"Node {name} is not owned by the monitor")
+        self.images.remove(served)
+        for file in self.files:
+            if served in file.users:
+                file.users.remove(served)
+        served.image.close()
+
+    def close(self) -> None:
+        """Close every image and file node (the server has stopped)."""
+        for served in self.images:
+            try:
+                served.image.close()
+            except (OSError, ImageError) as exc:
+                log.error("node %r: closing %s failed: %s", served.node_name, served.image.path, exc)
+        for file in self.files:
+            os.close(file.node.fd)
+        self.images.clear()
+        self.files.clear()

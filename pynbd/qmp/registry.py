@@ -383,12 +383,15 @@ class Command:
     name: str
     handler: Handler
     arguments: tuple[Member, ...] = ()
+    #: QAPI ``'boxed': true``: the arguments are this struct or union (``arguments`` unused).
+    boxed: Struct | None = None
 
     def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """The handler's keyword arguments for the ``arguments`` object of a request;
         raises QmpError with QEMU's message for the first problem."""
         visitor = _Visitor()
-        visited = Struct(self.name, self.arguments).visit_object(visitor, arguments, None)
+        schema = self.boxed if self.boxed is not None else Struct(self.name, self.arguments)
+        visited = schema.visit_object(visitor, arguments, None)
         return {c_name(key): value for key, value in visited.items()}
 
 
@@ -398,11 +401,13 @@ class CommandRegistry:
     def __init__(self) -> None:
         self._commands: dict[str, Command] = {}
 
-    def add(self, name: str, handler: Handler, arguments: Iterable[Member] = ()) -> Command:
-        """Register ``handler`` as command ``name``; raises ValueError for a name taken."""
+    def add(self, name: str, handler: Handler, arguments: Iterable[Member] = (),
+            boxed: Struct | None = None) -> Command:
+        """Register ``handler`` as command ``name`` taking ``arguments``, or the members of
+        the struct or union ``boxed``; raises ValueError for a name taken."""
         if name in self._commands:
             raise ValueError(f"QMP command {name!r} is registered twice")
-        command = Command(name, handler, tuple(arguments))
+        command = Command(name, handler, tuple(arguments), boxed)
         self._commands[name] = command
         return command
 

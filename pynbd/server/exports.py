@@ -61,6 +61,8 @@ class Export:
     overlay: str | None = None
     #: The bitmaps it may export (``-B``); None: every consistent one of the image.
     bitmap_names: tuple[str, ...] | None = None
+    #: The image is closed with the export (else it belongs to a block node: pynbd.qmp.nodes).
+    owns_image: bool = True
 
     @classmethod
     def open(cls, config: ExportConfig) -> "Export":
@@ -75,46 +77,58 @@ class Export:
                 os.unlink(overlay)
             raise
         try:
-            bitmaps = dict(image.bitmaps())
-            if config.bitmaps is not None:
-                missing = [b for b in config.bitmaps if b not in bitmaps]
-                if missing:
-                    raise ImageError(f"{config.path}: bitmap {missing[0]!r} not found or not exportable")
-                bitmaps = {name: bitmaps[name] for name in config.bitmaps}
-            bitmaps = cls._loaded(config, bitmaps)
+            export = cls.for_image(config.name, image, config.description, config.read_only, config.bitmaps,
+                                   owns_image=True)
         except BaseException:
             image.close()
+            if overlay:
+                os.unlink(overlay)
             raise
-        read_only = config.read_only or image.read_only
-        if read_only and not config.read_only:
+        export.overlay = overlay
+        if export.read_only and not config.read_only:
             log.warning("export %r: %s is served read-only (%s)", config.name, config.path,
                         image.read_only_reason or f"pynbd cannot write {image.format_name} images")
+        return export
+
+    @classmethod
+    def for_image(cls, name: str, image: Image, description: str = "", read_only: bool = False,
+                  bitmap_names: Sequence[str] | None = None, owns_image: bool = False) -> "Export":
+        """An export of an opened image (closed with the export when ``owns_image``).
+        ``bitmap_names``: export only these (ImageError naming the first missing one).
+        The bitmaps are read now (:meth:`_loaded`)."""
+        bitmaps = dict(image.bitmaps())
+        if bitmap_names is not None:
+            missing = [b for b in bitmap_names if b not in bitmaps]
+            if missing:
+                raise ImageError(f"{image.path}: bitmap {missing[0]!r} not found or not exportable")
+            bitmaps = {b: bitmaps[b] for b in bitmap_names}
+        bitmaps = cls._loaded(name, bitmaps, strict=bitmap_names is not None)
         return cls(
-            name=config.name,
+            name=name,
             image=image,
-            description=config.description,
-            read_only=read_only,
+            description=description,
+            read_only=read_only or image.read_only,
             bitmaps=bitmaps,
             contexts=ContextTable.for_image(image, bitmaps),
-            overlay=overlay,
-            bitmap_names=config.bitmaps,
+            bitmap_names=None if bitmap_names is None else tuple(bitmap_names),
+            owns_image=owns_image,
         )
 
     @staticmethod
-    def _loaded(config: ExportConfig, bitmaps: dict[str, Bitmap]) -> dict[str, Bitmap]:
+    def _loaded(name: str, bitmaps: dict[str, Bitmap], strict: bool) -> dict[str, Bitmap]:
         """The bitmaps read at open, as qemu does: the first client does not wait for
         them, and one that cannot be read is left out now (or, when asked for with
         --bitmap, refused) instead of failing requests later."""
         loaded: dict[str, Bitmap] = {}
-        for name, bitmap in bitmaps.items():
+        for bitmap_name, bitmap in bitmaps.items():
             try:
                 bitmap.preload()
             except ImageError as exc:
-                if config.bitmaps is not None:
-                    raise ImageError(f"bitmap {name!r} cannot be exported: {exc}") from None
-                log.warning("export %r: bitmap %r left out: %s", config.name, name, exc)
+                if strict:
+                    raise ImageError(f"bitmap {bitmap_name!r} cannot be exported: {exc}") from None
+                log.warning("export %r: bitmap %r left out: %s", name, bitmap_name, exc)
                 continue
-            loaded[name] = bitmap
+            loaded[bitmap_name] = bitmap
         return loaded
 
     def refresh_bitmaps(self) -> None:
@@ -141,6 +155,12 @@ class Export:
         )
 
     def close(self) -> None:
+        """Stop listening to the image; close it if the export owns it. Once."""
+        if self.answers.drop not in self.image.changes.listeners:
+            return
+        self.image.changes.unlisten(self.answers.drop)
+        if not self.owns_image:
+            return
         try:
             self.image.close()
         except OSError as exc:

@@ -153,6 +153,21 @@ class NbdServer:
         """Offer ``export`` as it is now to new clients (its bitmaps changed)."""
         self.catalog.replace(export.describe())
 
+    def add_export(self, export: Export) -> None:
+        """Serve ``export`` to new clients from now on (its name must be free)."""
+        assert export.name not in self.exports
+        self.exports[export.name] = export
+        self.catalog.replace(export.describe())
+
+    def remove_export(self, export: Export) -> None:
+        """Offer ``export`` to no new client (those connected keep it)."""
+        del self.exports[export.name]
+        self.catalog.remove(export.name)
+
+    def clients_of(self, export: Export) -> list[Connection]:
+        """The connections in transmission with ``export``."""
+        return [conn for conn in self.connections if getattr(conn, "export", None) is export]
+
     def stop(self) -> None:
         """Begin the clean stop (as SIGTERM): :meth:`serve` then winds everything down."""
         self._stop.set()

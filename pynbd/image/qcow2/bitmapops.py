@@ -263,7 +263,9 @@ def _persist(recorder: BitmapRecorder, before: list[DirtyBitmap], rewritten_name
         except ImageIOError:
             log.exception("%s: bitmap %r: its new table cannot be read back", top.path, bitmap.name)
             raise
-    # The file's order is the directory's: keep the live list in it (in-memory ones last).
+    # The file's order is the directory's: keep the live list in it (in-memory ones last),
+    # and the layer's list of the file's bitmaps what the file holds.
     order = {entry.name: i for i, entry in enumerate(entries)}
     recorder.bitmaps.sort(key=lambda b: order.get(b.name, len(order)))
+    top.bitmaps = recorder.stored
     log.info("%s: bitmaps now %s", top.path, ", ".join(e.name for e in entries) or "none")
