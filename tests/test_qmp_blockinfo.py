@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
+from qemu.qmp.protocol import ConnectError
 
 from pynbd.image import open_image
 from pynbd.qmp.blockinfo import AutoNodeNames, BlockNode, image_nodes, query_named_block_nodes
@@ -137,8 +138,16 @@ class Qsd:
                 await self._stop()
                 raise RuntimeError(f"qemu-storage-daemon did not start: {self.proc.stderr.read().decode()}")
             await asyncio.sleep(0.02)
-        await self.client.connect(str(self.sockets / "qmp.sock"))
-        return self
+        while True:  # the path exists from bind(); connecting is refused until listen()
+            try:
+                await self.client.connect(str(self.sockets / "qmp.sock"))
+                return self
+            except ConnectError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    await self._stop()
+                    raise
+                self.client = QMPClient("test")
+                await asyncio.sleep(0.02)
 
     async def ask(self, command: str, arguments: dict[str, Any]) -> Any:
         return await self.client.execute(command, arguments)

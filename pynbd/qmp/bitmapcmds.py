@@ -73,8 +73,10 @@ TRANSACTION_PROPERTIES = Struct("TransactionProperties", (
     Member("completion-mode", Enum("ActionCompletionMode", ("individual", "grouped")), optional=True),))
 
 
-def _recorder(table: NodeTable, node: str) -> Any:
+def _recorder(table: NodeTable, node: str, op: str) -> Any:
     """The bitmap recorder of the writable qcow2 image whose top node is ``node``."""
+    if op != "add" and not any(n.node_name == node for n in table.nodes):
+        raise QmpError(f"Node '{node}' not found")  # (block_dirty_bitmap_lookup's words; add's differ)
     served = table.image_of(node)  # QmpError for a node nothing has
     image = served.image if served is not None else None
     if not isinstance(image, Qcow2Image) or image.recorder is None:
@@ -91,7 +93,8 @@ def _merge_sources(table: NodeTable, bitmaps: Sequence[Any]) -> tuple[str | Dirt
         if isinstance(source, str):
             sources.append(source)
             continue
-        table.find(source["node"])
+        if not any(n.node_name == source["node"] for n in table.nodes):
+            raise QmpError(f"Node '{source['node']}' not found")
         served = table.image_of(source["node"])
         found = None if served is None else next(
             (b for b in _all_bitmaps(served.image) if b.name == source["name"]), None)
@@ -122,12 +125,15 @@ async def run_actions(context: CommandContext, steps: Sequence[tuple[str, dict[s
     table = node_table(context)
     async with table.bitmap_lock:
         grouped: dict[str, list[BitmapAction]] = {}
+        recorders: dict[str, Any] = {}
         for op, data in steps:
             if op == "add" and not data["name"]:  # QEMU checks the name before the node
                 raise QmpError("Bitmap name cannot be empty")
+            node = data["node"]
+            if node not in recorders:
+                recorders[node] = _recorder(table, node, op)
             node, action = _action(table, op, data)
             grouped.setdefault(node, []).append(action)
-        recorders = {node: _recorder(table, node) for node in grouped}
         loop = asyncio.get_running_loop()
         if len(grouped) > 1:
             for node, actions in grouped.items():

@@ -22,6 +22,9 @@ Where pynbd's answer departs from qemu-storage-daemon's, on purpose:
 - a raw image's ``virtual-size`` is the size pynbd serves, to the byte; QEMU rounds
   it up to a multiple of 512 (so does its NBD export). File nodes are rounded as in
   QEMU;
+- ``format-specific`` bitmaps are the image file's as they are now: pynbd writes
+  a persistent bitmap's addition, removal or new flags to the file at once, where
+  QEMU writes them when it closes the image (so its list changes only then);
 - ``format-specific`` bitmap flags: QEMU flags every persistent bitmap ``in-use``
   on disk while it holds the image writable. pynbd flags a bitmap on disk only once
   a write dirties it, and clears the flag at each flush; it reports ``in-use`` for

@@ -177,3 +177,163 @@ def pynbd_with_qmp(image: str | Path | None, *extra: str, workdir: str | Path, q
 def wait_gone(path: str | Path) -> None:
     """Until ``path`` no longer exists (a server removing its socket at exit)."""
     wait_until(lambda: not Path(path).exists(), what=f"{path} removed")
+
+
+# --- Through the qemu.qmp library (tests/test_qmp_bitmaps.py) ------------------------------------
+
+from qemu.qmp import ExecuteError, QMPClient  # noqa: E402  (appended section: its own imports)
+
+
+async def answer(client: QMPClient, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one command: ``{"return": VALUE}``, or ``{"error": {"class": C, "desc": D}}`` as
+    the wire has it (a refusal is an answer to compare here, not an exception)."""
+    try:
+        return {"return": await client.execute(command, arguments)}
+    except ExecuteError as error:
+        return {"error": {"class": error.error_class, "desc": str(error)}}
+
+
+def qsd_blockdev(node: str, image: str | Path, fmt: str = "qcow2") -> list[str]:
+    """qemu-storage-daemon arguments for ``image`` as format node ``node`` over file node
+    ``node-file`` (as pynbd names an export's nodes); the path made absolute (qsd runs in
+    its work directory)."""
+    path = Path(image).resolve()
+    return ["--blockdev", f"driver=file,node-name={node}-file,filename={path}",
+            "--blockdev", f"driver={fmt},node-name={node},file={node}-file"]
+
+
+async def dirty_bitmaps(client: QMPClient) -> dict[str, list[dict[str, Any]]]:
+    """Every node's BlockDirtyInfo list from ``query-named-block-nodes`` (newest bitmap
+    first, as QEMU lists them), by node name; [] for a node without bitmaps."""
+    nodes = await client.execute("query-named-block-nodes", {"flat": True})
+    return {node["node-name"]: node.get("dirty-bitmaps", []) for node in nodes}
+
+
+# --- Nodes and exports from QMP only (tests/test_qmp_exports.py) ----------------------------------
+
+
+class NodelessQsd(QsdServer):
+    """qemu-storage-daemon with its monitor and an NBD server on ``socket`` but no block
+    node (nor export): they come from QMP, as for ``pynbd serve --qmp`` without an
+    image. It runs in ``workdir``, where its monitor's socket is ``qmp_path``."""
+
+    def __init__(self, *extra: str, workdir: str | Path, **kw: Any) -> None:
+        super().__init__(Path(workdir) / "(no image)", *extra, workdir=workdir, **kw)
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        # QsdServer's command line less its image's two --blockdev options (before ``extra``).
+        first = argv.index("--blockdev")
+        assert argv[first + 2] == "--blockdev", argv
+        return argv[:first] + argv[first + 4:]
+
+
+async def connected(path: str | Path, name: str = "test") -> QMPClient:
+    """A ``qemu.qmp`` client connected (and negotiated) to the monitor at ``path``."""
+    client = QMPClient(name)
+    await client.connect(str(path))
+    return client
+
+
+def quit_and_wait(server: _ServerProcess) -> list[bytes]:
+    """``quit`` on ``server``'s monitor (``server.qmp_path``; no other client may be
+    connected to a qsd's), then the process exits 0 and its monitor socket is gone. The
+    messages after negotiation up to the end (the events the stop emits, then ``quit``'s
+    ``{}``), timestamps masked."""
+    with RawQmp(server.qmp_path) as client:  # type: ignore[attr-defined]
+        client.send(NEGOTIATE + b'{"execute": "quit"}')
+        answers = client.read_until_eof()
+    assert answers[0] == answers[-1] == b'{"return": {}}', answers
+    assert server.wait_exit() == 0, server.log()
+    wait_gone(server.qmp_path)  # type: ignore[attr-defined]
+    return [masked(line) for line in answers[1:]]
+
+
+# --- Comparing two servers' nodes and exports (tests/test_qmp_exports.py) -------------------------
+
+from collections.abc import AsyncIterator  # noqa: E402  (appended section: its own imports)
+from contextlib import asynccontextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+#: A command and its arguments.
+Step = tuple[str, dict[str, Any]]
+#: QEMU's automatic node names (pynbd's have the same shape, other digits).
+AUTOMATIC_NAME = re.compile(r"#block\d+\Z")
+
+
+def without_actual_size(value: Any) -> Any:
+    """``value`` without any ``actual-size`` member, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_actual_size(v) for k, v in value.items() if k != "actual-size"}
+    if isinstance(value, list):
+        return [without_actual_size(v) for v in value]
+    return value
+
+
+@dataclass(eq=False)
+class Side:
+    """One server of a comparison: its process, a QMP client, its directory of copies."""
+
+    server: NodelessQsd | PynbdServer
+    client: QMPClient
+
+    @property
+    def directory(self) -> Path:
+        return self.server.workdir
+
+    def located(self, value: Any) -> Any:
+        """``value`` with every ``filename`` member a path in this side's directory."""
+        if isinstance(value, dict):
+            return {k: str(self.directory / v) if k == "filename" else self.located(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.located(v) for v in value]
+        return value
+
+    def masked(self, value: Any) -> Any:
+        """``value`` with this side's directory written ``<DIR>`` and no ``actual-size``."""
+        return without_actual_size(json.loads(json.dumps(value).replace(str(self.directory), "<DIR>")))
+
+    async def run(self, step: Step) -> dict[str, Any]:
+        command, arguments = step
+        return self.masked(await answer(self.client, command, self.located(arguments)))
+
+    async def query(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return self.masked(await self.client.execute(command, arguments))
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """``query-named-block-nodes`` (flat), newest node first."""
+        return await self.query("query-named-block-nodes", {"flat": True})
+
+    def uri(self, export_name: str) -> str:
+        return f"nbd+unix:///{export_name}?socket={self.server.socket}"
+
+
+@asynccontextmanager
+async def sides(qsd: NodelessQsd, pynbd: PynbdServer) -> AsyncIterator[tuple[Side, Side]]:
+    """Both servers with a QMP client each (qsd serves one client at a time: disconnected
+    at the end)."""
+    theirs = Side(qsd, await connected(qsd.qmp_path))
+    try:
+        ours = Side(pynbd, await connected(pynbd.qmp_path))  # type: ignore[attr-defined]
+        try:
+            yield theirs, ours
+        finally:
+            await ours.client.disconnect()
+    finally:
+        await theirs.client.disconnect()
+
+
+def comparable(nodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Nodes as the comparison sees them: named ones by name, automatic ones with their
+    name masked (sorted); bitmaps without ``busy`` (checked apart: a departure)."""
+    named: dict[str, Any] = {}
+    automatic = []
+    for node in nodes:
+        if "dirty-bitmaps" in node:
+            node = {**node, "dirty-bitmaps": [{k: v for k, v in bitmap.items() if k != "busy"}
+                                              for bitmap in node["dirty-bitmaps"]]}
+        if AUTOMATIC_NAME.match(node["node-name"]):
+            automatic.append(json.dumps({**node, "node-name": "#block"}, sort_keys=True))
+        else:
+            named[node["node-name"]] = node
+    return {"named": named, "automatic": sorted(automatic)}

@@ -218,6 +218,11 @@ class DirectoryEdit:
         """Stop the bitmap from recording writes."""
         self._set_flags("disable", name, FLAG_AUTO, 0)
 
+    def reorder(self, names: Sequence[str]) -> None:
+        """Put the bitmaps in the directory in the order of ``names`` (all of them)."""
+        position = {name: i for i, name in enumerate(names)}
+        self._pending.sort(key=lambda pending: position[pending.entry.name])
+
     def set_bits(self, name: str, bits: bitarray) -> None:
         """The bitmap's bits become a copy of ``bits`` (a running server's, after one of
         its operations changed them)."""

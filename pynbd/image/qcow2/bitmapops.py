@@ -72,12 +72,14 @@ def apply_actions(recorder: BitmapRecorder, node: str, actions: Sequence[BitmapA
     would apply now (applied in memory, then undone)."""
     with recorder.quiesced():
         with recorder.lock:
-            before = list(recorder.bitmaps)
+            stored_before = recorder.stored
             undo: list[Callable[[], None]] = []
             rewritten: set[str] = set()  # names whose bits an action changed
+            removing: list[DirtyBitmap] = []
             try:
                 for action in actions:
-                    _apply(recorder, node, action, undo, rewritten)
+                    _apply(recorder, node, action, undo, rewritten, removing)
+                _remove(recorder, removing, undo)
             except BaseException:
                 _roll_back(undo)
                 raise
@@ -87,7 +89,7 @@ def apply_actions(recorder: BitmapRecorder, node: str, actions: Sequence[BitmapA
             header = recorder.image.top.header
             old_directory = header.bitmaps_ext
             try:
-                _persist(recorder, before, rewritten)
+                _persist(recorder, stored_before, rewritten)
             except BaseException:
                 if header.bitmaps_ext == old_directory:  # the file still holds the old ones
                     _roll_back(undo)
@@ -116,7 +118,7 @@ def _check(bitmap: DirtyBitmap, allow_inconsistent: bool = False) -> None:
 
 
 def _apply(recorder: BitmapRecorder, node: str, action: BitmapAction, undo: list[Callable[[], None]],
-           rewritten: set[str]) -> None:
+           rewritten: set[str], removing: list[DirtyBitmap]) -> None:
     bitmaps = recorder.bitmaps
     if action.op == "add":
         bitmap = _new_bitmap(recorder, node, action)
@@ -125,10 +127,11 @@ def _apply(recorder: BitmapRecorder, node: str, action: BitmapAction, undo: list
         return
     bitmap = _find(recorder, action.name)
     if action.op == "remove":
+        # As in a QEMU transaction: the bitmap goes at the end, busy until then.
         _check(bitmap, allow_inconsistent=True)
-        index = bitmaps.index(bitmap)
-        del bitmaps[index]
-        undo.append(lambda: bitmaps.insert(index, bitmap))
+        bitmap.readers += 1
+        removing.append(bitmap)
+        undo.append(lambda: setattr(bitmap, "readers", bitmap.readers - 1))
     elif action.op in ("enable", "disable"):
         _check(bitmap)
         was = bitmap.recording
@@ -151,6 +154,17 @@ def _apply(recorder: BitmapRecorder, node: str, action: BitmapAction, undo: list
         _set_bits(bitmap, merged, undo, rewritten)
     else:
         raise BitmapOpError(f"unknown bitmap operation {action.op!r}")
+
+
+def _remove(recorder: BitmapRecorder, removing: list[DirtyBitmap], undo: list[Callable[[], None]]) -> None:
+    """The removals of the actions, once every action was accepted."""
+    bitmaps = recorder.bitmaps
+    for bitmap in removing:
+        bitmap.readers -= 1
+        index = bitmaps.index(bitmap)
+        del bitmaps[index]
+        undo.append(lambda bitmap=bitmap, index=index: (bitmaps.insert(index, bitmap),
+                                                         setattr(bitmap, "readers", bitmap.readers + 1)))
 
 
 def _set_bits(bitmap: DirtyBitmap, bits: bitarray, undo: list[Callable[[], None]],
@@ -201,6 +215,8 @@ def _new_bitmap(recorder: BitmapRecorder, node: str, action: BitmapAction) -> Di
             raise BitmapOpError(f"Can't make bitmap '{name}' persistent in '{node}': {problem}")
     if any(b.name == name for b in recorder.bitmaps):
         raise BitmapOpError(f"Bitmap already exists: {name}")
+    if len(name.encode("utf-8")) > MAX_NAME:
+        raise BitmapOpError(f"Bitmap name too long: {name}")
     if action.persistent:
         top = image.top
         entry = DirectoryEntry(name, 0, 0, 0 if action.disabled else FLAG_AUTO,
@@ -227,14 +243,14 @@ def _cannot_store(recorder: BitmapRecorder, name: str, granularity: int) -> str 
     return None
 
 
-def _persist(recorder: BitmapRecorder, before: list[DirtyBitmap], rewritten_names: set[str]) -> None:
+def _persist(recorder: BitmapRecorder, stored_before: list[Qcow2Bitmap], rewritten_names: set[str]) -> None:
     """Write the persistent bitmaps' changes (module doc), then point the live bitmaps at
-    their new directory entries and tables."""
-    stored_before = [b for b in before if isinstance(b, Qcow2Bitmap)]
+    their new directory entries and tables. ``stored_before``: the file's bitmaps before
+    the actions, in directory order."""
     after = recorder.stored
     new = [b for b in after if b not in stored_before]
     rewritten = [b for b in after if b.name in rewritten_names and b not in new]
-    changed_flags = [b for b in after if b in stored_before and b.recording != b.entry.enabled]
+    changed_flags = [b for b in after if b in stored_before and b.consistent and b.recording != b.entry.enabled]
     removed = [b for b in stored_before if b not in after]
     if not (rewritten or new or changed_flags or removed):
         return
@@ -249,6 +265,10 @@ def _persist(recorder: BitmapRecorder, before: list[DirtyBitmap], rewritten_name
         edit.add(bitmap.name, bitmap.granularity, enabled=bitmap.recording)
         if bitmap.bits().any():  # merged into in the same transaction
             edit.set_bits(bitmap.name, bitmap.bits())
+    # QEMU's order when it stores them: the bitmaps it loaded, then the others newest first.
+    loaded = [b.name for b in after if b in recorder.loaded]
+    later = [b.name for b in recorder.bitmaps if b in after and b not in recorder.loaded]  # (oldest first)
+    edit.reorder(loaded + later[::-1])
     for bitmap in rewritten:
         edit.set_bits(bitmap.name, bitmap.bits())
     writer = recorder.writer
@@ -263,9 +283,6 @@ def _persist(recorder: BitmapRecorder, before: list[DirtyBitmap], rewritten_name
         except ImageIOError:
             log.exception("%s: bitmap %r: its new table cannot be read back", top.path, bitmap.name)
             raise
-    # The file's order is the directory's: keep the live list in it (in-memory ones last),
-    # and the layer's list of the file's bitmaps what the file holds.
-    order = {entry.name: i for i, entry in enumerate(entries)}
-    recorder.bitmaps.sort(key=lambda b: order.get(b.name, len(order)))
-    top.bitmaps = recorder.stored
+    recorder.directory_order = [entry.name for entry in entries]
+    top.bitmaps = recorder.stored  # (the layer's list: what the file holds)
     log.info("%s: bitmaps now %s", top.path, ", ".join(e.name for e in entries) or "none")

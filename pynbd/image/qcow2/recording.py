@@ -66,9 +66,14 @@ class BitmapRecorder:
         self.path = top.path
         self.lock = image.metadata_lock
         self.writer = writer
-        #: Every bitmap of the image, persistent ones in directory order, then any made
-        #: at run time; changed under :attr:`lock`.
+        #: Every bitmap of the image, oldest first: the file's in directory order, then those
+        #: made at run time (persistent or not) in the order they were made; changed under
+        #: :attr:`lock`.
         self.bitmaps: list[DirtyBitmap] = list(top.bitmaps)
+        #: The bitmaps the file held when it was opened (QEMU keeps them first in the directory).
+        self.loaded = tuple(top.bitmaps)
+        #: The names in the file's bitmap directory, in its order.
+        self.directory_order = [b.name for b in top.bitmaps]
         ext = top.header.bitmaps_ext
         if self.recording:
             assert ext is not None
@@ -94,8 +99,11 @@ class BitmapRecorder:
 
     @property
     def stored(self) -> list[Qcow2Bitmap]:
-        """The bitmaps in the image file, in directory order."""
-        return [b for b in self.bitmaps if isinstance(b, Qcow2Bitmap)]
+        """The bitmaps in the image file, in directory order (a persistent bitmap made since
+        the last directory write, not in the file yet, last)."""
+        position = {name: i for i, name in enumerate(self.directory_order)}
+        stored = [b for b in self.bitmaps if isinstance(b, Qcow2Bitmap)]
+        return sorted(stored, key=lambda b: position.get(b.name, len(position)))
 
     # -- recording ------------------------------------------------------------------------
 
