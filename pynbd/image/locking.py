@@ -205,6 +205,22 @@ def _first_conflict(fd: int, permissions: LockPermissions) -> str | None:
     return None
 
 
+def open_locked_for_writing(path: str, permissions: LockPermissions, what: str = "") -> int:
+    """A read-write descriptor of ``path``, locked with ``permissions`` (:func:`lock_file`);
+    the caller owns it. ImageError (one line naming the file, and ``what`` it is) when it
+    cannot be opened for writing or another process holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open {what + ' ' if what else ''}for writing: {exc.strerror}") from None
+    try:
+        lock_file(fd, path, permissions)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def lock_image(fd: int, path: str, writable: bool) -> None:
     """Lock a raw image served writable (:data:`RAW_WRITABLE`) or read-only (:data:`RAW_READ_ONLY`).
 

@@ -19,8 +19,8 @@ import errno
 import logging
 import os
 
-from pynbd.image.base import FastZeroUnsupported, ImageError, ImageIOError
-from pynbd.image.locking import DATA_FILE_WRITABLE, lock_file
+from pynbd.image.base import FastZeroUnsupported, ImageIOError
+from pynbd.image.locking import DATA_FILE_WRITABLE, open_locked_for_writing
 from pynbd.image.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,7 @@ def open_writable(path: str) -> int:
     permissions for a writable data file, :data:`~pynbd.image.locking.DATA_FILE_WRITABLE`).
     The caller owns it. Raises ImageError (one line naming the file) when it cannot be
     opened for writing or another process holds it."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot open the external data file for writing: {exc.strerror}") from None
-    try:
-        lock_file(fd, path, DATA_FILE_WRITABLE)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return open_locked_for_writing(path, DATA_FILE_WRITABLE, "the external data file")
 
 
 def _write_zeros(fd: int, path: str, offset: int, length: int) -> None:

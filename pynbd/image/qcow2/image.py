@@ -24,7 +24,7 @@ from pynbd.image.base import (
     ReadSegment,
     ZeroSegment,
 )
-from pynbd.image.locking import QCOW2_READ_ONLY, QCOW2_WRITABLE, lock_file
+from pynbd.image.locking import QCOW2_READ_ONLY, QCOW2_WRITABLE, lock_file, open_locked_for_writing
 from pynbd.image.dirtybitmap import DirtyBitmap
 from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
@@ -196,12 +196,8 @@ class Qcow2Image(Image):
         be opened or locked for writing, or a bitmap it records into cannot be read."""
         if self.top.header.incompatible_features & INCOMPAT_DIRTY:
             raise ImageError(f"{self.path}: its dirty bit is set: open it with open_qcow2, which repairs it")
+        fd = open_locked_for_writing(self.path, QCOW2_WRITABLE)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageError(f"{self.path}: cannot open for writing: {exc.strerror}") from None
-        try:
-            lock_file(fd, self.path, QCOW2_WRITABLE)
             writer = Qcow2Writer(self, fd)
             self.recorder = BitmapRecorder(self, writer)
             self.writer = writer
@@ -338,12 +334,8 @@ def repair_if_dirty(path: str) -> None:
     (:mod:`pynbd.image.qcow2.repair`); nothing for a clean image. The file is locked
     for writing while it is looked at and repaired (ImageError if another writer has
     it, or if it cannot be repaired safely)."""
+    fd = open_locked_for_writing(path, QCOW2_WRITABLE)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot open for writing: {exc.strerror}") from None
-    try:
-        lock_file(fd, path, QCOW2_WRITABLE)
         header = parse_header(path, fd, os.fstat(fd).st_size)
         if header.incompatible_features & INCOMPAT_DIRTY:
             report = repair_refcounts(path, fd)
