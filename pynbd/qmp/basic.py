@@ -37,7 +37,11 @@ def query_commands(context: CommandContext) -> list[dict[str, str]]:
 
 def quit_(context: CommandContext) -> None:
     """Answer ``{}``, then stop the server cleanly, as SIGTERM does (bitmaps stored,
-    images closed, exit code 0)."""
+    images closed, exit code 0). As qemu-storage-daemon, BLOCK_EXPORT_DELETED goes out
+    for each export first, oldest first."""
+    table = getattr(context.server, "nodes", None)
+    for export_id in list(getattr(table, "exports", ())):
+        context.emit_event("BLOCK_EXPORT_DELETED", {"id": export_id})
     context.request_stop()
 
 

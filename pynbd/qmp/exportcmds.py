@@ -9,7 +9,9 @@ opening an image reads its metadata there (as the command line does before servi
 Where pynbd departs from QEMU: ``blockdev-add`` knows the drivers ``file``, ``raw`` and
 ``qcow2``, opens a qcow2 node's backing chain from its header (no ``backing`` option),
 and honours ``read-only``; a host file is opened by one format node at a time; exports
-are NBD exports of format nodes (the top node of an image).
+are NBD exports of format nodes (the top node of an image), and offer
+``qemu:allocation-depth`` whatever ``allocation-depth`` says; a bitmap may be named by
+several exports (it is busy while a client reads it, not while an export names it).
 """
 
 from __future__ import annotations

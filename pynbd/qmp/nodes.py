@@ -15,14 +15,17 @@ them at :meth:`NodeTable.close`. On the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pynbd.image import open_image
 from pynbd.image.base import Image, ImageError
+from pynbd.image.qcow2.header import MAGIC as QCOW2_MAGIC
 from pynbd.qmp.blockinfo import DRIVER_FILE, AutoNodeNames, BlockNode, image_nodes
 from pynbd.qmp.registry import QmpError
 from pynbd.server.exports import Export
@@ -39,6 +42,24 @@ def default_node_name(export_name: str) -> str:
     """A format node's name when ``--node-name`` does not give one: the export's name,
     or ``disk0`` for the export named ""."""
     return export_name or DEFAULT_NODE_NAME
+
+
+def _open_host_file(filename: str) -> int:
+    """A read-only descriptor of a host file for a file node; QmpError in QEMU's words
+    ("Could not open '...': reason") when it cannot be opened or is a directory."""
+    try:
+        fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise QmpError(f"Could not open '{filename}': {exc.strerror}") from None
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QmpError(f"Could not open '{filename}': {os.strerror(errno.EISDIR)}")
+    return fd
+
+
+def _starts_with(filename: str, magic: bytes) -> bool:
+    with open(filename, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 def node_not_found(name: str) -> QmpError:
@@ -78,6 +99,8 @@ class NodeTable:
         self._auto = AutoNodeNames()
         self.images: list[ImageNodes] = []
         self.files: list[FileNode] = []
+        #: Images and file nodes in the order they were made (the order nodes are listed in).
+        self._made: list[ImageNodes | FileNode] = []
         #: The block exports by QMP id, oldest first.
         self.exports: dict[str, Export] = {}
         #: Serialises operations that change bitmaps (one at a time, as QEMU's big lock).
@@ -114,15 +137,22 @@ class NodeTable:
                 node.image = image
         served = ImageNodes(name, image, [], nodes)
         self.images.append(served)
+        self._made.append(served)
         return served
 
     # -- looking up --
 
     @property
     def nodes(self) -> list[BlockNode]:
-        """Every node, oldest first (standalone file nodes before the images opened since)."""
-        return [file.node for file in self.files if not file.users] + \
-            [node for served in self.images for node in served.nodes]
+        """Every node, oldest first: a file node added alone where it was added (once a
+        format node opened it, the image's own node for that file stands there)."""
+        nodes: list[BlockNode] = []
+        for made in self._made:
+            if isinstance(made, FileNode):
+                nodes.append(made.users[0].nodes[0] if made.users else made.node)
+            else:
+                nodes.extend(made.nodes[1:] if made.file_node is not None else made.nodes)
+        return nodes
 
     def served_image(self, image: Image) -> ImageNodes | None:
         return next((served for served in self.images if served.image is image), None)
@@ -160,11 +190,10 @@ class NodeTable:
 
     def add_file(self, name: str, filename: str, read_only: bool) -> None:
         """A ``file`` node for ``filename`` (QmpError as QEMU's if it cannot be opened)."""
-        try:
-            fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise QmpError(f"Could not open '{filename}': {exc.strerror}") from None
-        self.files.append(FileNode(BlockNode(name, DRIVER_FILE, filename, read_only, fd=fd)))
+        fd = _open_host_file(filename)
+        file = FileNode(BlockNode(name, DRIVER_FILE, filename, read_only, fd=fd))
+        self.files.append(file)
+        self._made.append(file)
 
     def add_format(self, name: str, driver: str, file: str | dict[str, object], read_only: bool) -> ImageNodes:
         """A ``raw`` or ``qcow2`` node over ``file``: the name of a file node, or an inline
@@ -177,11 +206,16 @@ class NodeTable:
                 raise QmpError(f"Node '{file}' is in use by another image; pynbd opens a host file once")
             if standalone.users:
                 raise QmpError(f"Node '{file}' is in use by another image; pynbd opens a host file once")
+            if standalone.node.read_only and not read_only:
+                raise QmpError("Block node is read-only")
             filename, file_node = standalone.node.filename, standalone
         else:
             if file.get("driver") != DRIVER_FILE or not isinstance(file.get("filename"), str):
                 raise QmpError("pynbd opens images over 'file' nodes only")
             filename = str(file["filename"])
+            os.close(_open_host_file(filename))  # (QEMU's message for a file that cannot be opened)
+        if driver == "qcow2" and not _starts_with(filename, QCOW2_MAGIC):
+            raise QmpError("Image is not in qcow2 format")
         try:
             image = open_image(filename, driver, read_only=read_only)
         except ImageError as exc:
@@ -190,8 +224,11 @@ class NodeTable:
         served.monitor_owned = True
         if file_node is not None:
             served.nodes[0].node_name = file_node.node.node_name
+            served.nodes[0].read_only = file_node.node.read_only
             served.file_node = file_node.node
             file_node.users.append(served)
+            self._made.remove(served)  # (listed where its file node was added, then its own)
+            self._made.insert(self._made.index(file_node) + 1, served)
         else:
             served.nodes[0].node_name = self._auto()
         return served
@@ -203,6 +240,7 @@ class NodeTable:
             if standalone.users:
                 raise QmpError(f"Block device {name} is in use")
             self.files.remove(standalone)
+            self._made.remove(standalone)
             os.close(standalone.node.fd)
             return
         served = next((s for s in self.images if s.node_name == name), None)
@@ -215,6 +253,7 @@ class NodeTable:
         if not served.monitor_owned:
             raise QmpError(f"Node {name} is not owned by the monitor")
         self.images.remove(served)
+        self._made.remove(served)
         for file in self.files:
             if served in file.users:
                 file.users.remove(served)
@@ -231,3 +270,4 @@ class NodeTable:
             os.close(file.node.fd)
         self.images.clear()
         self.files.clear()
+        self._made.clear()
