@@ -177,6 +177,8 @@ class Bitmap(abc.ABC):
     #: NBD connections that selected its context (changed under the image's metadata
     #: lock): the bitmap is busy while any does.
     readers: int = 0
+    #: Writes are recorded into it (QEMU's ``recording``).
+    recording: bool = False
 
     @abc.abstractmethod
     def dirty_runs(self, offset: int, length: int, limit: int | None = None) -> Runs:

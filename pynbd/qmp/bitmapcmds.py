@@ -25,6 +25,7 @@ from pynbd.image.dirtybitmap import DirtyBitmap
 from pynbd.image.qcow2.bitmapdir import BitmapOpError
 from pynbd.image.qcow2.bitmapops import BitmapAction, apply_actions
 from pynbd.image.qcow2.image import Qcow2Image
+from pynbd.image.qcow2.recording import BitmapRecorder
 from pynbd.qmp.nodecmds import node_table
 from pynbd.qmp.nodes import NodeTable
 from pynbd.qmp.registry import (
@@ -73,7 +74,7 @@ TRANSACTION_PROPERTIES = Struct("TransactionProperties", (
     Member("completion-mode", Enum("ActionCompletionMode", ("individual", "grouped")), optional=True),))
 
 
-def _recorder(table: NodeTable, node: str, op: str) -> Any:
+def _recorder(table: NodeTable, node: str, op: str) -> BitmapRecorder:
     """The bitmap recorder of the writable qcow2 image whose top node is ``node``."""
     if op != "add" and not any(n.node_name == node for n in table.nodes):
         raise QmpError(f"Node '{node}' not found")  # (block_dirty_bitmap_lookup's words; add's differ)
@@ -104,7 +105,7 @@ def _merge_sources(table: NodeTable, bitmaps: Sequence[Any]) -> tuple[str | Dirt
     return tuple(sources)
 
 
-def _all_bitmaps(image: Any) -> list[DirtyBitmap]:
+def _all_bitmaps(image: object) -> list[DirtyBitmap]:
     return list(image.bitmap_list()) if isinstance(image, Qcow2Image) else []
 
 
@@ -125,7 +126,7 @@ async def run_actions(context: CommandContext, steps: Sequence[tuple[str, dict[s
     table = node_table(context)
     async with table.bitmap_lock:
         grouped: dict[str, list[BitmapAction]] = {}
-        recorders: dict[str, Any] = {}
+        recorders: dict[str, BitmapRecorder] = {}
         for op, data in steps:
             if op == "add" and not data["name"]:  # QEMU checks the name before the node
                 raise QmpError("Bitmap name cannot be empty")
@@ -147,7 +148,7 @@ async def run_actions(context: CommandContext, steps: Sequence[tuple[str, dict[s
                     refresh(export)
 
 
-async def _run(loop: asyncio.AbstractEventLoop, recorder: Any, node: str, actions: list[BitmapAction],
+async def _run(loop: asyncio.AbstractEventLoop, recorder: BitmapRecorder, node: str, actions: list[BitmapAction],
                dry_run: bool) -> None:
     image = recorder.image
     image.changes.announce(0, image.size)

@@ -100,7 +100,7 @@ def block_export_add(context: CommandContext, type: str, id: str, node_name: str
             bitmap = available.get(bitmap_name)
             if bitmap is None:
                 raise QmpError(f"Bitmap '{bitmap_name}' is not found")
-            if not writable and getattr(bitmap, "recording", False) and not served.image.read_only:
+            if not writable and bitmap.recording and not served.image.read_only:
                 raise QmpError(f"Enabled bitmap '{bitmap_name}' incompatible with readonly export")
             names.append(bitmap_name)
     try:
