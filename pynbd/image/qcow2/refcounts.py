@@ -142,6 +142,11 @@ class Refcounts:
         #: Held spans whose leases ended (appended by lease actions, on any thread).
         self._released: deque[tuple[int, int]] = deque()
         self._hint = 0  # no cluster below this one is free
+        #: Where a search for several clusters in a row starts: past the holes an earlier
+        #: one skipped as too small (QEMU's free_cluster_index), so a small hole low in
+        #: the file does not make every such search scan the whole file again; they stay
+        #: for single clusters (the hint) and a free below brings it back down.
+        self._run_hint = 0
 
     def get(self, host_offset: int) -> int:
         """The refcount of the cluster containing ``host_offset`` as in memory
@@ -346,8 +351,9 @@ class Refcounts:
         """allocate() in cluster indexes."""
         self._take_released()
         pb = self._per_block
+        hint = self._hint if count == 1 else max(self._hint, self._run_hint)
         while True:
-            first_free = self._first_free(self._hint)
+            first_free = self._first_free(hint)
             start = self._free_run(first_free, count)
             if (start + count) << self._cluster_bits > _MAX_HOST_END:
                 raise ImageError(f"{self._path}: no room for {count} clusters below {_MAX_HOST_END:#x}")
@@ -360,7 +366,10 @@ class Refcounts:
                 if not self._has_block(slot):  # placing an earlier one may have created it
                     self._place_block(slot, start + count)
         self._fill(start, start + count, 1)
-        self._hint = first_free if first_free < start else start + count
+        if hint == self._hint:  # (a run search that started higher knows nothing below)
+            self._hint = first_free if first_free < start else start + count
+        if count > 1:
+            self._run_hint = start + count
         return start
 
     def _first_free(self, pos: int) -> int:
@@ -484,6 +493,7 @@ class Refcounts:
         """Give back clusters allocated here and never referenced: to 0 at once."""
         self._fill(start, start + count, 0)
         self._hint = min(self._hint, start)
+        self._run_hint = min(self._run_hint, start)
 
     def _put_back_when_unpinned(self, span: tuple[int, int]) -> None:
         if self._leases is None:
@@ -499,6 +509,7 @@ class Refcounts:
             span = self._released.popleft()
             self._held.remove(span)
             self._hint = min(self._hint, span[0])
+            self._run_hint = min(self._run_hint, span[0])
 
     def _switch_header(self) -> None:
         assert self._table_offset is not None
