@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from pynbd.image.base import ImageError
-from pynbd.image.qcow2 import repair as repair_module
+from pynbd.image.qcow2 import census
 from pynbd.image.qcow2.bitmaps import BME_OFFSET_MASK, load_bitmaps
 from pynbd.image.qcow2.header import parse_header
 from pynbd.image.qcow2.repair import RepairReport, repair_refcounts
@@ -268,7 +268,7 @@ def test_dirty_image_repairs_like_qemu(tmp_path: Path, name: str) -> None:
 def test_batches_of_a_few_entries(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables, counts and flags are handled in batches of up to a million entries; with
     batches of 200 every batch boundary case a big image has is met on a small one."""
-    monkeypatch.setattr(repair_module, "_BATCH_ENTRIES", 200)
+    monkeypatch.setattr(census, "_BATCH_ENTRIES", 200)
     assert_repairs_like_qemu(SCENARIOS[name](tmp_path))
 
 

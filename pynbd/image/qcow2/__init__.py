@@ -15,6 +15,7 @@ One module per job:
 ``writeback``    the changed L2/L1 tables, written back in dependency order at a flush
 ``subclusters``  writes to images with extended L2 entries
 ``datafile``     writes to an external data file
+``census``       counting the references to each host cluster: the refcounts a file should have
 ``repair``       recounting the refcounts of an image left dirty (lazy refcounts)
 ``recording``    writes recorded in the enabled bitmaps; in-use flags; storing them
 ``bitmapstore``  writing bitmap data clusters, tables and the directory in place
