@@ -17,6 +17,10 @@ Write rows (groups ``raw-write-*``, ``qcow2-write-*``): every measurement on a
 server started for it, exporting a target image made fresh for it (an empty
 image, or a copy of a fully allocated one), checked after the client's FLUSH.
 
+Dirty-bitmap rows (groups ``bitmap-write-*``: writes into images with 0, 1 and 4
+enabled bitmaps; ``bitmap-map*``: block status of a bitmap just dirtied through the
+server) are built by bench/bitmap_groups.py.
+
 Run ``scripts/bench --help``; bench/README.md has the results and the reasons
 for the choices below.
 """
@@ -45,12 +49,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__":
+    # bench/bitmap_groups.py imports this module as ``e2e``; run as a script it is
+    # ``__main__``, and a second copy would have its own METRICS and LIVE servers.
+    sys.modules.setdefault("e2e", sys.modules[__name__])
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
 REPO = Path(__file__).resolve().parent.parent
 BITMAP_NAME = "bm0"
+#: ``Group.image`` of a group whose target is all it serves (no source image to copy or warm).
+NO_IMAGE = ""
 #: The block status walk's client (run by an interpreter with libnbd's bindings).
 WALK_CLIENT = REPO / "bench" / "clients" / "walk.py"
 
@@ -215,7 +226,10 @@ class Images:
         self._build("qcow2-bitmap", f"bitmap-{human_size(100 * s)}.qcow2", [], lambda p: make_bitmap_qcow2(p, 100 * s))
 
     def files_of(self, key: str) -> list[Path]:
-        """The image and, for the chain, its backing files (for page-cache warm-up)."""
+        """The image and, for the chain, its backing files (for page-cache warm-up);
+        none for ``NO_IMAGE``."""
+        if key == NO_IMAGE:
+            return []
         if key == "qcow2-chain":
             return [self.paths["qcow2-chain"], self.paths["qcow2-mid"], self.paths["qcow2-full"]]
         return [self.paths[key]]
@@ -712,6 +726,11 @@ class Group:
     instance_per_step: bool = False
     #: (server CPU, client CPU) to pin both to with taskset, None to let the scheduler place them.
     pin: tuple[int, int] | None = None
+    #: The export's size in units of ``--size`` (a target of ``NO_IMAGE`` groups).
+    size_scale: int = 1
+    #: Targets in a tmpfs directory (``/dev/shm`` when there is one) instead of the run directory:
+    #: for targets whose removal from the run's file system would take longer than their steps.
+    target_in_memory: bool = False
 
     @property
     def metrics(self) -> list[Metric]:
@@ -793,30 +812,56 @@ def tls_groups(transport: str, servers) -> list[Group]:
     ]
 
 
-def write_groups(fmt: str, transport: str, servers) -> list[Group]:
+#: Called after a write step, with the server still up: (workloads, uri, export size, whether the
+#: step wrote the whole export). Raises BenchError when the image is not as the writes left it.
+WriteCheck = Callable[["Workloads", str, int, bool], None]
+
+
+def write_groups(fmt: str, transport: str, servers, *, keys: tuple[str, str] | None = None,
+                 title: str | None = None, targets: tuple[TargetMaker, TargetMaker] | None = None,
+                 extra: dict[str, list[str]] | None = None, after_write: WriteCheck | None = None) -> list[Group]:
     """Writes in ``fmt``, each measurement on a server started for it with a fresh target:
     ``FMT-write-T`` into an empty image (nbdcopy 1 and 4 connections with ``--flush``, fio
     4 KiB random writes, which allocate), ``FMT-write-allocated-T`` fio 4 KiB random writes
-    into a copy of the fully allocated image (``raw-full`` / ``qcow2-full``)."""
-    title = f"{fmt} {transport}"
-    empty_key, allocated_key = f"{fmt}-write-{transport}", f"{fmt}-write-allocated-{transport}"
+    into a copy of the fully allocated image (``raw-full`` / ``qcow2-full``).
+
+    ``keys`` (empty, allocated), ``title``, ``targets`` (empty, allocated) and ``extra``
+    (server kind -> arguments) replace those defaults; ``after_write`` runs after each
+    step's own checks (untimed)."""
+    title = title or f"{fmt} {transport}"
+    empty_key, allocated_key = keys or (f"{fmt}-write-{transport}", f"{fmt}-write-allocated-{transport}")
+    full = f"{fmt}-full"
+    empty_target, allocated_target = targets or (
+        empty_qcow2_target if fmt == "qcow2" else sparse_raw_target, copy_target(full))
+
+    def checked(write: Callable[[Workloads, str, int], float], whole: bool) -> Callable[[Workloads, str, int], float]:
+        if after_write is None:
+            return write
+
+        def run(w: Workloads, uri: str, size: int) -> float:
+            value = write(w, uri, size)
+            after_write(w, uri, size, whole)
+            return value
+        return run
+
     empty_steps = []
     for c in (1, 4):
         m = metric(f"{empty_key}/seq{c}", f"{title}: sequential write into an empty image, nbdcopy {c} conn "
                    "+ flush", "MiB/s")
-        empty_steps.append(([m], lambda w, uri, size, c=c, m=m: {m.key: w.seq_write_flushed(uri, size, c)}))
+        seq = checked(lambda w, uri, size, c=c: w.seq_write_flushed(uri, size, c), whole=True)
+        empty_steps.append(([m], lambda w, uri, size, m=m, seq=seq: {m.key: seq(w, uri, size)}))
+    rand = checked(lambda w, uri, size: w.rand_write(uri, size), whole=False)
     allocating = metric(f"{empty_key}/rand4k", f"{title}: 4 KiB random write into an empty image, fio nbd QD16",
                         "IOPS")
-    empty_steps.append(([allocating], lambda w, uri, size: {allocating.key: w.rand_write(uri, size)}))
+    empty_steps.append(([allocating], lambda w, uri, size: {allocating.key: rand(w, uri, size)}))
     overwriting = metric(f"{allocated_key}/rand4k",
                          f"{title}: 4 KiB random write into an allocated image, fio nbd QD16", "IOPS")
-    allocated_steps = [([overwriting], lambda w, uri, size: {overwriting.key: w.rand_write(uri, size)})]
-    full = f"{fmt}-full"
+    allocated_steps = [([overwriting], lambda w, uri, size: {overwriting.key: rand(w, uri, size)})]
     return [
-        Group(empty_key, title, "raw-full", fmt, transport, servers, empty_steps,
-              target=empty_qcow2_target if fmt == "qcow2" else sparse_raw_target, instance_per_step=True),
-        Group(allocated_key, title, full, fmt, transport, servers, allocated_steps,
-              target=copy_target(full), instance_per_step=True),
+        Group(empty_key, title, "raw-full", fmt, transport, servers, empty_steps, dict(extra or {}),
+              target=empty_target, instance_per_step=True),
+        Group(allocated_key, title, full, fmt, transport, servers, allocated_steps, dict(extra or {}),
+              target=allocated_target, instance_per_step=True),
     ]
 
 
@@ -917,6 +962,25 @@ def nbd_info(uri: str) -> tuple[dict, bool]:
 
 def run_bench(args, st: Settings, groups: list[Group], images: Images, python: str, res: Results) -> None:
     rundir = Path(tempfile.mkdtemp(prefix="run-", dir=st.workdir))
+    memdir = None
+    if any(g.target_in_memory for g in groups):
+        shm = Path("/dev/shm")
+        memdir = Path(tempfile.mkdtemp(prefix="pynbd-bench-", dir=shm if shm.is_dir() else rundir))
+    try:
+        run_rounds(st, groups, images, python, res, rundir, memdir or rundir)
+    finally:
+        if memdir is not None:
+            shutil.rmtree(memdir, ignore_errors=True)
+    if not args.keep_logs:
+        shutil.rmtree(rundir, ignore_errors=True)
+    else:
+        print(f"server logs kept in {rundir}")
+
+
+def run_rounds(st: Settings, groups: list[Group], images: Images, python: str, res: Results, rundir: Path,
+               memdir: Path) -> None:
+    """Every round: every group, every server (in rotated order). Server logs and targets go to
+    ``rundir``, the targets of ``target_in_memory`` groups to ``memdir``."""
     if any(g.tls for g in groups):
         st.pki = make_pki(rundir / "pki", python)
     broken: dict[tuple[str, str], str] = {}
@@ -937,16 +1001,13 @@ def run_bench(args, st: Settings, groups: list[Group], images: Images, python: s
                     t0 = time.monotonic()
                     last = attempt == MAX_RESTARTS
                     pending, status = run_instance(spec, g, pending, images, python, rundir, counter, st, res,
-                                                   broken, record_deaths=last)
+                                                   broken, record_deaths=last,
+                                                   target_dir=memdir if g.target_in_memory else rundir)
                     label = batch[0][0][0].key if g.instance_per_step else g.key
                     print(f"  [r{rnd + 1} {time.monotonic() - t_start:6.1f}s] {label:<{width}} {spec.id:<22} "
                           f"{time.monotonic() - t0:5.1f}s {status}", flush=True)
                     if not pending:
                         break
-    if not args.keep_logs:
-        shutil.rmtree(rundir, ignore_errors=True)
-    else:
-        print(f"server logs kept in {rundir}")
 
 
 def make_pki(pki: Path, python: str) -> Path:
@@ -965,16 +1026,17 @@ MAX_RESTARTS = 2
 
 
 def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str, rundir: Path, counter: int,
-                 st: Settings, res: Results, broken: dict, record_deaths: bool):
-    """Start ``spec`` on ``g``'s image, run ``steps``, stop it.
+                 st: Settings, res: Results, broken: dict, record_deaths: bool, target_dir: Path):
+    """Start ``spec`` on ``g``'s image (a target made in ``target_dir`` for write groups), run
+    ``steps``, stop it.
 
     Returns (steps that failed because the server died, status line). Those
     steps are recorded as failures only when ``record_deaths`` (last attempt).
     """
-    image = images.paths[g.image]
+    image = images.paths[g.image] if g.image != NO_IMAGE else None
     size = nbd_size_of(g, images)
     # a fresh target per server instance (made in the try below); the image is the copy's source
-    target = rundir / f"target{counter}.{g.fmt}" if g.write else None
+    target = target_dir / f"target{counter}.{g.fmt}" if g.write else None
     ep = Endpoint(g.transport)
     if ep.transport == "unix":
         ep.socket_path = str(rundir / f"s{counter}.sock")
@@ -984,7 +1046,9 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
     if g.tls:
         tls_server_dir = st.pki / "server"
         ep.tls_dir = str(st.pki / "client-bench")
-    argv = server_argv(spec, target or image, g.fmt, ep, python, g.extra.get(spec.kind, []),
+    served = target or image
+    assert served is not None, f"{g.key}: no image and no target"
+    argv = server_argv(spec, served, g.fmt, ep, python, g.extra.get(spec.kind, []),
                        tls_server_dir=tls_server_dir, writable=g.write)
     if g.pin is not None:
         argv = ["taskset", "-c", str(g.pin[0]), *argv]
@@ -1072,6 +1136,8 @@ def run_instance(spec: ServerSpec, g: Group, steps, images: Images, python: str,
 
 
 def nbd_size_of(g: Group, images: Images) -> int:
+    if g.size_scale != 1:
+        return g.size_scale * images.size
     if g.image == "qcow2-bitmap":
         return 100 * images.size
     if g.image == "raw-frag-8M":
@@ -1283,6 +1349,10 @@ def build_groups(args, servers: list[ServerSpec], pynbd: PynbdInfo) -> list[Grou
                 "qcow2-bitmap-walk", "dirty bitmap (qcow2, 100× virtual size)", "qcow2-bitmap", "qcow2",
                 q_servers, context=f"qemu:dirty-bitmap:{BITMAP_NAME}", extra=bitmap_extra,
             ))
+        import bitmap_groups  # noqa: PLC0415 (it imports this module: not at the top)
+
+        groups += bitmap_groups.bitmap_write_groups(q_servers)
+        groups += bitmap_groups.bitmap_map_groups(q_servers)
         if len(os.sched_getaffinity(0)) >= 2:
             # The same map with the scheduler's placement taken out: where it puts a
             # short-lived client relative to the server decides much of the time above
@@ -1402,12 +1472,21 @@ def main(argv: list[str] | None = None) -> int:
     table = build_table(res, groups, list(dict.fromkeys(servers + [s for g in groups for s in g.servers])))
     extra = notes(res, servers)
     sugg = suggest_defaults(res, groups)
+    import bitmap_groups  # noqa: PLC0415 (it imports this module: not at the top)
+
+    recording = bitmap_groups.recording_cost(res, groups)
     print()
     print(f"## pynbd end-to-end benchmark, {human_size(size)} images, {st.rounds} round(s), {elapsed:.0f}s")
     print()
     print("machine: " + "; ".join(f"{k} {v}" for k, v in info.items()))
     print()
     print("\n".join(table))
+    if recording:
+        print()
+        print("Cost of recording writes into enabled bitmaps (value with N bitmaps / value with 0; "
+              "target for pynbd: >= 0.90):")
+        print()
+        print("\n".join(recording))
     if extra:
         print()
         print("\n".join(extra))
@@ -1429,6 +1508,7 @@ def main(argv: list[str] | None = None) -> int:
             "multi_conn": res.multi_conn,
             "warnings": res.warnings,
             "table": table,
+            "recording_cost": recording,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
