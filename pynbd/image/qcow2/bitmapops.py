@@ -72,28 +72,36 @@ def apply_actions(recorder: BitmapRecorder, node: str, actions: Sequence[BitmapA
     would apply now (applied in memory, then undone)."""
     with recorder.quiesced():
         with recorder.lock:
-            stored_before = recorder.stored
-            undo: list[Callable[[], None]] = []
-            rewritten: set[str] = set()  # names whose bits an action changed
-            removing: list[DirtyBitmap] = []
             try:
-                for action in actions:
-                    _apply(recorder, node, action, undo, rewritten, removing)
-                _remove(recorder, removing, undo)
-            except BaseException:
-                _roll_back(undo)
-                raise
-            if dry_run:
-                _roll_back(undo)
-                return
-            header = recorder.image.top.header
-            old_directory = header.bitmaps_ext
-            try:
-                _persist(recorder, stored_before, rewritten)
-            except BaseException:
-                if header.bitmaps_ext == old_directory:  # the file still holds the old ones
-                    _roll_back(undo)
-                raise
+                _apply_all(recorder, node, actions, dry_run)
+            finally:
+                recorder.refresh()
+
+
+def _apply_all(recorder: BitmapRecorder, node: str, actions: Sequence[BitmapAction], dry_run: bool) -> None:
+    """apply_actions' work, with the recorder quiesced and its metadata lock held."""
+    stored_before = recorder.stored
+    undo: list[Callable[[], None]] = []
+    rewritten: set[str] = set()  # names whose bits an action changed
+    removing: list[DirtyBitmap] = []
+    try:
+        for action in actions:
+            _apply(recorder, node, action, undo, rewritten, removing)
+        _remove(recorder, removing, undo)
+    except BaseException:
+        _roll_back(undo)
+        raise
+    if dry_run:
+        _roll_back(undo)
+        return
+    header = recorder.image.top.header
+    old_directory = header.bitmaps_ext
+    try:
+        _persist(recorder, stored_before, rewritten)
+    except BaseException:
+        if header.bitmaps_ext == old_directory:  # the file still holds the old ones
+            _roll_back(undo)
+        raise
 
 
 def _roll_back(undo: list[Callable[[], None]]) -> None:

@@ -91,11 +91,20 @@ class BitmapRecorder:
         self._changed: dict[str, set[int]] = {}
         #: Serialises flagging, storing and operations (never taken under the metadata lock).
         self.disk_lock = threading.Lock()
+        #: What a write needs of each recording bitmap, gathered once (:meth:`refresh`).
+        self._targets: list[_Target] = []
+        self._bits_per_cluster = top.cluster_size * 8
+        self.refresh()
 
     @property
     def recording(self) -> list[DirtyBitmap]:
         """The bitmaps writes go into (enabled and consistent)."""
         return [b for b in self.bitmaps if b.recording and b.consistent]
+
+    def refresh(self) -> None:
+        """Take the bitmaps' recording flags and the list as they are now (after an
+        operation changed them: bitmapops). Under :attr:`lock`."""
+        self._targets = [_Target(b) for b in self.recording]
 
     @property
     def stored(self) -> list[Qcow2Bitmap]:
@@ -113,7 +122,7 @@ class BitmapRecorder:
         needed no I/O and no lock held elsewhere; else False and nothing changed. With
         ``wait``, flags the bitmaps in use on disk first when needed (ImageIOError if
         that write fails: the change must not go ahead)."""
-        if length <= 0 or not self.bitmaps:
+        if length <= 0 or not self._targets:
             return True
         if self.lock.acquire(blocking=wait):
             try:
@@ -137,24 +146,34 @@ class BitmapRecorder:
     def _set_bits(self, offset: int, length: int, flagging_done: bool) -> bool:
         """Under the metadata lock: set the range's bits and True if that is safe now (the
         bits are all set already, or only bitmaps in memory change, or the persistent ones
-        are flagged in use and no store is reading them), else False and nothing set."""
-        spans = []
-        for bitmap in self.recording:
-            g = bitmap.granularity
-            first, last = offset // g, min(bitmap.nbits, -(-(offset + length) // g))
-            if bitmap.bits().find(0, first, last) >= 0:
-                spans.append((bitmap, first, last))
-        if not spans:
+        are flagged in use and no store is reading them), else False and nothing set.
+        Per request a few operations per bitmap, none per granule."""
+        end = offset + length
+        dirtying = []
+        for target in self._targets:
+            g = target.granularity
+            first, last = offset // g, -(-end // g)
+            if last > target.nbits:
+                last = target.nbits
+            if target.bits.find(0, first, last) >= 0:
+                dirtying.append((target, first, last))
+        if not dirtying:
             return True
-        stored = [span for span in spans if span[0].persistent]
-        if stored and not flagging_done and (not self._flagged or self._storing):
+        if not flagging_done and (not self._flagged or self._storing) and \
+                any(target.persistent for target, _, _ in dirtying):
             return False
-        for bitmap, first, last in spans:
-            bitmap.bits()[first:last] = 1
-        for bitmap, first, last in stored:
-            g = bitmap.granularity
-            self._changed.setdefault(bitmap.name, set()).update(
-                self.store_file.slots_of(g, first * g, (last - first) * g))
+        per_cluster = self._bits_per_cluster
+        for target, first, last in dirtying:
+            target.bits[first:last] = 1
+            if target.persistent:
+                slots = self._changed.get(target.name)
+                if slots is None:
+                    slots = self._changed[target.name] = set()
+                first_slot, last_slot = first // per_cluster, (last - 1) // per_cluster
+                if first_slot == last_slot:
+                    slots.add(first_slot)
+                else:
+                    slots.update(range(first_slot, last_slot + 1))
         return True
 
     # -- storing ----------------------------------------------------------------------------
@@ -244,3 +263,16 @@ class BitmapRecorder:
         self.store_file.write_directory_in_place(directory.directory_offset, entries)
         self.store_file.sync()
         log.debug("%s: bitmaps %s on disk", self.path, "flagged in use" if in_use else "stored")
+
+
+class _Target:
+    """What recording a write needs of one bitmap, looked up once (not per request)."""
+
+    __slots__ = ("name", "bits", "granularity", "nbits", "persistent")
+
+    def __init__(self, bitmap: DirtyBitmap) -> None:
+        self.name = bitmap.name
+        self.bits = bitmap.bits()
+        self.granularity = bitmap.granularity
+        self.nbits = bitmap.nbits
+        self.persistent = bitmap.persistent
