@@ -195,3 +195,45 @@ def test_stored_bits_cover_every_change(tmp_path_factory: pytest.TempPathFactory
         assert dirty == granules, name
     assert disk_dirty(path, "b2") == []
     assert disk_flags(path) == {"b0": ["auto"], "b1": ["auto"], "b2": []}
+
+
+def test_dropped_run_chunks_are_computed_again_once_writes_pause(tmp_path: Path) -> None:
+    """A scan caches a bitmap's run chunks; writes drop the chunks they touch; once the
+    writes pause, the event loop computes those chunks again (and only those), with the
+    new bits, so the next scan finds them ready."""
+    import asyncio
+
+    from pynbd.image import dirtybitmap
+
+    path = make_image(tmp_path / "a.qcow2")
+    with writable(path) as image:
+        bitmap = image.bitmaps()["b1"]  # 512 B granules: 64 MiB in several chunks below
+        old_chunk = dirtybitmap.RUN_CHUNK_BYTES
+        bitmap._chunk_granules = 4 * MiB // bitmap.granularity  # (chunks of 4 MiB for the test)
+        try:
+            bitmap.dirty_runs(0, 16 * MiB)  # a scan of the first four chunks
+            assert bitmap.cached_chunks == [0, 1, 2, 3]
+
+            async def writes_then_pause() -> list[int]:
+                for offset in (MiB, 9 * MiB):
+                    image.changes.announce(offset, 4096)
+                    image.write(offset, b"w" * 4096)
+                    image.changes.announce(offset, 4096)
+                assert sorted(bitmap.cached_chunks) == [1, 3]
+                await asyncio.sleep(dirtybitmap.RECOMPUTE_AFTER * 5)
+                return sorted(bitmap.cached_chunks)
+
+            assert asyncio.run(writes_then_pause()) == [0, 1, 2, 3]
+            dirty = [(pos, n) for pos, (n, value) in zip(
+                _starts(bitmap.dirty_runs(0, 16 * MiB)), bitmap.dirty_runs(0, 16 * MiB)) if value]
+            assert dirty == [(MiB, 4096), (9 * MiB, 4096)]
+        finally:
+            assert dirtybitmap.RUN_CHUNK_BYTES == old_chunk
+
+
+def _starts(runs) -> list[int]:
+    out, pos = [], 0
+    for length, _ in runs:
+        out.append(pos)
+        pos += length
+    return out

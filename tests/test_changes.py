@@ -199,7 +199,7 @@ def fill_caches(image: Qcow2Image) -> None:
 def cached_tables(image: Qcow2Image) -> dict[int, Table]:
     """The top layer's cached L2 tables by the guest offset their span starts at."""
     span_of = {entry & L1E_OFFSET_MASK: i * TABLE_SPAN for i, entry in enumerate(image.top.l1) if entry}
-    return {span_of[t.key[1]]: t for t in image.cache.cached(image.top._id)}
+    return {span_of[t.key[1]]: t for t in image.table_cache.cached(image.top._id)}
 
 
 def table_at(image: Qcow2Image, offset: int) -> Table:
@@ -369,5 +369,5 @@ def test_announce_drops_exactly_what_overlaps(tables_image: Qcow2Image, data: st
     chunk = bitmap.chunk_bytes
     assert sorted(bitmap.cached_chunks) == [k for k in range(4)
                                            if not overlaps(k * chunk, (k + 1) * chunk, offset, length)]
-    budget = sum(t.nbytes for t in image.cache.cached(image.top._id))
-    assert image.cache.size_bytes == budget  # what was dropped no longer counts
+    budget = sum(t.nbytes for t in image.table_cache.cached(image.top._id))
+    assert image.table_cache.size_bytes == budget  # what was dropped no longer counts

@@ -773,3 +773,16 @@ def test_undecompressable_cluster_is_eio(fx: dict[str, Path], tmp_path: Path) ->
                 "print(h.pread(4, 1 << 20).hex())\n")
         assert libnbd_script(code, server.uri).stdout.split() == ["EIO", "00010203"]
         assert server.alive()
+
+
+def test_cache_on_qcow2(fx: dict[str, Path], tmp_path: Path) -> None:
+    """NBD_CMD_CACHE on a qcow2 export (writable and read-only) succeeds and the
+    connection goes on serving (the image's L2 table cache once hid its cache())."""
+    image = tmp_path / "cache.qcow2"
+    shutil.copy(fx["v3-64k.qcow2"], image)
+    for extra in ((), ("-r",)):
+        with PynbdServer(image, *extra, workdir=tmp_path) as server:
+            with nc.NbdClient.connect(server) as c:
+                assert c.flags & nc.TF_SEND_CACHE
+                assert c.cache(0, 1 << 20).error == 0
+                assert c.read(0, 4096).error == 0

@@ -198,13 +198,14 @@ WRITES = {"disk0": ("write -P 0x5a 3M 256k", "write -z 200k 64k", "write -P 0x5b
 async def check_departures(pynbd: Side) -> None:
     """pynbd's documented departures (pynbd/qmp/exportcmds.py), each changing nothing:
     a host file opened by one format node at a time (qsd: a permission conflict), a
-    qcow2 node's backing chain from its header only (qsd takes a ``backing`` option), NBD
+    qcow2 node's backing chain from its header or none (qsd also takes a node by name), NBD
     exports of a format node only (qsd exports a file node too)."""
     before = (await pynbd.nodes(), await pynbd.query("query-block-exports"))
     refusals = [
         (blockdev("qcow2", "again", file="f0"), "Node 'f0' is in use by another image; pynbd opens a host file once"),
-        (blockdev("qcow2", "chain", file=inline("top.qcow2"), backing=None),
-         "pynbd opens a qcow2 node's backing chain from its header: leave 'backing' out"),
+        (blockdev("qcow2", "chain", file=inline("frozen.qcow2"), backing="top"),
+         "pynbd opens the backing chain a qcow2 header names (or none with 'backing': null), "
+         "not a node given by name"),
         (export("ef", "spare"), "Node 'spare': pynbd exports the top node of an image (raw or qcow2)"),
     ]
     for step, desc in refusals:
@@ -456,3 +457,28 @@ def test_a_bitmap_may_be_named_by_two_exports(shared_servers):
     listing = json.loads(nbdinfo("--json", "--list", pynbd_server.uri))
     contexts = {e["export-name"]: e["contexts"] for e in listing["exports"]}
     assert "qemu:dirty-bitmap:t0" in contexts["twice"] and "qemu:dirty-bitmap:t0" in contexts["twice-again"]
+
+
+def test_qcow2_node_without_its_backing_file(shared_servers):
+    """``backing: null``: the qcow2 node alone, its unallocated clusters read as zeros
+    (the backing file's data does not show through), the same bytes as qsd's; a backing
+    node given by name is pynbd's documented refusal."""
+    qsd_server, pynbd_server = shared_servers
+    steps = (blockdev("qcow2", "alone", file=inline("top.qcow2"), read_only=True, backing=None),
+             export("alone", "alone"))
+
+    async def scenario() -> None:
+        async with sides(qsd_server, pynbd_server) as (qsd, pynbd):
+            for step in steps:
+                assert await pynbd.run(step) == await qsd.run(step) == {"return": {}}, json.dumps(step)
+            compare_reads(qsd, pynbd, ["alone"])
+            with_node = blockdev("qcow2", "named", file=inline("frozen.qcow2"), read_only=True, backing="alone")
+            refused = await pynbd.run(with_node)
+            assert refused["error"]["class"] == "GenericError" and "not a node given by name" in \
+                refused["error"]["desc"], refused
+    asyncio.run(scenario())
+    # The top image over base.raw: without its backing file some bytes read differently.
+    with_backing = run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2",
+                        f"nbd+unix:///alone?socket={pynbd_server.socket}", str(pynbd_server.workdir / "top.qcow2")],
+                       check=False)
+    assert with_backing.returncode == 1, with_backing.stdout

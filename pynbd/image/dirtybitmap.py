@@ -15,7 +15,10 @@ loops, not Python work per bit or per run. Bits change under :attr:`metadata_loc
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from operator import mul
 from threading import Lock, RLock
@@ -64,6 +67,9 @@ class DirtyBitmap(Bitmap):
         self.metadata_lock: RLock = RLock()
         #: chunk index -> its runs (see :meth:`_chunk_runs`), least recently used first.
         self._run_cache: OrderedDict[int, SpanRuns] = OrderedDict()
+        #: Chunks a change dropped from the cache, to compute again once changes pause
+        #: (:meth:`recompute_dropped`).
+        self._dropped: set[int] = set()
         self._chunk_granules = max(1, RUN_CHUNK_BYTES // granularity)
 
     @property
@@ -174,24 +180,44 @@ class DirtyBitmap(Bitmap):
         # Runs found at value changes are non-empty and alternate.
         return Runs(lengths, values, True)
 
-    def forget_runs(self, offset: int, length: int) -> None:
+    def forget_runs(self, offset: int, length: int) -> bool:
         """Drop the cached run chunks that overlap guest bytes ``[offset, offset+length)``
-        (their bits change or will; the bits themselves are the authority and stay).
+        (their bits change or will; the bits themselves are the authority and stay);
+        True if one was cached.
 
         A granule never straddles two chunks, so the chunks overlapping the range
         hold every granule the change can dirty. On the event loop thread.
         """
         if length <= 0 or not self._run_cache:
-            return
+            return False
         chunk_bytes = self.chunk_bytes
         first, last = offset // chunk_bytes, (offset + length - 1) // chunk_bytes
         run_cache = self._run_cache
         if last - first < len(run_cache):
-            for chunk in range(first, last + 1):
-                run_cache.pop(chunk, None)
+            dropped = [chunk for chunk in range(first, last + 1) if run_cache.pop(chunk, None) is not None]
         else:  # a range wider than the cache: look at what is cached instead
-            for chunk in [c for c in run_cache if first <= c <= last]:
+            dropped = [c for c in run_cache if first <= c <= last]
+            for chunk in dropped:
                 del run_cache[chunk]
+        self._dropped.update(dropped)
+        return bool(dropped)
+
+    def recompute_dropped(self) -> bool:
+        """Compute again one chunk a change dropped from the cache, so that the next scan
+        (a backup reading the bitmap after writes) finds it ready; True while others
+        remain. On the event loop thread, under :attr:`metadata_lock` (taken here, without
+        waiting: False and nothing done when a writer holds it)."""
+        if not self._dropped:
+            return False
+        if not self.metadata_lock.acquire(blocking=False):
+            return True
+        try:
+            chunk = self._dropped.pop()
+            if chunk not in self._run_cache:
+                self._chunk_runs(chunk)
+        finally:
+            self.metadata_lock.release()
+        return bool(self._dropped)
 
     @property
     def cached_chunks(self) -> list[int]:
@@ -229,3 +255,52 @@ class DirtyBitmap(Bitmap):
         self.bits()
         for chunk in range(min(RUN_CHUNKS_CACHED, -(-self.nbits // self._chunk_granules))):
             self._chunk_runs(chunk)
+
+
+#: Quiet time after the last change before dropped run chunks are computed again.
+RECOMPUTE_AFTER = 0.02
+
+
+class DroppedRunsRecomputer:
+    """Computes again, once changes pause, the run chunks that changes dropped from the
+    bitmaps' caches: a backup that reads a bitmap right after a burst of writes then
+    finds them ready instead of waiting for them (the chunks are the ones a scan had
+    cached; nothing else is computed). One chunk per event loop turn, so requests are
+    not held up; a new change pauses it again.
+
+    On the event loop thread: :meth:`changed` from the image's change listener; outside
+    a running loop (in-process use) it does nothing.
+    """
+
+    def __init__(self, bitmaps: Callable[[], Sequence[DirtyBitmap]]) -> None:
+        self._bitmaps = bitmaps
+        self._last_change = 0.0
+        self._handle: asyncio.Handle | None = None
+
+    def changed(self, dropped: bool) -> None:
+        """A change was announced (``dropped``: it dropped cached chunks)."""
+        if not dropped and self._handle is None:
+            return
+        self._last_change = time.monotonic()
+        if self._handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._handle = loop.call_later(RECOMPUTE_AFTER, self._step)
+
+    def _step(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet = time.monotonic() - self._last_change
+        if quiet < RECOMPUTE_AFTER:
+            self._handle = loop.call_later(RECOMPUTE_AFTER - quiet, self._step)
+            return
+        more = False
+        for bitmap in self._bitmaps():
+            more = bitmap.recompute_dropped() or more
+        self._handle = loop.call_soon(self._step) if more else None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

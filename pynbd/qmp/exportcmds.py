@@ -7,7 +7,8 @@ server has it: TLS is the connection's, not the export's). On the event loop's t
 opening an image reads its metadata there (as the command line does before serving).
 
 Where pynbd departs from QEMU: ``blockdev-add`` knows the drivers ``file``, ``raw`` and
-``qcow2``, opens a qcow2 node's backing chain from its header (no ``backing`` option),
+``qcow2``, opens a qcow2 node's backing chain from its header (``backing: null`` opens
+none; a node named as ``backing`` is refused),
 and honours ``read-only``; a host file is opened by one format node at a time; exports
 are NBD exports of format nodes (the top node of an image), and offer
 ``qemu:allocation-depth`` whatever ``allocation-depth`` says; a bitmap may be named by
@@ -60,9 +61,11 @@ def blockdev_add(context: CommandContext, driver: str, node_name: str | None = N
     if driver == "file":
         table.add_file(name, branch["filename"], read_only)
         return
-    if "backing" in branch:
-        raise QmpError("pynbd opens a qcow2 node's backing chain from its header: leave 'backing' out")
-    table.add_format(name, driver, branch["file"], read_only)
+    backing = branch.get("backing", "header")
+    if backing not in ("header", None):
+        raise QmpError("pynbd opens the backing chain a qcow2 header names (or none with "
+                       "'backing': null), not a node given by name")
+    table.add_format(name, driver, branch["file"], read_only, backing=backing is not None)
 
 
 def blockdev_del(context: CommandContext, node_name: str) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pynbd.image import open_image
 from pynbd.image.base import Image, ImageError
 from pynbd.image.qcow2.header import MAGIC as QCOW2_MAGIC
+from pynbd.image.qcow2.image import open_qcow2
 from pynbd.qmp.blockinfo import DRIVER_FILE, AutoNodeNames, BlockNode, image_nodes
 from pynbd.qmp.registry import QmpError
 from pynbd.server.exports import Export
@@ -195,9 +196,11 @@ class NodeTable:
         self.files.append(file)
         self._made.append(file)
 
-    def add_format(self, name: str, driver: str, file: str | dict[str, object], read_only: bool) -> ImageNodes:
+    def add_format(self, name: str, driver: str, file: str | dict[str, object], read_only: bool,
+                   backing: bool = True) -> ImageNodes:
         """A ``raw`` or ``qcow2`` node over ``file``: the name of a file node, or an inline
-        ``{"driver": "file", "filename": ...}`` (its node gets an automatic name)."""
+        ``{"driver": "file", "filename": ...}`` (its node gets an automatic name). A qcow2
+        node opens the backing chain its header names, none when ``backing`` is False."""
         file_node = None
         if isinstance(file, str):
             standalone = next((f for f in self.files if f.node.node_name == file), None)
@@ -217,7 +220,8 @@ class NodeTable:
         if driver == "qcow2" and not _starts_with(filename, QCOW2_MAGIC):
             raise QmpError("Image is not in qcow2 format")
         try:
-            image = open_image(filename, driver, read_only=read_only)
+            image = (open_qcow2(filename, read_only, backing=False) if driver == "qcow2" and not backing
+                     else open_image(filename, driver, read_only=read_only))
         except ImageError as exc:
             raise QmpError(f"Could not open '{filename}': {exc}") from None
         served = self._add_image(name, image)

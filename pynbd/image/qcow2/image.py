@@ -25,7 +25,7 @@ from pynbd.image.base import (
     ZeroSegment,
 )
 from pynbd.image.locking import QCOW2_READ_ONLY, QCOW2_WRITABLE, lock_file, open_locked_for_writing
-from pynbd.image.dirtybitmap import DirtyBitmap
+from pynbd.image.dirtybitmap import DirtyBitmap, DroppedRunsRecomputer
 from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
     KIND_DATA,
@@ -68,7 +68,7 @@ class Qcow2Image(Image):
         assert isinstance(top, Qcow2Layer)
         self.top = top
         self.layers = list(layers)
-        self.cache = cache
+        self.table_cache = cache
         self.path = top.path
         self.size = top.size
         self.read_only = True
@@ -84,6 +84,8 @@ class Qcow2Image(Image):
             bitmap.metadata_lock = self.metadata_lock
             if bitmap.problem:
                 log.warning("%s: bitmap %r %s; it is not exported", self.path, bitmap.name, bitmap.problem)
+        #: Bitmap run chunks a change dropped are computed again once changes pause.
+        self._recomputer = DroppedRunsRecomputer(self.bitmap_list)
         self.changes.listen(self._forget_changed)
 
     def _forget_changed(self, offset: int, length: int) -> None:
@@ -102,10 +104,12 @@ class Qcow2Image(Image):
         server never does; a cluster whose descriptor no entry holds any more is never
         asked for again and ages out of the LRU.
         """
+        dropped = False
         with self.metadata_lock:
             self.top.forget_derived(offset, length)
             for bitmap in self.bitmap_list():
-                bitmap.forget_runs(offset, length)
+                dropped = bitmap.forget_runs(offset, length) or dropped
+        self._recomputer.changed(dropped)
 
     # -- reading --
 
@@ -260,6 +264,7 @@ class Qcow2Image(Image):
             return
         self._closed = True
         self.changes.unlisten(self._forget_changed)
+        self._recomputer.close()
         try:
             if self.writer is not None:
                 try:
@@ -290,8 +295,10 @@ def _open_backing(path: str, fmt: str | None, cache: TableCache, ccache: Cluster
     raise ImageError(f"{named_by}: backing file {path!r} has unsupported format {fmt!r}")
 
 
-def open_chain(path: str, cache: TableCache | None = None) -> list[Layer]:
+def open_chain(path: str, cache: TableCache | None = None, backing: bool = True) -> list[Layer]:
     """Open ``path`` (qcow2) and its whole backing chain, read-only; top layer first.
+    With ``backing`` False, the top layer alone (its unallocated clusters read as zeros,
+    as QEMU's ``backing: null``).
 
     Backing names are resolved relative to the naming image's directory, the
     backing format comes from the header extension or is probed, and a
@@ -305,7 +312,7 @@ def open_chain(path: str, cache: TableCache | None = None) -> list[Layer]:
         layers.append(top)
         seen = {file_identity(path): path}
         current: Layer = top
-        while isinstance(current, Qcow2Layer) and current.header.backing_file:
+        while backing and isinstance(current, Qcow2Layer) and current.header.backing_file:
             hdr = current.header
             assert hdr.backing_file is not None
             backing_path = resolve_backing_path(current.path, hdr.backing_file)
@@ -346,16 +353,17 @@ def repair_if_dirty(path: str) -> None:
         os.close(fd)  # (its locks go with it; the image's own open locks again)
 
 
-def open_qcow2(path: str, read_only: bool, fiemap: bool = True) -> Image:
-    """Open a qcow2 image with its backing chain, writable unless ``read_only`` (an image
-    left dirty by a crash is repaired first: :func:`repair_if_dirty`).
+def open_qcow2(path: str, read_only: bool, fiemap: bool = True, backing: bool = True) -> Image:
+    """Open a qcow2 image with its backing chain (none when ``backing`` is False: see
+    :func:`open_chain`), writable unless ``read_only`` (an image left dirty by a crash is
+    repaired first: :func:`repair_if_dirty`).
 
     ``fiemap`` does not apply: qcow2 block status comes from the L2 tables.
     """
     if not read_only:
         repair_if_dirty(path)
     cache = TableCache()
-    image = Qcow2Image(open_chain(path, cache), cache)
+    image = Qcow2Image(open_chain(path, cache, backing), cache)
     try:
         # Locked as QEMU locks a chain: backing files for shared reading, the top for
         # what it is served as (pynbd.image.locking); a raw backing file locks itself.

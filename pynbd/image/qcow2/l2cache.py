@@ -103,17 +103,24 @@ class TableCache:
         the entries"). The entries stay; tables not cached are skipped."""
         with self._lock:
             for offset in offsets:
-                table = self._tables.get((owner, offset))
-                if table is None:
-                    continue
-                # (Not computed again here: that is a pass over the table per change. False
-                # only means "look at the entries", which is right whatever they hold.)
-                table.all_zero = False
-                if table.derived is not None:
-                    table.derived = None
-                    table.nbytes -= table.derived_nbytes
-                    self._bytes -= table.derived_nbytes
-                    table.derived_nbytes = 0
+                self._forget_derived(self._tables.get((owner, offset)))
+
+    def forget_derived_of(self, owner: int, offset: int) -> None:
+        """:meth:`forget_derived` of one table (a change inside one table's span: most)."""
+        with self._lock:
+            self._forget_derived(self._tables.get((owner, offset)))
+
+    def _forget_derived(self, table: Table | None) -> None:
+        if table is None:
+            return
+        # (Not computed again here: that is a pass over the table per change. False
+        # only means "look at the entries", which is right whatever they hold.)
+        table.all_zero = False
+        if table.derived is not None:
+            table.derived = None
+            table.nbytes -= table.derived_nbytes
+            self._bytes -= table.derived_nbytes
+            table.derived_nbytes = 0
 
     def cached(self, owner: int) -> list[Table]:
         """The tables of ``owner`` in the cache now (for tests and statistics)."""

@@ -263,7 +263,13 @@ class Qcow2Layer:
         if offset >= end:
             return
         span_bits = self.cluster_bits + self.l2_bits
-        in_range = self.l1[offset >> span_bits:((end - 1) >> span_bits) + 1]
+        first, last = offset >> span_bits, (end - 1) >> span_bits
+        if first == last:  # (most changes: inside one table's span)
+            table_offset = self.l1[first] & L1E_OFFSET_MASK
+            if table_offset:
+                self._cache.forget_derived_of(self._id, table_offset)
+            return
+        in_range = self.l1[first:last + 1]
         offsets = set(map(and_, in_range, repeat(L1E_OFFSET_MASK)))
         offsets.discard(0)
         self._cache.forget_derived(self._id, offsets)

@@ -53,7 +53,7 @@ class MetadataWriteBack:
         self.words = 2 if top.extended_l2 else 1
         self.external = top.has_data_file
         self.data_raw = top.header.data_file_raw
-        self.cache: TableCache = image.cache
+        self.cache: TableCache = image.table_cache
         self.lock: threading.RLock = image.metadata_lock
         self.refcounts = Refcounts(fd, self.path, top.header, os.fstat(fd).st_size, image.leases)
         self.data_path = top.data_file_path or self.path
