@@ -10,8 +10,10 @@
 - ``bitmap-map`` / ``bitmap-map-qemu``: block status of a bitmap that the server itself
   has just dirtied: a 100 × ``--size`` qcow2 with one enabled bitmap gets 4 KiB written
   every 1 MiB through the server being measured (fio), then ``nbdinfo --map`` (the first
-  map after the writes and the median of the reps) or QEMU's one-extent-per-request scan
-  (``qemu-img map`` with ``x-dirty-bitmap``), each on a server started for it.
+  map after the writes and the median of the reps), the first map once the writes have
+  stopped for a second (``bitmap-map-pause``: a backup reads after the writes), or QEMU's
+  one-extent-per-request scan (``qemu-img map`` with ``x-dirty-bitmap``), each on a server
+  started for it.
 
 Imported by ``e2e.build_groups`` once ``e2e`` is loaded (it imports ``e2e``, so not at
 e2e's top); everything here runs on the benchmark's main thread.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from e2e import (
@@ -184,6 +187,10 @@ def check_map_extents(what: str, got: int, size: int) -> None:
         raise BenchError(f"{what}: {got} extents after the writes, expected {expected} (writes not recorded?)")
 
 
+#: How long the writes have stopped when the ``bitmap-map-pause`` map starts.
+MAP_PAUSE = 1.0
+
+
 def bitmap_map_groups(servers: list[ServerSpec]) -> list[Group]:
     """``bitmap-map`` (nbdinfo --map) and ``bitmap-map-qemu`` (qemu-img map, x-dirty-bitmap)
     of a bitmap the server has just dirtied (module doc). Targets in memory: removing one
@@ -196,6 +203,8 @@ def bitmap_map_groups(servers: list[ServerSpec]) -> list[Group]:
     per_map = metric("bitmap-map/map-ms", f"{title}: time per full map (nbdinfo --map)", "ms",
                      higher_better=False)
     rate = metric("bitmap-map/extents-per-s", f"{title}: block status, nbdinfo --map", "extents/s")
+    paused = metric("bitmap-map-pause/first-map-ms",
+                    f"{title}: first nbdinfo --map {MAP_PAUSE:g} s after the writes", "ms", higher_better=False)
     qemu_rate = metric("bitmap-map-qemu/qemu-map-extents-per-s",
                        f"{title}: block status, qemu-img map, x-dirty-bitmap (REQ_ONE)", "extents/s")
 
@@ -205,6 +214,13 @@ def bitmap_map_groups(servers: list[ServerSpec]) -> list[Group]:
         check_map_extents("nbdinfo --map", n, size)
         return {fill.key: iops, first.key: first_ms, per_map.key: ms, rate.key: extents_per_s,
                 "bitmap-map/extents": n}
+
+    def nbdinfo_map_after_a_pause(w: Workloads, uri: str, size: int) -> dict[str, float]:
+        dirty_fragmented(w, uri, size)
+        time.sleep(MAP_PAUSE)  # (a backup reads the bitmap after the writes, not during them)
+        _, _, first_ms, n = w.block_status(uri, context)
+        check_map_extents("nbdinfo --map", n, size)
+        return {paused.key: first_ms, "bitmap-map-pause/extents": n}
 
     def qemu_scan(w: Workloads, uri: str, size: int) -> dict[str, float]:
         dirty_fragmented(w, uri, size)
@@ -217,6 +233,7 @@ def bitmap_map_groups(servers: list[ServerSpec]) -> list[Group]:
                   target=preallocated_target_with_bitmap, size_scale=MAP_SCALE, target_in_memory=True)
     return [
         Group("bitmap-map", title, steps=[([fill, first, per_map, rate], nbdinfo_maps)], **common),
+        Group("bitmap-map-pause", title, steps=[([paused], nbdinfo_map_after_a_pause)], **common),
         Group("bitmap-map-qemu", title, steps=[([qemu_rate], qemu_scan)], **common),
     ]
 
