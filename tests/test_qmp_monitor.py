@@ -511,13 +511,18 @@ def test_quit_stops_cleanly_like_qsd(tmp_path):
     image = qcow2(tmp_path / "disk.qcow2")
     run(["qemu-img", "bitmap", "--add", str(image), "b0"])
 
-    with QsdServer(qcow2(tmp_path / "qsd.qcow2"), workdir=tmp_path) as qsd, \
-            pynbd_with_qmp(image, workdir=tmp_path) as server:
+    # qsd configured as pynbd serves the image: its node exported as "" under id disk0.
+    with QsdServer(qcow2(tmp_path / "qsd.qcow2"), "--export", "type=nbd,id=disk0,node-name=disk0,name=,writable=on",
+                   workdir=tmp_path) as qsd, pynbd_with_qmp(image, workdir=tmp_path) as server:
         run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 1M 64k", server.uri])
         for process in (qsd, server):
             with RawQmp(process.qmp_path) as client:
                 client.send(NEGOTIATE + request("quit", id="q"))
-                assert client.read_until_eof() == [b'{"return": {}}', b'{"return": {}, "id": "q"}']
+                negotiated, event, answer = client.read_until_eof()
+                assert (negotiated, answer) == (b'{"return": {}}', b'{"return": {}, "id": "q"}')
+                # The export goes first, as an event (its timestamp differs).
+                assert json.loads(event)["event"] == "BLOCK_EXPORT_DELETED"
+                assert json.loads(event)["data"] == {"id": "disk0"}
             assert process.wait_exit() == 0, process.log()
             wait_gone(process.qmp_path)
         assert not Path(server.socket).exists()
