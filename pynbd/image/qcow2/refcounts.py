@@ -43,10 +43,10 @@ from pynbd.image.qcow2.header import MAX_REFTABLE_BYTES, Qcow2Header, pread_exac
 log = logging.getLogger(__name__)
 
 #: qcow2 spec, 'Header': refcount_table_offset (u64) then refcount_table_clusters (u32), at byte 48.
-_REFTABLE_FIELDS_OFFSET = 48
-_REFTABLE_FIELDS = struct.Struct(">QI")
+REFTABLE_FIELDS_OFFSET = 48
+REFTABLE_FIELDS = struct.Struct(">QI")
 #: qcow2 spec, 'Host cluster management': bits 0-8 of a refcount table entry are reserved.
-_REFT_RESERVED = 0x1FF
+REFT_RESERVED = 0x1FF
 #: qcow2 spec, 'Cluster mapping': L1/L2 entries hold host offsets in bits 9-55.
 _MAX_HOST_END = 1 << 56
 
@@ -318,10 +318,10 @@ class Refcounts:
 
     def _read_block(self, slot: int) -> bytes:
         entry = self._table[slot]
-        offset = entry & ~_REFT_RESERVED
+        offset = entry & ~REFT_RESERVED
         cs = 1 << self._cluster_bits
         where = f"{self._path}: refcount table entry {slot} ({entry:#x})"
-        if entry & _REFT_RESERVED:
+        if entry & REFT_RESERVED:
             raise ImageIOError(f"{where} has reserved bits set")
         if offset % cs:
             raise ImageIOError(f"{where} is not aligned to the cluster size ({cs})")
@@ -514,7 +514,7 @@ class Refcounts:
     def _switch_header(self) -> None:
         assert self._table_offset is not None
         offset, clusters = self._table_offset, len(self._table) * 8 >> self._cluster_bits
-        self._pwrite(_REFTABLE_FIELDS.pack(offset, clusters), _REFTABLE_FIELDS_OFFSET, "header")
+        self._pwrite(REFTABLE_FIELDS.pack(offset, clusters), REFTABLE_FIELDS_OFFSET, "header")
         old_offset, old_clusters = self._disk_table
         self._disk_table = (offset, clusters)
         self._header.refcount_table_offset, self._header.refcount_table_clusters = offset, clusters

@@ -36,16 +36,12 @@ from pynbd.image.base import ImageError
 from pynbd.image.qcow2.census import U32, Census, batches, be_u64s, pread_padded, scan_tables
 from pynbd.image.qcow2.header import INCOMPAT_DIRTY, Qcow2Header, parse_header, pread_exact
 from pynbd.image.qcow2.layer import L1E_OFFSET_MASK, OFLAG_COPIED
+from pynbd.image.qcow2.refcounts import REFT_RESERVED, REFTABLE_FIELDS, REFTABLE_FIELDS_OFFSET
 
 log = logging.getLogger(__name__)
 
-#: qcow2 spec, 'Header': incompatible_features (u64) at byte 72; refcount_table_offset
-#: (u64) and refcount_table_clusters (u32) at byte 48.
+#: qcow2 spec, 'Header': incompatible_features (u64) at byte 72.
 _INCOMPAT_OFFSET = 72
-_REFTABLE_FIELDS_OFFSET = 48
-_REFTABLE_FIELDS = struct.Struct(">QI")
-#: qcow2 spec, 'Host cluster management': bits 0-8 of a refcount table entry are reserved.
-_REFT_RESERVED = 0x1FF
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +173,8 @@ class _RefcountStructure:
                           "the refcount table")
         self.table = be_u64s(raw)
         for slot, entry in enumerate(self.table):
-            offset = entry & ~_REFT_RESERVED
-            if entry and (entry & _REFT_RESERVED or offset & (self.cs - 1) or offset >= file_size):
+            offset = entry & ~REFT_RESERVED
+            if entry and (entry & REFT_RESERVED or offset & (self.cs - 1) or offset >= file_size):
                 raise ImageError(f"{path}: refcount table entry {slot} ({entry:#x}, at "
                                  f"{hdr.refcount_table_offset + 8 * slot:#x}) is malformed or past the end of "
                                  "the file; pynbd does not repair this (try 'qemu-img check -r all')")
@@ -271,8 +267,8 @@ class _RefcountStructure:
             stage.append((plan.new_table[2], plan.new_table[0] << cb, "the new refcount table"))
         _write_synced(self.path, self.fd, stage)
         if plan.new_table is not None:
-            fields = _REFTABLE_FIELDS.pack(plan.new_table[0] << cb, plan.new_table[1])
-            _write_synced(self.path, self.fd, [(fields, _REFTABLE_FIELDS_OFFSET, "the header's refcount table")])
+            fields = REFTABLE_FIELDS.pack(plan.new_table[0] << cb, plan.new_table[1])
+            _write_synced(self.path, self.fd, [(fields, REFTABLE_FIELDS_OFFSET, "the header's refcount table")])
         else:
             _write_synced(self.path, self.fd, [
                 (struct.pack(">Q", cluster << cb), self.hdr.refcount_table_offset + 8 * slot,
