@@ -38,7 +38,6 @@ from __future__ import annotations
 import itertools
 import os
 import stat
-import struct
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -50,7 +49,6 @@ from pynbd.image.qcow2.header import (
     COMPRESSION_ZSTD,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
-    pread_exact,
 )
 from pynbd.image.qcow2.image import Qcow2Image
 from pynbd.image.qcow2.layer import Qcow2Layer
@@ -71,10 +69,7 @@ NO_THROTTLING = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "i
 #: What a format node reads: a qcow2 file of a chain, a raw backing file, a raw image.
 FormatLayer = Qcow2Layer | RawLayer | RawImage
 
-# qcow2 spec, 'Snapshots': the fixed part of a snapshot table entry; the extra data
-# that follows may hold a 64-bit VM state size, the disk size and the icount.
-_SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
-_ICOUNT_UNSET = (1 << 64) - 1
+#: Nanoseconds per second (SnapshotInfo splits the VM clock).
 _NS = 1_000_000_000
 #: QEMU's block layer counts lengths in 512-byte sectors.
 SECTOR = 512
@@ -315,29 +310,16 @@ def _bitmap_flags(info: BitmapInfo, writable: bool) -> list[str]:
 
 
 def snapshot_infos(layer: Qcow2Layer) -> list[dict[str, Any]]:
-    """SnapshotInfo of each internal snapshot, in table order (qcow2 spec, 'Snapshots').
-
-    The table was validated when the layer was opened (``layer.snapshots``); this
-    reads again the times the parsed entries do not keep. Raises ImageError if the
-    table cannot be read.
-    """
+    """SnapshotInfo of each internal snapshot, in table order (qcow2 spec, 'Snapshots'),
+    from the table parsed when the layer was opened (``layer.snapshots``)."""
     infos: list[dict[str, Any]] = []
-    pos = layer.header.snapshots_offset
     for snapshot in layer.snapshots:
-        fixed = pread_exact(layer.fd, _SNAPSHOT_ENTRY.size, pos, layer.path, "snapshot table entry")
-        (_l1_offset, _l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec, _vm_state_size,
-         extra_size) = _SNAPSHOT_ENTRY.unpack(fixed)
         info = {"id": snapshot.id, "name": snapshot.name, "vm-state-size": snapshot.vm_state_size,
-                "date-sec": date_sec, "date-nsec": date_nsec,
-                "vm-clock-sec": vm_clock_nsec // _NS, "vm-clock-nsec": vm_clock_nsec % _NS}
-        if extra_size >= 24:
-            extra = pread_exact(layer.fd, 8, pos + _SNAPSHOT_ENTRY.size + 16, layer.path, "snapshot icount")
-            icount = struct.unpack(">Q", extra)[0]
-            if icount != _ICOUNT_UNSET:
-                info["icount"] = icount
+                "date-sec": snapshot.date_sec, "date-nsec": snapshot.date_nsec,
+                "vm-clock-sec": snapshot.vm_clock_nsec // _NS, "vm-clock-nsec": snapshot.vm_clock_nsec % _NS}
+        if snapshot.icount is not None:
+            info["icount"] = snapshot.icount
         infos.append(info)
-        # Entries are padded to 8 bytes; the table starts on a cluster boundary.
-        pos = (pos + _SNAPSHOT_ENTRY.size + extra_size + id_size + name_size + 7) & ~7
     return infos
 
 

@@ -19,7 +19,6 @@ Nothing here writes: :mod:`pynbd.image.qcow2.repair` turns the counts into corre
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from array import array
 from collections.abc import Iterator
@@ -32,11 +31,9 @@ from bitarray.util import zeros
 from pynbd.image.base import ImageError
 from pynbd.image.qcow2.bitmaps import BME_OFFSET_MASK, BME_RESERVED_MASK, load_bitmaps
 from pynbd.image.qcow2.compression import compressed_range
-from pynbd.image.qcow2.header import Qcow2Header, pread_exact, read_snapshot_table
+from pynbd.image.qcow2.header import Qcow2Header, read_snapshot_table
 from pynbd.image.qcow2.layer import L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK
 
-#: qcow2 spec, 'Snapshots': the fixed part of a snapshot table entry.
-_SNAPSHOT_FIXED = struct.Struct(">QIHHIIQII")
 #: L2 entries classified per batch (8 bytes each in memory, a few bits more).
 _BATCH_ENTRIES = 1 << 20
 #: The array typecode of unsigned 32-bit integers (the expected refcounts).
@@ -168,7 +165,7 @@ class Census:
         self._l1(hdr.l1_table_offset, hdr.l1_size, "the active L1 table", active=True)
         snapshots = read_snapshot_table(self.path, self.fd, self.file_size, hdr)
         if snapshots:
-            self._exclusive(hdr.snapshots_offset, _snapshot_table_length(self.path, self.fd, hdr),
+            self._exclusive(hdr.snapshots_offset, sum(snap.entry_bytes for snap in snapshots),
                             "the snapshot table")
         for snap in snapshots:
             self._l1(snap.l1_table_offset, snap.l1_size, f"the L1 table of snapshot {snap.id!r}", active=False)
@@ -335,16 +332,6 @@ class Census:
         part = self.counts[start:stop]
         part.frombytes(bytes(4 * (stop - start - len(part))))
         return part
-
-
-def _snapshot_table_length(path: str, fd: int, hdr: Qcow2Header) -> int:
-    """Bytes of the snapshot table (validated by read_snapshot_table): entries padded to 8."""
-    pos = 0
-    for _ in range(hdr.nb_snapshots):
-        fixed = pread_exact(fd, _SNAPSHOT_FIXED.size, hdr.snapshots_offset + pos, path, "a snapshot table entry")
-        _l1, _size, id_len, name_len, _s, _ns, _clock, _vm, extra = _SNAPSHOT_FIXED.unpack(fixed)
-        pos += (_SNAPSHOT_FIXED.size + extra + id_len + name_len + 7) & ~7
-    return pos
 
 
 def be_u64s(raw: bytes) -> array:

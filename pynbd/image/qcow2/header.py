@@ -61,6 +61,8 @@ MAX_SNAPSHOT_EXTRA = 1024
 MAX_SNAPSHOT_TABLE_BYTES = 64 << 20
 
 _SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
+#: qcow2 spec, 'Snapshots': the icount of a snapshot taken without one.
+_ICOUNT_UNSET = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,13 @@ class Snapshot:
     l1_size: int
     vm_state_size: int
     disk_size: int | None
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    #: The instruction counter (extra data), None when the entry has none or it is unset.
+    icount: int | None = None
+    #: Bytes the entry takes in the table, padding included.
+    entry_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -346,7 +355,7 @@ def read_snapshot_table(path: str, fd: int, file_size: int, hdr: Qcow2Header) ->
     for i in range(hdr.nb_snapshots):
         if pos + _SNAPSHOT_ENTRY.size > len(table):
             raise chk.fail(f"snapshot table entry {i} at {hdr.snapshots_offset + pos:#x} is truncated")
-        (l1_off, l1_size, id_len, name_len, _date_s, _date_ns, _clock,
+        (l1_off, l1_size, id_len, name_len, date_s, date_ns, clock,
          vm_state_32, extra_size) = _SNAPSHOT_ENTRY.unpack_from(table, pos)
         if extra_size > MAX_SNAPSHOT_EXTRA:
             raise chk.fail(f"snapshot {i}: extra_data_size={extra_size} exceeds {MAX_SNAPSHOT_EXTRA}")
@@ -362,10 +371,14 @@ def read_snapshot_table(path: str, fd: int, file_size: int, hdr: Qcow2Header) ->
             raise chk.fail(f"snapshot {i}: l1_size={l1_size:#x} exceeds {MAX_L1_BYTES} bytes")
         vm_state = struct.unpack_from(">Q", extra)[0] if extra_size >= 8 else vm_state_32
         disk_size = struct.unpack_from(">Q", extra, 8)[0] if extra_size >= 16 else None
+        icount = struct.unpack_from(">Q", extra, 16)[0] if extra_size >= 24 else _ICOUNT_UNSET
+        next_pos = (entry_end + 7) & ~7
         snapshots.append(Snapshot(
             id=table[strings:strings + id_len].decode("utf-8", "replace"),
             name=table[strings + id_len:entry_end].decode("utf-8", "replace"),
             l1_table_offset=l1_off, l1_size=l1_size, vm_state_size=vm_state, disk_size=disk_size,
+            date_sec=date_s, date_nsec=date_ns, vm_clock_nsec=clock,
+            icount=None if icount == _ICOUNT_UNSET else icount, entry_bytes=next_pos - pos,
         ))
-        pos = (entry_end + 7) & ~7
+        pos = next_pos
     return snapshots
