@@ -76,7 +76,7 @@ TRANSACTION_PROPERTIES = Struct("TransactionProperties", (
 
 def _recorder(table: NodeTable, node: str, op: str) -> BitmapRecorder:
     """The bitmap recorder of the writable qcow2 image whose top node is ``node``."""
-    if op != "add" and not any(n.node_name == node for n in table.nodes):
+    if op != "add" and not table.has(node):
         raise QmpError(f"Node '{node}' not found")  # (block_dirty_bitmap_lookup's words; add's differ)
     served = table.image_of(node)  # QmpError for a node nothing has
     image = served.image if served is not None else None
@@ -94,30 +94,26 @@ def _merge_sources(table: NodeTable, bitmaps: Sequence[Any]) -> tuple[str | Dirt
         if isinstance(source, str):
             sources.append(source)
             continue
-        if not any(n.node_name == source["node"] for n in table.nodes):
+        if not table.has(source["node"]):
             raise QmpError(f"Node '{source['node']}' not found")
         served = table.image_of(source["node"])
-        found = None if served is None else next(
-            (b for b in _all_bitmaps(served.image) if b.name == source["name"]), None)
+        image = None if served is None else served.image
+        found = None if not isinstance(image, Qcow2Image) else next(
+            (b for b in image.bitmap_list() if b.name == source["name"]), None)
         if found is None:
             raise QmpError(f"Dirty bitmap '{source['name']}' not found")
         sources.append(found)
     return tuple(sources)
 
 
-def _all_bitmaps(image: object) -> list[DirtyBitmap]:
-    return list(image.bitmap_list()) if isinstance(image, Qcow2Image) else []
-
-
-def _action(table: NodeTable, op: str, data: dict[str, Any]) -> tuple[str, BitmapAction]:
-    """(node, action) for one command's (or transaction action's) arguments."""
+def _action(table: NodeTable, op: str, data: dict[str, Any]) -> BitmapAction:
+    """The action of one command's (or transaction action's) arguments."""
     if op == "add":
-        return data["node"], BitmapAction("add", data["name"], data.get("granularity"),
-                                          data.get("persistent", False), data.get("disabled", False))
+        return BitmapAction("add", data["name"], data.get("granularity"),
+                            data.get("persistent", False), data.get("disabled", False))
     if op == "merge":
-        return data["node"], BitmapAction("merge", data["target"],
-                                          sources=_merge_sources(table, data["bitmaps"]))
-    return data["node"], BitmapAction(op, data["name"])
+        return BitmapAction("merge", data["target"], sources=_merge_sources(table, data["bitmaps"]))
+    return BitmapAction(op, data["name"])
 
 
 async def run_actions(context: CommandContext, steps: Sequence[tuple[str, dict[str, Any]]]) -> None:
@@ -133,8 +129,7 @@ async def run_actions(context: CommandContext, steps: Sequence[tuple[str, dict[s
             node = data["node"]
             if node not in recorders:
                 recorders[node] = _recorder(table, node, op)
-            node, action = _action(table, op, data)
-            grouped.setdefault(node, []).append(action)
+            grouped.setdefault(node, []).append(_action(table, op, data))
         loop = asyncio.get_running_loop()
         if len(grouped) > 1:
             for node, actions in grouped.items():

@@ -82,7 +82,7 @@ def block_export_add(context: CommandContext, type: str, id: str, node_name: str
         raise QmpError(f"pynbd exports over NBD only, not {type}")
     if id in table.exports:
         raise QmpError(f"Block export id '{id}' is already in use")
-    if not any(node.node_name == node_name for node in table.nodes):
+    if not table.has(node_name):
         raise QmpError(f"Cannot find device='' nor node-name='{node_name}'")
     served = table.image_of(node_name)
     if served is None:

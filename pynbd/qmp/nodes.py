@@ -158,6 +158,10 @@ class NodeTable:
     def served_image(self, image: Image) -> ImageNodes | None:
         return next((served for served in self.images if served.image is image), None)
 
+    def has(self, name: str) -> bool:
+        """Whether a node is named ``name`` (the commands word its absence differently)."""
+        return any(node.node_name == name for node in self.nodes)
+
     def find(self, name: str) -> BlockNode:
         """The node named ``name``; QmpError as QEMU's when there is none."""
         for node in self.nodes:
@@ -185,7 +189,7 @@ class NodeTable:
             raise QmpError("'node-name' must be specified for the root node")
         if not _WELL_FORMED.match(name):
             raise QmpError(f"Invalid node-name: '{name}'")
-        if any(node.node_name == name for node in self.nodes):
+        if self.has(name):
             raise QmpError(f"Duplicate nodes with node-name='{name}'")
         return name
 
@@ -249,7 +253,7 @@ class NodeTable:
             return
         served = next((s for s in self.images if s.node_name == name), None)
         if served is None:
-            if any(node.node_name == name for node in self.nodes):
+            if self.has(name):
                 raise QmpError(f"Node {name} is not owned by the monitor")
             raise QmpError(f"Failed to find node with node-name='{name}'")
         if served.exports:
