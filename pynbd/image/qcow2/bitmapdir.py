@@ -263,7 +263,7 @@ class DirectoryEdit:
         if other is None and src is dst:
             return
         bits = self._bits(dst)
-        merged = bits | _granules_covering(src_bits, src_granularity, dst.entry.granularity, size)
+        merged = bits | granules_covering(src_bits, src_granularity, dst.entry.granularity, size)
         if merged != bits:
             dst.bits = merged
             dst.rewrite = True
@@ -311,7 +311,7 @@ def _unwritable(entry: DirectoryEntry, cluster_size: int) -> str | None:
     return None
 
 
-def _granules_covering(bits: bitarray, granularity: int, target_granularity: int, size: int) -> bitarray:
+def granules_covering(bits: bitarray, granularity: int, target_granularity: int, size: int) -> bitarray:
     """A bitarray of granules of ``target_granularity`` over ``size`` guest bytes, set where
     they overlap a granule set in ``bits`` (of ``granularity``), as QEMU's merge of bitmaps
     of different granularities does."""

@@ -31,7 +31,7 @@ from bitarray.util import zeros
 
 from pynbd.image.base import ImageIOError
 from pynbd.image.dirtybitmap import DirtyBitmap
-from pynbd.image.qcow2.bitmapdir import BitmapOpError, DirectoryEdit, commit, default_granularity
+from pynbd.image.qcow2.bitmapdir import BitmapOpError, DirectoryEdit, commit, default_granularity, granules_covering
 from pynbd.image.qcow2.bitmaps import (
     FLAG_AUTO,
     MAX_GRANULARITY_BITS,
@@ -158,7 +158,7 @@ def _apply(recorder: BitmapRecorder, node: str, action: BitmapAction, undo: list
                 raise BitmapOpError(f"Bitmaps are of different sizes (destination size is "
                                     f"{bitmap.image_size}, source size is {src.image_size}) "
                                     "and can't be merged")
-            merged |= covering(src, bitmap)
+            merged |= granules_covering(src.bits(), src.granularity, bitmap.granularity, bitmap.image_size)
         _set_bits(bitmap, merged, undo, rewritten)
     else:
         raise BitmapOpError(f"unknown bitmap operation {action.op!r}")
@@ -185,25 +185,6 @@ def _set_bits(bitmap: DirtyBitmap, bits: bitarray, undo: list[Callable[[], None]
     current[:] = bits
     undo.append(lambda: current.__setitem__(slice(None), saved))
     rewritten.add(bitmap.name)
-
-
-def covering(src: DirtyBitmap, dst: DirtyBitmap) -> bitarray:
-    """``src``'s dirty granules as ``dst`` granules: every ``dst`` granule that overlaps a
-    dirty ``src`` granule is set (QEMU's hbitmap merge across granularities)."""
-    bits = src.bits()
-    if src.granularity == dst.granularity:
-        return bits.copy()
-    out = zeros(dst.nbits, "little")
-    g_src, g_dst = src.granularity, dst.granularity
-    pos = bits.find(1)
-    while pos >= 0:
-        end = bits.find(0, pos)
-        end = src.nbits if end < 0 else end
-        first = pos * g_src // g_dst
-        last = min(dst.nbits, -(-end * g_src // g_dst))
-        out[first:last] = 1
-        pos = bits.find(1, end) if end < src.nbits else -1
-    return out
 
 
 def _new_bitmap(recorder: BitmapRecorder, node: str, action: BitmapAction) -> DirtyBitmap:
