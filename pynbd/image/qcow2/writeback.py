@@ -63,8 +63,10 @@ class MetadataWriteBack:
         self._mapping_lock = threading.Lock()
         #: In-place data writes running: frees are applied only when none is (a write that
         #: looked its cluster up before a trim freed it must land before the cluster is reused).
+        #: (Counted under the metadata lock: a write claims with its lookup, no lock more.)
         self._in_place = 0
-        self._in_place_done = threading.Condition(threading.Lock())
+        self._in_place_waiters = 0
+        self._in_place_done = threading.Condition(self.lock)
         #: L2 tables changed in memory (pinned in the cache until written), by cache key.
         self._dirty_tables: dict[tuple[int, int], Table] = {}
         self._dirty_l1: set[int] = set()
@@ -129,19 +131,24 @@ class MetadataWriteBack:
     def _claim(self, n: int) -> None:
         """In-place writes start (under the metadata lock, with their lookup): no free is
         applied until they are done (flush), so their clusters are not reused under them."""
-        with self._in_place_done:
-            self._in_place += n
+        self._in_place += n
 
     def _unclaim(self, n: int) -> None:
-        with self._in_place_done:
+        with self.lock:
             self._in_place -= n
-            self._in_place_done.notify_all()
+            if not self._in_place and self._in_place_waiters:
+                self._in_place_done.notify_all()
 
     def _wait_in_place(self) -> None:
-        """Until no in-place write is running (none can start on a cluster just unmapped)."""
-        with self._in_place_done:
-            while self._in_place:
-                self._in_place_done.wait()
+        """Until no in-place write is running (none can start on a cluster just unmapped).
+        Releases the metadata lock while it waits, if the caller holds it."""
+        with self.lock:
+            self._in_place_waiters += 1
+            try:
+                while self._in_place:
+                    self._in_place_done.wait()
+            finally:
+                self._in_place_waiters -= 1
 
     # -- durability -------------------------------------------------------------------------
 
@@ -163,7 +170,6 @@ class MetadataWriteBack:
                 self._sync()
             # No in-place write started before its cluster was unmapped still runs; later
             # ones cannot find a cluster freed here (no free is recorded during a flush).
-            # (Not waited for under the metadata lock: a write claims under it.)
             self._wait_in_place()
             with self.lock:
                 frees = self.refcounts.frees_pending
