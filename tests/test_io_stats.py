@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,7 +38,9 @@ from pynbd.server.stats import (
     query_blockstats,
     uncounted_device_stats,
 )
-from tests.support.servers import DEBIAN_PYTHON
+from tests.support.nbdclient import CMD_WRITE, ENOSPC, NbdClient
+from tests.support.qmp import NEGOTIATE, RawQmp, pynbd_with_qmp
+from tests.support.servers import DEBIAN_PYTHON, run
 
 MiB = 1 << 20
 T = TypeVar("T")
@@ -263,3 +266,46 @@ def test_handlers_count_a_failed_fast_zero_as_a_failed_write(tmp_path):
     # The failed write-zeroes (a partial cluster cannot be zeroed fast) raises
     # wr_highest_offset all the same, as QEMU's block layer does.
     assert_counted(export.stats.block_device_stats(), failed_writes=1, write_end=4194304 + 512 + 4096)
+
+
+@pytest.mark.pynbd
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_burst_of_writes_that_partly_fail_is_answered_and_counted(tmp_path, fmt):
+    """Pipelined WRITEs (served on the spot, replies sent together) past the server's
+    file size limit (EFBIG, as a full disk) each get ENOSPC and count as failed; the
+    others succeed, count as done and read back."""
+    image = tmp_path / f"disk.{fmt}"
+    if fmt == "raw":
+        with open(image, "wb") as f:
+            f.truncate(64 * MiB)
+    else:
+        # Fully allocated: every write below goes in place, none needs metadata.
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", str(image), "64M"])
+    writes = [(i * 257 * 4096, bytes([i + 1]) * 4096) for i in range(48)]  # 0 .. 48 MiB
+    with pynbd_with_qmp(image, workdir=tmp_path) as server:
+        # Host offsets of a fully preallocated qcow2 are guest offsets plus its metadata.
+        limit = 24 * MiB
+        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        with NbdClient.connect(server) as client:
+            burst = b"".join(NbdClient.encode_request(CMD_WRITE, offset, len(data), 0, i) + data
+                             for i, (offset, data) in enumerate(writes))
+            client.send(burst)
+            replies = client.read_replies(len(writes))
+            resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE,
+                             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            errors = {i: replies[i].error for i in range(len(writes))}
+            failed = [i for i, error in errors.items() if error]
+            assert set(errors.values()) == {0, ENOSPC}, errors
+            for i, (offset, data) in enumerate(writes):
+                if i not in failed:
+                    assert client.read(offset, len(data)).data(offset, len(data)) == data
+        with RawQmp(server.qmp_path) as qmp:
+            qmp.send(NEGOTIATE)
+            qmp.read_line()
+            nodes = qmp.execute("query-blockstats", {"query-nodes": True})["return"]
+        stats = next(node["stats"] for node in nodes if node["node-name"] == "disk0")  # the export's node
+        assert "Traceback" not in server.log()
+    assert stats["wr_operations"] == len(writes) - len(failed)
+    assert stats["wr_bytes"] == 4096 * (len(writes) - len(failed))
+    assert stats["failed_wr_operations"] == len(failed)
+    assert stats["wr_highest_offset"] == writes[-1][0] + 4096

@@ -16,7 +16,8 @@ Contract
   worker thread) and when it has ended (successfully or not). The first drops
   what was derived from the old metadata; the second drops whatever a lookup
   derived while the worker was changing the metadata. :meth:`ChangeFeed.changing`
-  does both around a block.
+  does both around a block. A change made wholly on the event loop thread (an
+  inline write) is announced once, after it ended: no lookup can run during it.
 * **Listeners** drop what overlaps ``[offset, offset + length)`` and nothing else,
   take no longer than a dictionary lookup per cached item they drop, do no I/O,
   and never raise. (If one raises anyway, the others are still called and the

@@ -5,7 +5,10 @@ the engine dispatches with. A handler's :class:`Kind` says where it runs:
   encoded reply, which the engine sends (from a reader callback or the task);
 - IN_ORDER (READ): a coroutine run by the connection's task, in request order;
 - IN_THREAD (WRITE, WRITE_ZEROES, TRIM, FLUSH): a task of its own whose blocking
-  call goes to a worker thread; replies may go out of order.
+  call goes to a worker thread; replies may go out of order. A handler's ``now``
+  (WRITE) first tries to serve the request on the spot, as IMMEDIATE does, when it
+  can without waiting (a write into clusters already allocated): no task, and its
+  reply is batched with the others of the same burst.
 
 Handlers raise :class:`~pynbd.image.base.ImageError` or ``OSError``; the engine
 answers with :func:`nbd_error_for`.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +27,11 @@ from pynbd.image.base import FastZeroUnsupported, Image, ImageIOError
 from pynbd.protocol.constants import FLAG_DF, FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, Command, Error
 from pynbd.protocol.transmission import Request
 from pynbd.runlength import Buffer
-from pynbd.server.stats import IO_FLUSH, IO_READ, IO_UNMAP, IO_WRITE, counted
+from pynbd.server.stats import IO_FLUSH, IO_READ, IO_UNMAP, IO_WRITE, counted, counted_now
 
 if TYPE_CHECKING:
     from pynbd.server.connection import Connection
+    from pynbd.server.exports import Export
 
 #: Host errno -> NBD error, the table qemu uses (NBD spec "Error values").
 ERRNO_TO_NBD: dict[int, Error] = {
@@ -69,6 +73,9 @@ class Handler:
     #: IMMEDIATE: ``(conn, request) -> reply buffers``; else ``async (conn, request) -> None``
     #: that sends its own reply.
     run: Callable[..., Any]
+    #: IN_THREAD: ``(conn, request) -> reply buffers`` when it served the request on the
+    #: event loop, or None, having done nothing: then ``run`` serves it.
+    now: Callable[..., list[Buffer] | None] | None = None
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -76,9 +83,8 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-async def changing(image: Image, offset: int, length: int, run: Callable[..., Awaitable[Any]],
-                   fn: Callable[..., Any], *args: Any) -> Any:
-    """Run a change to ``[offset, offset+length)`` of ``image`` with ``run(fn, *args)``.
+async def changing(image: Image, offset: int, length: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a change to ``[offset, offset+length)`` of ``image``, ``fn(*args)``, in a worker thread.
 
     The image's change feed announces the range when the change begins and again
     when it has ended, both on the event loop thread: whatever a cache derived from
@@ -86,7 +92,7 @@ async def changing(image: Image, offset: int, length: int, run: Callable[..., Aw
     """
     image.changes.announce(offset, length)
     try:
-        return await run(fn, *args)
+        return await in_thread(fn, *args)
     finally:
         image.changes.announce(offset, length)
 
@@ -125,12 +131,36 @@ async def _then_flush(conn: Connection, request: Request) -> None:
         await in_thread(conn.export.image.flush)
 
 
+def _written_now(export: Export, request: Request) -> bool:
+    """The WRITE done inline if it can be (True), or nothing (False); see InlineWhileFast.
+
+    Nothing else runs on the event loop meanwhile, so one announcement after the
+    change, failed or not, is all the change feed needs."""
+    image = export.image
+    try:
+        done = export.writes.try_now(image.write_now, request.offset, request.payload)
+    except BaseException:
+        image.changes.announce(request.offset, request.length)
+        raise
+    if done:
+        image.changes.announce(request.offset, request.length)
+    return done
+
+
+def write_now(conn: Connection, request: Request) -> list[Buffer] | None:
+    # FUA waits for a flush in a thread: the task's way.
+    if not request.length or request.flags & FLAG_FUA or not _written_now(conn.export, request):
+        return None
+    return [conn.writer.ok_reply(request.cookie)]
+
+
 async def write(conn: Connection, request: Request) -> None:
     export = conn.export
     image = export.image
     if request.length:
-        await changing(image, request.offset, request.length, export.writes.run_or, image.write_now,
-                       image.write, request.offset, request.payload)
+        if not _written_now(export, request):
+            await changing(image, request.offset, request.length, image.write, request.offset,
+                           request.payload)
         await _then_flush(conn, request)
     await conn.writer.ok(request.cookie)
 
@@ -140,7 +170,7 @@ async def write_zeroes(conn: Connection, request: Request) -> None:
     if request.length:
         may_trim = not request.flags & FLAG_NO_HOLE
         fast = bool(request.flags & FLAG_FAST_ZERO)
-        await changing(image, request.offset, request.length, in_thread, image.write_zeroes,
+        await changing(image, request.offset, request.length, image.write_zeroes,
                        request.offset, request.length, may_trim, fast)
         await _then_flush(conn, request)
     await conn.writer.ok(request.cookie)
@@ -149,7 +179,7 @@ async def write_zeroes(conn: Connection, request: Request) -> None:
 async def trim(conn: Connection, request: Request) -> None:
     image = conn.export.image
     if request.length:
-        await changing(image, request.offset, request.length, in_thread, image.trim,
+        await changing(image, request.offset, request.length, image.trim,
                        request.offset, request.length)
         await _then_flush(conn, request)
     await conn.writer.ok(request.cookie)
@@ -166,7 +196,7 @@ HANDLERS: dict[int, Handler] = {
     Command.BLOCK_STATUS: Handler(Kind.IMMEDIATE, block_status),
     Command.CACHE: Handler(Kind.IMMEDIATE, cache),
     Command.READ: Handler(Kind.IN_ORDER, counted(IO_READ, read)),
-    Command.WRITE: Handler(Kind.IN_THREAD, counted(IO_WRITE, write)),
+    Command.WRITE: Handler(Kind.IN_THREAD, counted(IO_WRITE, write), counted_now(IO_WRITE, write_now)),
     Command.WRITE_ZEROES: Handler(Kind.IN_THREAD, counted(IO_WRITE, write_zeroes)),
     Command.TRIM: Handler(Kind.IN_THREAD, counted(IO_UNMAP, trim)),
     Command.FLUSH: Handler(Kind.IN_THREAD, counted(IO_FLUSH, flush)),

@@ -315,7 +315,8 @@ class Connection(Negotiation):
     def _reply_now(self, request: Request) -> None:
         """Serve an immediate request and send its reply without waiting (what the socket
         does not take now goes out next, from a task of the writer's)."""
-        parts = self._immediate(HANDLERS[request.type], request)
+        parts = self._immediate(HANDLERS[request.type].run, request)
+        assert parts is not None  # (an IMMEDIATE handler always replies)
         writer = self.writer
         rest = writer.send_nowait(parts, sum(map(len, parts)))
         if rest is not None:
@@ -396,17 +397,23 @@ class Connection(Negotiation):
         limiter = self._limiter
         if not limiter.try_acquire(cost):
             await limiter.acquire(cost)
+        served: list[Buffer] | None = None
         if handler.kind is Kind.IN_THREAD:
-            task = self._loop.create_task(self._serve(handler, request))
-            self._tasks.add(task)
-            task.add_done_callback(lambda t: (self._tasks.discard(t), limiter.release(cost)))
-            return
+            if handler.now is not None:
+                served = self._immediate(handler.now, request)
+            if served is None:
+                task = self._loop.create_task(self._serve(handler, request))
+                self._tasks.add(task)
+                task.add_done_callback(lambda t: (self._tasks.discard(t), limiter.release(cost)))
+                return
         writer = self.writer
         # More requests are received already: replies are batched until they are served.
         writer.batching = self._receiver.request_buffered
         try:
-            if handler.kind is Kind.IMMEDIATE:
-                await writer.chunks(self._immediate(handler, request))
+            if served is not None:
+                await writer.chunks(served)
+            elif handler.kind is Kind.IMMEDIATE:
+                await writer.chunks(self._immediate(handler.run, request))
             else:
                 await self._serve(handler, request)
         finally:
@@ -415,10 +422,11 @@ class Connection(Negotiation):
         if not self._receiver.request_buffered:
             self._lookahead.replied(request, self.block_status)
 
-    def _immediate(self, handler: Handler, request: Request) -> list[Buffer]:
-        """An immediate handler's reply, or the error reply it ends in."""
+    def _immediate(self, run: Callable[..., list[Buffer] | None], request: Request) -> list[Buffer] | None:
+        """What a handler served on the spot replies (an IMMEDIATE ``run`` or a ``now``),
+        or the error reply it ends in."""
         try:
-            return handler.run(self, request)
+            return run(self, request)
         except (ImageError, OSError) as exc:
             return [self._error_reply(request, exc)]
 

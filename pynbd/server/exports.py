@@ -13,7 +13,7 @@ from pynbd.image.base import Bitmap, Image, ImageError
 from pynbd.protocol.handshake import ExportDescription
 from pynbd.server.answers import AnswerCache
 from pynbd.server.contexts import ContextTable
-from pynbd.server.inline import InlineOrThread
+from pynbd.server.inline import InlineWhileFast
 from pynbd.server.stats import IoStats
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Export:
     bitmaps: Mapping[str, Bitmap]
     contexts: ContextTable
     #: How WRITEs to this image run: inline while fast, in threads after a slow one.
-    writes: "InlineOrThread" = field(default_factory=lambda: InlineOrThread())
+    writes: InlineWhileFast = field(default_factory=InlineWhileFast)
     #: Block status answers every connection may reuse (images with stable extents);
     #: the image's change feed drops those a change overlaps.
     answers: AnswerCache = field(default_factory=AnswerCache)

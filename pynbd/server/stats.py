@@ -43,6 +43,7 @@ from pynbd.protocol.constants import Command
 
 if TYPE_CHECKING:
     from pynbd.protocol.transmission import Request
+    from pynbd.runlength import Buffer
     from pynbd.server.connection import Connection
 
 # The kinds of accounted I/O (QEMU's BlockAcctType), indexes into the counter lists.
@@ -157,6 +158,15 @@ def uncounted_device_stats() -> dict[str, Any]:
 # -- counting NBD requests ------------------------------------------------------------------
 
 HandlerRun = Callable[["Connection", "Request"], Awaitable[None]]
+HandlerNow = Callable[["Connection", "Request"], "list[Buffer] | None"]
+
+
+def _count_raised(stats: IoStats, kind: int, request: Request, start: int, exc: OSError | ImageError) -> None:
+    """A handler serving ``request`` raised ``exc``: the client went away after the I/O
+    (ConnectionError, counted as done) or the I/O failed (the engine answers with an
+    NBD error; counted as failed)."""
+    count = stats.done if isinstance(exc, ConnectionError) else stats.fail
+    count(kind, request.offset, request.length, start)
 
 
 def counted(kind: int, run: HandlerRun) -> HandlerRun:
@@ -174,17 +184,35 @@ def counted(kind: int, run: HandlerRun) -> HandlerRun:
         start = stats.clock()
         try:
             await run(conn, request)
-        except ConnectionError:
-            stats.done(kind, request.offset, request.length, start)
-            raise
-        except (ImageError, OSError):
-            stats.fail(kind, request.offset, request.length, start)
+        except (ImageError, OSError) as exc:
+            _count_raised(stats, kind, request, start, exc)
             raise
         stats.done(kind, request.offset, request.length, start)
 
     run_counted.__name__ = run_counted.__qualname__ = f"counted_{getattr(run, '__name__', 'handler')}"
     run_counted.__doc__ = run.__doc__
     return run_counted
+
+
+def counted_now(kind: int, now: HandlerNow) -> HandlerNow:
+    """``now`` (a handler's attempt to serve a request on the spot) counted as
+    :func:`counted` counts, when it served the request (returned its reply); a
+    request it left to the handler's task is counted there."""
+
+    def now_counted(conn: Connection, request: Request) -> list[Buffer] | None:
+        stats = conn.export.stats
+        start = stats.clock()
+        try:
+            reply = now(conn, request)
+        except (ImageError, OSError) as exc:
+            _count_raised(stats, kind, request, start, exc)
+            raise
+        if reply is not None:
+            stats.done(kind, request.offset, request.length, start)
+        return reply
+
+    now_counted.__name__ = now_counted.__qualname__ = f"counted_{getattr(now, '__name__', 'handler')}"
+    return now_counted
 
 
 # -- query-blockstats -------------------------------------------------------------------------
