@@ -223,6 +223,36 @@ def test_dirty_runs_across_cached_chunks(raw: list[bool], gbits: int, data: st.D
         pos += n
 
 
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 3000), min_size=1, max_size=40), dirty_first=st.booleans(),
+       gbits=st.integers(9, 15))
+def test_chunks_by_bit_search_and_by_bytes_agree(lengths: list[int], dirty_first: bool, gbits: int) -> None:
+    """A bitmap finer than UNIT_RUNS_GRANULARITY keeps chunks of more than MAX_UNITS
+    granules, their runs found by bit search; the same bits in chunks of MAX_UNITS
+    granules get theirs from byte operations (pynbd.unitruns). Both give the runs the
+    bits have."""
+    from unittest import mock
+
+    from pynbd.image import dirtybitmap as bitmaps
+    from pynbd.unitruns import MAX_UNITS
+
+    g = 1 << gbits
+    lengths = [*lengths, MAX_UNITS]  # (more granules than one chunk of bytes holds)
+    values = [(k % 2 == 0) == dirty_first for k in range(len(lengths))]
+    bits = bitarray(endian="little")
+    for n, dirty in zip(lengths, values):
+        bits.extend([dirty] * n)
+    size = len(bits) * g
+    by_search = make_bitmap(bits, gbits, size)
+    with mock.patch.object(bitmaps, "RUN_CHUNK_BYTES", MAX_UNITS * g):
+        by_bytes = make_bitmap(bits, gbits, size)
+        assert by_search._chunk_granules > MAX_UNITS >= len(bits) - MAX_UNITS
+        assert by_bytes._chunk_granules == MAX_UNITS
+        want = [(n * g, int(dirty)) for n, dirty in zip(lengths, values)]
+        assert list(by_search.dirty_runs(0, size)) == want
+        assert list(by_bytes.dirty_runs(0, size)) == want
+
+
 def bare_layer(cluster_bits: int, version: int):
     """A Qcow2Layer with just what L2 classification reads (no file)."""
     from pynbd.image.qcow2.layer import Qcow2Layer
@@ -300,7 +330,7 @@ def test_bitmap_run_cache_is_bounded() -> None:
     bits[8 * 8:16 * 8] = bitarray("01" * 32)  # chunk 1: one run per granule
     with mock.patch.object(bitmaps, "RUN_CHUNK_BYTES", 64 * g), \
             mock.patch.object(bitmaps, "RUN_CHUNKS_CACHED", 3), \
-            mock.patch.object(bitmaps, "MAX_CACHED_CHUNK_BYTES", 40 * 16):
+            mock.patch.object(bitmaps, "MAX_CACHED_CHUNK_BYTES", 40 * 10):  # (10 to 16 bytes a run)
         bm = make_bitmap(bits, 9, len(bits) * g)
         whole = list(bm.dirty_runs(0, len(bits) * g))
         assert sum(n for n, _ in whole) == len(bits) * g
@@ -324,7 +354,7 @@ def expand_runs(runs) -> list[int]:
 def test_unit_runs_are_the_runs_of_the_units(values: list[int], unit_bits: int, data: st.DataObject) -> None:
     """unit_runs (byte and big-integer operations) gives the runs of the per-unit values,
     merged, with the last unit partial, and slices like the list-built span."""
-    from pynbd.image.qcow2.unitruns import unit_runs, unit_runs_by_lists
+    from pynbd.unitruns import unit_runs, unit_runs_by_lists
     from pynbd.runlength import columns
 
     column = bytes(values)
@@ -347,7 +377,7 @@ def test_unit_runs_are_the_runs_of_the_units(values: list[int], unit_bits: int, 
 def test_unit_runs_of_large_columns() -> None:
     """A full L2 table of 64 KiB clusters (a run per cluster), the largest column the byte
     path takes, and one past it (the list path) give the same runs as the lists."""
-    from pynbd.image.qcow2.unitruns import MAX_UNITS, unit_runs, unit_runs_by_lists
+    from pynbd.unitruns import MAX_UNITS, unit_runs, unit_runs_by_lists
 
     for column, unit_bits in ((bytes([0, 3]) * 4096, 16), (bytes([0, 0, 2, 3]) * (MAX_UNITS // 4), 12),
                               (bytes([1, 0]) * (MAX_UNITS // 2 + 1), 9)):

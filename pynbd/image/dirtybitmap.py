@@ -6,11 +6,13 @@ A bitmap that lives in an image file subclasses it to load its bits on first use
 (:class:`pynbd.image.qcow2.bitmaps.Qcow2Bitmap`); one made at run time and not
 persistent starts with its bits clear.
 
-:meth:`DirtyBitmap.dirty_runs` finds run boundaries with bitarray's C-level search,
-and whole-range scans are served from cached chunks of runs, so a query costs a few C
-loops, not Python work per bit or per run. Bits change under :attr:`metadata_lock`
-(the image's); a change's range is then dropped from the run cache
-(:meth:`forget_runs`, called by the image's change feed on the event loop).
+:meth:`DirtyBitmap.dirty_runs` serves whole-range scans from cached chunks of runs, found
+by byte operations on the chunk's bits unpacked (:mod:`pynbd.unitruns`) or, in the
+large chunks of a fine bitmap, by bitarray's C-level search; a query with REQ_ONE
+searches the bits. So a query costs a few C loops, not Python work per bit or per run.
+Bits change under :attr:`metadata_lock` (the image's); a change's range is then dropped
+from the run cache (:meth:`forget_runs`, called by the image's change feed on the event
+loop).
 """
 
 from __future__ import annotations
@@ -28,14 +30,20 @@ from bitarray import bitarray
 from pynbd.image.base import Bitmap, BitmapInfo, ImageIOError
 from pynbd.runlength import Runs, bit_runs, concat
 from pynbd.runspans import SpanRuns
+from pynbd.unitruns import MAX_UNITS, unit_runs
 
-#: Guest bytes per cached chunk of runs: 2 GiB, so a run inside a chunk fits
-#: a u32 and slices go to the wire encoder as arrays.
+#: Guest bytes per cached chunk of runs at most: 2 GiB, so a run inside a chunk fits
+#: a u32 and slices go to the wire encoder as bytes.
 RUN_CHUNK_BYTES = 1 << 31
-#: Chunks kept per bitmap (a full scan of a 256 GiB image).
-RUN_CHUNKS_CACHED = 128
-#: A chunk with more runs than this (16 bytes each) is not kept: at most 32 MiB per bitmap.
-MAX_CACHED_CHUNK_BYTES = 256 * 1024
+#: From this granularity on a chunk holds at most MAX_UNITS granules, and its runs come
+#: from byte operations without work per run (a freshly fragmented bitmap's first
+#: scan). A finer bitmap keeps 2 GiB chunks (more of the image per cached chunk),
+#: their runs found by bit search, which works per run.
+UNIT_RUNS_GRANULARITY = 64 * 1024
+#: Chunks kept per bitmap (a full scan of a 256 GiB image at 64 KiB granularity).
+RUN_CHUNKS_CACHED = 256
+#: A chunk whose runs take more bytes than this is not kept: at most 32 MiB per bitmap.
+MAX_CACHED_CHUNK_BYTES = 128 * 1024
 
 
 class DirtyBitmap(Bitmap):
@@ -70,7 +78,13 @@ class DirtyBitmap(Bitmap):
         #: Chunks a change dropped from the cache, to compute again once changes pause
         #: (:meth:`recompute_dropped`).
         self._dropped: set[int] = set()
-        self._chunk_granules = max(1, RUN_CHUNK_BYTES // granularity)
+        self._unit_bits = granularity.bit_length() - 1
+        if granularity != 1 << self._unit_bits:
+            raise ValueError(f"bitmap {name!r}: granularity {granularity} is not a power of two")
+        chunk_granules = max(1, RUN_CHUNK_BYTES // granularity)
+        if granularity >= UNIT_RUNS_GRANULARITY:
+            chunk_granules = min(chunk_granules, MAX_UNITS)
+        self._chunk_granules = chunk_granules
 
     @property
     def consistent(self) -> bool:
@@ -242,8 +256,12 @@ class DirtyBitmap(Bitmap):
             return cached
         g = self.granularity
         first = chunk * self._chunk_granules
-        granules = bit_runs(self.bits()[first:min(first + self._chunk_granules, self.nbits)])
-        runs = SpanRuns(first * g, Runs(list(map(mul, granules.lengths, repeat(g))), granules.values, True))
+        bits = self.bits()[first:min(first + self._chunk_granules, self.nbits)]
+        if len(bits) <= MAX_UNITS:
+            runs = unit_runs(first * g, bits.unpack(), self._unit_bits, len(bits) * g)
+        else:
+            granules = bit_runs(bits)
+            runs = SpanRuns(first * g, Runs(list(map(mul, granules.lengths, repeat(g))), granules.values, True))
         if runs.nbytes <= MAX_CACHED_CHUNK_BYTES:  # a pathological chunk is computed each time instead
             self._run_cache[chunk] = runs
             while len(self._run_cache) > RUN_CHUNKS_CACHED:

@@ -47,7 +47,7 @@ from pynbd.image.qcow2.header import (
 )
 from pynbd.image.qcow2.l2cache import Table, TableCache
 from pynbd.image.qcow2.tableruns import CORRUPT_TABLE, ClusterKinds, TableRuns, piece_columns
-from pynbd.image.qcow2.unitruns import unit_runs
+from pynbd.unitruns import unit_runs
 from pynbd.runlength import NONZERO_TO_ONE, Runs, concat
 
 log = logging.getLogger(__name__)

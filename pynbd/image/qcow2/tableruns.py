@@ -7,7 +7,7 @@ the top layer (``base:allocation``, ``qemu:allocation-depth``) is those kinds
 with each mapped to the context's value (:meth:`TableRuns.column`), derived
 once per context and kept with the kinds. The kinds are runs, or for a
 standard L2 table one byte per cluster (:class:`ClusterKinds`), whose context
-runs come from byte operations (:mod:`pynbd.image.qcow2.unitruns`). The layer
+runs come from byte operations (:mod:`pynbd.unitruns`). The layer
 attaches it to the table in the :class:`~pynbd.image.qcow2.l2cache.TableCache`,
 so a block-status request costs a slice per table instead of work per cluster.
 """
@@ -28,7 +28,7 @@ from pynbd.image.qcow2.chain import (
     RESOLVED_SHORT,
     Run,
 )
-from pynbd.image.qcow2.unitruns import unit_runs
+from pynbd.unitruns import unit_runs
 from pynbd.runlength import Runs
 from pynbd.runspans import SpanRuns
 
@@ -110,7 +110,7 @@ class TableRuns:
 class ClusterKinds(TableRuns):
     """A table classified as one kind byte per cluster (a standard L2 table, see
     ``Qcow2Layer._classify_plain_table``). Its runs come from the bytes with no work per
-    run (:func:`~pynbd.image.qcow2.unitruns.unit_runs`): the kinds' runs once, and each
+    run (:func:`~pynbd.unitruns.unit_runs`): the kinds' runs once, and each
     context's from them with the values rewritten, or where the context merges kinds
     (zero and unallocated clusters are both holes for ``base:allocation``), from the
     bytes mapped.

@@ -1,10 +1,11 @@
-"""Runs of a column of per-unit values (one byte per cluster), found without work per run.
+"""Runs of a column of per-unit values (one byte per unit), found without work per run.
 
-An L2 table classified for block status is one value byte per cluster; its
-runs are wanted as a :class:`~pynbd.runspans.SpanRuns`: big-endian u32
+An L2 table classified for block status is one value byte per cluster, a chunk
+of a dirty bitmap one byte per granule (its bits unpacked); their runs are
+wanted as a :class:`~pynbd.runspans.SpanRuns`: big-endian u32
 ``(length, value)`` pairs and the first unit of every run. A fragmented table
-has a run per cluster, and a loop, or even a chain of ``map()`` passes, over
-thousands of runs per table is most of the cost of a first whole-image map.
+or bitmap has a run per unit or two, and a loop, or even a chain of ``map()``
+passes, over thousands of runs is most of the cost of a first whole-image map.
 :func:`unit_runs` gets there with byte operations (``translate``, extended slice
 assignment) and arithmetic on big integers whose 16- or 32-bit lanes hold one
 run each and never borrow from or carry into each other:
