@@ -231,6 +231,41 @@ def test_dropped_run_chunks_are_computed_again_once_writes_pause(tmp_path: Path)
             assert dirtybitmap.RUN_CHUNK_BYTES == old_chunk
 
 
+@pytest.mark.parametrize("readers", [0, 1])
+def test_dropped_run_chunks_of_a_bitmap_being_read_are_computed_sooner(tmp_path: Path, readers: int) -> None:
+    """While a connection reads the bitmap (its context selected: a scan is coming), the
+    chunks writes dropped are computed again once the writes pause RECOMPUTE_AFTER_READ,
+    not RECOMPUTE_AFTER."""
+    import asyncio
+    import time
+
+    from pynbd.image import dirtybitmap
+
+    path = make_image(tmp_path / "a.qcow2")
+    with writable(path) as image:
+        bitmap = image.bitmaps()["b1"]
+        bitmap._chunk_granules = 4 * MiB // bitmap.granularity  # (chunks of 4 MiB for the test)
+        bitmap.dirty_runs(0, 16 * MiB)
+        bitmap.readers += readers
+
+        async def writes_then_a_short_pause() -> tuple[list[int], float]:
+            for offset in (MiB, 9 * MiB):
+                image.changes.announce(offset, 4096)
+                image.write(offset, b"w" * 4096)
+                image.changes.announce(offset, 4096)
+            ended = time.monotonic()
+            await asyncio.sleep(dirtybitmap.RECOMPUTE_AFTER_READ * 5)
+            return sorted(bitmap.cached_chunks), time.monotonic() - ended
+
+        cached, paused = asyncio.run(writes_then_a_short_pause())
+        bitmap.readers -= readers
+    assert dirtybitmap.RECOMPUTE_AFTER_READ * 5 < dirtybitmap.RECOMPUTE_AFTER
+    if readers:
+        assert cached == [0, 1, 2, 3]
+    elif paused < dirtybitmap.RECOMPUTE_AFTER:  # (a slow machine may have slept past it)
+        assert cached == [1, 3]
+
+
 def _starts(runs) -> list[int]:
     out, pos = [], 0
     for length, _ in runs:

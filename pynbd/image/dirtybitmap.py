@@ -226,12 +226,19 @@ class DirtyBitmap(Bitmap):
         if not self.metadata_lock.acquire(blocking=False):
             return True
         try:
-            chunk = self._dropped.pop()
+            chunk = min(self._dropped)  # in the order of a scan
+            self._dropped.discard(chunk)
             if chunk not in self._run_cache:
                 self._chunk_runs(chunk)
         finally:
             self.metadata_lock.release()
         return bool(self._dropped)
+
+    @property
+    def read_soon(self) -> bool:
+        """A connection reads the bitmap (has its context selected) and chunks it had
+        cached were dropped: its next scan will want them."""
+        return bool(self.readers and self._dropped)
 
     @property
     def cached_chunks(self) -> list[int]:
@@ -275,16 +282,22 @@ class DirtyBitmap(Bitmap):
             self._chunk_runs(chunk)
 
 
-#: Quiet time after the last change before dropped run chunks are computed again.
+#: Quiet time after the last change before dropped run chunks are computed again;
+#: RECOMPUTE_AFTER_READ while a connection reads a bitmap with dropped chunks (its
+#: scan is coming: a backup that reads right after the writes). The shorter time is
+#: also how often a pending recomputation looks again.
 RECOMPUTE_AFTER = 0.02
+RECOMPUTE_AFTER_READ = 0.001
 
 
 class DroppedRunsRecomputer:
     """Computes again, once changes pause, the run chunks that changes dropped from the
     bitmaps' caches: a backup that reads a bitmap right after a burst of writes then
     finds them ready instead of waiting for them (the chunks are the ones a scan had
-    cached; nothing else is computed). One chunk per event loop turn, so requests are
-    not held up; a new change pauses it again.
+    cached; nothing else is computed). One chunk per event loop turn, in scan order,
+    so requests are not held up (a scan arriving meanwhile computes what it needs
+    first, and the turns between its requests compute ahead of it); a new change
+    pauses it again.
 
     On the event loop thread: :meth:`changed` from the image's change listener; outside
     a running loop (in-process use) it does nothing.
@@ -305,16 +318,18 @@ class DroppedRunsRecomputer:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return
-            self._handle = loop.call_later(RECOMPUTE_AFTER, self._step)
+            self._handle = loop.call_later(RECOMPUTE_AFTER_READ, self._step)
 
     def _step(self) -> None:
         loop = asyncio.get_running_loop()
+        bitmaps = self._bitmaps()
+        wait = RECOMPUTE_AFTER_READ if any(b.read_soon for b in bitmaps) else RECOMPUTE_AFTER
         quiet = time.monotonic() - self._last_change
-        if quiet < RECOMPUTE_AFTER:
-            self._handle = loop.call_later(RECOMPUTE_AFTER - quiet, self._step)
+        if quiet < wait:
+            self._handle = loop.call_later(min(wait - quiet, RECOMPUTE_AFTER_READ), self._step)
             return
         more = False
-        for bitmap in self._bitmaps():
+        for bitmap in bitmaps:
             more = bitmap.recompute_dropped() or more
         self._handle = loop.call_soon(self._step) if more else None
 
