@@ -254,12 +254,12 @@ def test_dropped_run_chunks_of_a_bitmap_being_read_are_computed_sooner(tmp_path:
                 image.write(offset, b"w" * 4096)
                 image.changes.announce(offset, 4096)
             ended = time.monotonic()
-            await asyncio.sleep(dirtybitmap.RECOMPUTE_AFTER_READ * 5)
+            await asyncio.sleep(dirtybitmap.RECOMPUTE_AFTER_READ * 3)
             return sorted(bitmap.cached_chunks), time.monotonic() - ended
 
         cached, paused = asyncio.run(writes_then_a_short_pause())
         bitmap.readers -= readers
-    assert dirtybitmap.RECOMPUTE_AFTER_READ * 5 < dirtybitmap.RECOMPUTE_AFTER
+    assert dirtybitmap.RECOMPUTE_AFTER_READ * 3 < dirtybitmap.RECOMPUTE_AFTER
     if readers:
         assert cached == [0, 1, 2, 3]
     elif paused < dirtybitmap.RECOMPUTE_AFTER:  # (a slow machine may have slept past it)

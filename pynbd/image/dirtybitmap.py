@@ -282,11 +282,12 @@ class DirtyBitmap(Bitmap):
             self._chunk_runs(chunk)
 
 
-#: Quiet time after the last change before dropped run chunks are computed again;
-#: RECOMPUTE_AFTER_READ while a connection reads a bitmap with dropped chunks (its
-#: scan is coming: a backup that reads right after the writes). The shorter time is
-#: also how often a pending recomputation looks again.
-RECOMPUTE_AFTER = 0.02
+#: Quiet time after the last change before dropped run chunks are computed again: far
+#: above the gaps inside a burst of writes, below the time a backup tool takes to start
+#: reading after them. RECOMPUTE_AFTER_READ while a connection reads a bitmap with
+#: dropped chunks (its scan is coming). The shorter time is also how often a pending
+#: recomputation looks again.
+RECOMPUTE_AFTER = 0.005
 RECOMPUTE_AFTER_READ = 0.001
 
 
