@@ -122,7 +122,14 @@ class BitmapRecorder:
         needed no I/O and no lock held elsewhere; else False and nothing changed. With
         ``wait``, flags the bitmaps in use on disk first when needed (ImageIOError if
         that write fails: the change must not go ahead)."""
-        if length <= 0 or not self._targets:
+        targets = self._targets
+        if length <= 0 or not targets:
+            return True
+        # Most writes go where every bitmap is dirty already: nothing to do, and no lock
+        # needed to see it. Bits are set (cleared only by bitmap operations, one C-level
+        # operation each under the lock), so what this sees the locked check would see
+        # too, if only a moment earlier: the write's data comes after either way.
+        if not _dirtying(targets, offset, offset + length):
             return True
         if self.lock.acquire(blocking=wait):
             try:
@@ -148,15 +155,7 @@ class BitmapRecorder:
         bits are all set already, or only bitmaps in memory change, or the persistent ones
         are flagged in use and no store is reading them), else False and nothing set.
         Per request a few operations per bitmap, none per granule."""
-        end = offset + length
-        dirtying = []
-        for target in self._targets:
-            g = target.granularity
-            first, last = offset // g, -(-end // g)
-            if last > target.nbits:
-                last = target.nbits
-            if target.bits.find(0, first, last) >= 0:
-                dirtying.append((target, first, last))
+        dirtying = _dirtying(self._targets, offset, offset + length)
         if not dirtying:
             return True
         if not flagging_done and (not self._flagged or self._storing) and \
@@ -263,6 +262,20 @@ class BitmapRecorder:
         self.store_file.write_directory_in_place(directory.directory_offset, entries)
         self.store_file.sync()
         log.debug("%s: bitmaps %s on disk", self.path, "flagged in use" if in_use else "stored")
+
+
+def _dirtying(targets: list[_Target], offset: int, end: int) -> list[tuple[_Target, int, int]]:
+    """The targets with a clean granule among those guest bytes ``[offset, end)`` touch,
+    each with those granules ``[first, last)``."""
+    dirtying = []
+    for target in targets:
+        g = target.granularity
+        first, last = offset // g, -(-end // g)
+        if last > target.nbits:
+            last = target.nbits
+        if target.bits.find(0, first, last) >= 0:
+            dirtying.append((target, first, last))
+    return dirtying
 
 
 class _Target:
