@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import mul
 from threading import Lock, RLock
@@ -280,6 +280,16 @@ class DirtyBitmap(Bitmap):
         self.bits()
         for chunk in range(min(RUN_CHUNKS_CACHED, -(-self.nbits // self._chunk_granules))):
             self._chunk_runs(chunk)
+
+
+def forget_runs(bitmaps: Iterable[DirtyBitmap], offset: int, length: int) -> bool:
+    """:meth:`DirtyBitmap.forget_runs` of each bitmap (True if one dropped a chunk); one
+    with no run cached costs no call (a writer calls this for every change)."""
+    dropped = False
+    for bitmap in bitmaps:
+        if bitmap._run_cache and bitmap.forget_runs(offset, length):
+            dropped = True
+    return dropped
 
 
 #: Quiet time after the last change before dropped run chunks are computed again: far

@@ -25,7 +25,7 @@ from pynbd.image.base import (
     ZeroSegment,
 )
 from pynbd.image.locking import QCOW2_READ_ONLY, QCOW2_WRITABLE, lock_file, open_locked_for_writing
-from pynbd.image.dirtybitmap import DirtyBitmap, DroppedRunsRecomputer
+from pynbd.image.dirtybitmap import DirtyBitmap, DroppedRunsRecomputer, forget_runs
 from pynbd.image.qcow2.chain import (
     KIND_COMPRESSED,
     KIND_DATA,
@@ -104,11 +104,9 @@ class Qcow2Image(Image):
         server never does; a cluster whose descriptor no entry holds any more is never
         asked for again and ages out of the LRU.
         """
-        dropped = False
         with self.metadata_lock:
             self.top.forget_derived(offset, length)
-            for bitmap in self.bitmap_list():
-                dropped = bitmap.forget_runs(offset, length) or dropped
+            dropped = forget_runs(self.bitmap_list(), offset, length)
         self._recomputer.changed(dropped)
 
     # -- reading --

@@ -129,11 +129,13 @@ class BitmapRecorder:
         # needed to see it. Bits are set (cleared only by bitmap operations, one C-level
         # operation each under the lock), so what this sees the locked check would see
         # too, if only a moment earlier: the write's data comes after either way.
-        if not _dirtying(targets, offset, offset + length):
+        end = offset + length
+        seen = _dirtying(targets, offset, end)
+        if not seen:
             return True
         if self.lock.acquire(blocking=wait):
             try:
-                if self._set_bits(offset, length, flagging_done=False):
+                if self._set_bits(offset, end, flagging_done=False, seen=(targets, seen)):
                     return True
             finally:
                 self.lock.release()
@@ -147,27 +149,42 @@ class BitmapRecorder:
                 with self.lock:
                     self._flagged = True
             with self.lock:
-                self._set_bits(offset, length, flagging_done=True)
+                self._set_bits(offset, end, flagging_done=True)
         return True
 
-    def _set_bits(self, offset: int, length: int, flagging_done: bool) -> bool:
-        """Under the metadata lock: set the range's bits and True if that is safe now (the
-        bits are all set already, or only bitmaps in memory change, or the persistent ones
-        are flagged in use and no store is reading them), else False and nothing set.
-        Per request a few operations per bitmap, none per granule."""
-        dirtying = _dirtying(self._targets, offset, offset + length)
+    def _set_bits(self, offset: int, end: int, flagging_done: bool,
+                  seen: tuple[list[_Target], list[tuple[_Target, int, int]]] | None = None) -> bool:
+        """Under the metadata lock: set the bits of guest bytes ``[offset, end)`` and True
+        if that is safe now (the bits are all set already, or only bitmaps in memory
+        change, or the persistent ones are flagged in use and no store is reading them),
+        else False and nothing set. Per request a few operations per bitmap, none per
+        granule.
+
+        ``seen``: a target list and what :func:`_dirtying` found in it without the lock a
+        moment ago. When every target of the current list was found dirtying, that is
+        still so (bits found clean may have been set since: set again, harmless); else
+        they are looked at again (a bitmap operation may have cleared others)."""
+        targets = self._targets
+        if seen is not None and seen[0] is targets and len(seen[1]) == len(targets):
+            dirtying = seen[1]
+        else:
+            dirtying = _dirtying(targets, offset, end)
         if not dirtying:
             return True
         if not flagging_done and (not self._flagged or self._storing) and \
                 any(target.persistent for target, _, _ in dirtying):
             return False
         per_cluster = self._bits_per_cluster
+        changed = self._changed
         for target, first, last in dirtying:
-            target.bits[first:last] = 1
+            if last - first == 1:
+                target.bits[first] = 1
+            else:
+                target.bits[first:last] = 1
             if target.persistent:
-                slots = self._changed.get(target.name)
+                slots = changed.get(target.name)
                 if slots is None:
-                    slots = self._changed[target.name] = set()
+                    slots = changed[target.name] = set()
                 first_slot, last_slot = first // per_cluster, (last - 1) // per_cluster
                 if first_slot == last_slot:
                     slots.add(first_slot)
@@ -268,9 +285,10 @@ def _dirtying(targets: list[_Target], offset: int, end: int) -> list[tuple[_Targ
     """The targets with a clean granule among those guest bytes ``[offset, end)`` touch,
     each with those granules ``[first, last)``."""
     dirtying = []
+    last_byte = end - 1
     for target in targets:
-        g = target.granularity
-        first, last = offset // g, -(-end // g)
+        shift = target.shift
+        first, last = offset >> shift, (last_byte >> shift) + 1
         if last > target.nbits:
             last = target.nbits
         if target.bits.find(0, first, last) >= 0:
@@ -281,11 +299,12 @@ def _dirtying(targets: list[_Target], offset: int, end: int) -> list[tuple[_Targ
 class _Target:
     """What recording a write needs of one bitmap, looked up once (not per request)."""
 
-    __slots__ = ("name", "bits", "granularity", "nbits", "persistent")
+    __slots__ = ("name", "bits", "shift", "nbits", "persistent")
 
     def __init__(self, bitmap: DirtyBitmap) -> None:
         self.name = bitmap.name
         self.bits = bitmap.bits()
-        self.granularity = bitmap.granularity
+        #: log2 of the granularity (a power of two).
+        self.shift = bitmap.granularity.bit_length() - 1
         self.nbits = bitmap.nbits
         self.persistent = bitmap.persistent
