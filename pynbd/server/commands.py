@@ -7,8 +7,8 @@ the engine dispatches with. A handler's :class:`Kind` says where it runs:
 - IN_THREAD (WRITE, WRITE_ZEROES, TRIM, FLUSH): a task of its own whose blocking
   call goes to a worker thread; replies may go out of order. A handler's ``now``
   (WRITE) first tries to serve the request on the spot, as IMMEDIATE does, when it
-  can without waiting (a write into clusters already allocated): no task, and its
-  reply is batched with the others of the same burst.
+  can without waiting (no lock another thread holds, no I/O but the write itself):
+  no task, and its reply is batched with the others of the same burst.
 
 Handlers raise :class:`~pynbd.image.base.ImageError` or ``OSError``; the engine
 answers with :func:`nbd_error_for`.
