@@ -27,16 +27,14 @@ lengths together do not fit a u32, a 0xFF value) take the list path (:func:`byte
 
 from __future__ import annotations
 
-import logging
 import sys
 from array import array
 from itertools import repeat
 from operator import mul
 
+from pynbd.protocol.wire import DESCRIPTOR
 from pynbd.runlength import U32_MAX, Runs, byte_runs
 from pynbd.runspans import SpanRuns
-
-log = logging.getLogger(__name__)
 
 #: Units a column may have for the fast path: indexes are two 7-bit digits.
 MAX_UNITS = 1 << 14
@@ -75,7 +73,7 @@ def unit_runs(start: int, values: bytes, unit_bits: int, span: int) -> SpanRuns:
     column = int.from_bytes(values, "big")
     changed = (column >> 8) ^ column  # byte k (k > 0): unit k differs from unit k - 1
     if changed == values[0] << (8 * (n - 1)):  # no unit differs from the one before: one run
-        return SpanRuns.from_packed(pack_one(span, values[0]), array("H", [0]), start, unit_bits,
+        return SpanRuns.from_packed(DESCRIPTOR.pack(span, values[0]), array("H", [0]), start, unit_bits,
                                     start + span, span)
     # 1. one flag byte per unit, the sentinel where no run starts (the first unit always starts one)
     sentinel_mask = b"\x00" + changed.to_bytes(n, "big")[1:].translate(_SENTINEL_UNLESS_CHANGED)
@@ -130,11 +128,6 @@ def _longest_bound(span: int, count: int, unit_bits: int) -> int:
     """A bound on the longest of ``count`` runs over ``span``: all but one have a whole
     unit or more, except that the last may have a byte."""
     return span if count == 1 else span - ((count - 2) << unit_bits) - 1
-
-
-def pack_one(length: int, value: int) -> bytes:
-    """One packed ``(length, value)`` pair."""
-    return length.to_bytes(4, "big") + value.to_bytes(4, "big")
 
 
 def unit_runs_by_lists(start: int, values: bytes, unit_bits: int, span: int) -> SpanRuns:

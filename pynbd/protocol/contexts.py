@@ -17,6 +17,11 @@ def dirty_bitmap_context(name: str) -> str:
     return QEMU_DIRTY_BITMAP_PREFIX + name
 
 
+def bitmap_of_context(context: str) -> str | None:
+    """The bitmap a ``qemu:dirty-bitmap:NAME`` context names (None for other contexts)."""
+    return context[len(QEMU_DIRTY_BITMAP_PREFIX):] if context.startswith(QEMU_DIRTY_BITMAP_PREFIX) else None
+
+
 def _is_wildcard(query: str) -> bool:
     """``ns:`` or ``ns:sub:`` queries that LIST expands (NBD_OPT_LIST_META_CONTEXT in NBD spec
     "Option types"; QEMU docs/interop/nbd.rst, "qemu namespace")."""

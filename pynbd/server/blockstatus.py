@@ -13,7 +13,7 @@ import logging
 from pynbd.image.base import ImageError, ImageIOError
 from pynbd.protocol import wire
 from pynbd.protocol.constants import FLAG_REQ_ONE
-from pynbd.protocol.contexts import QEMU_DIRTY_BITMAP_PREFIX
+from pynbd.protocol.contexts import bitmap_of_context
 from pynbd.protocol.transmission import Request, RequestError, TransmissionState, build_descriptors
 from pynbd.runlength import Buffer, Runs, clipped
 from pynbd.runspans import RunIndex
@@ -56,8 +56,8 @@ class BlockStatusService:
         image.changes.listen(self._changed)
         #: The bitmaps this connection reads: busy until it closes (QEMU's BlockDirtyInfo
         #: ``busy``; operations on them are refused meanwhile).
-        self._reading = [export.bitmaps[name[len(QEMU_DIRTY_BITMAP_PREFIX):]]
-                         for name in state.contexts.values() if name.startswith(QEMU_DIRTY_BITMAP_PREFIX)]
+        self._reading = [export.bitmaps[bitmap] for bitmap in map(bitmap_of_context, state.contexts.values())
+                         if bitmap is not None]
         with image.metadata_lock:
             for bitmap in self._reading:
                 bitmap.readers += 1

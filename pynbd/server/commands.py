@@ -158,7 +158,8 @@ async def write(conn: Connection, request: Request) -> None:
     export = conn.export
     image = export.image
     if request.length:
-        if not _written_now(export, request):
+        # (Only a FUA write has not been tried inline already: write_now leaves it here.)
+        if not (request.flags & FLAG_FUA and _written_now(export, request)):
             await changing(image, request.offset, request.length, image.write, request.offset,
                            request.payload)
         await _then_flush(conn, request)

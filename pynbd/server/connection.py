@@ -397,23 +397,19 @@ class Connection(Negotiation):
         limiter = self._limiter
         if not limiter.try_acquire(cost):
             await limiter.acquire(cost)
-        served: list[Buffer] | None = None
-        if handler.kind is Kind.IN_THREAD:
-            if handler.now is not None:
-                served = self._immediate(handler.now, request)
-            if served is None:
-                task = self._loop.create_task(self._serve(handler, request))
-                self._tasks.add(task)
-                task.add_done_callback(lambda t: (self._tasks.discard(t), limiter.release(cost)))
-                return
+        on_the_spot = handler.run if handler.kind is Kind.IMMEDIATE else handler.now
+        served = None if on_the_spot is None else self._immediate(on_the_spot, request)
+        if served is None and handler.kind is Kind.IN_THREAD:
+            task = self._loop.create_task(self._serve(handler, request))
+            self._tasks.add(task)
+            task.add_done_callback(lambda t: (self._tasks.discard(t), limiter.release(cost)))
+            return
         writer = self.writer
         # More requests are received already: replies are batched until they are served.
         writer.batching = self._receiver.request_buffered
         try:
             if served is not None:
                 await writer.chunks(served)
-            elif handler.kind is Kind.IMMEDIATE:
-                await writer.chunks(self._immediate(handler.run, request))
             else:
                 await self._serve(handler, request)
         finally:

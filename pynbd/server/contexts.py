@@ -16,7 +16,7 @@ from pynbd.protocol.constants import AllocationState
 from pynbd.protocol.contexts import (
     BASE_ALLOCATION,
     QEMU_ALLOCATION_DEPTH,
-    QEMU_DIRTY_BITMAP_PREFIX,
+    bitmap_of_context,
     dirty_bitmap_context,
 )
 from pynbd.runlength import Runs
@@ -93,7 +93,9 @@ class DirtyBitmaps(ContextProvider):
         return [dirty_bitmap_context(name) for name in bitmaps]
 
     def runs(self, name: str, query: ExtentQuery, bitmaps: Mapping[str, Bitmap]) -> Runs:
-        bitmap = bitmaps[name[len(QEMU_DIRTY_BITMAP_PREFIX):]]
+        bitmap_name = bitmap_of_context(name)
+        assert bitmap_name is not None  # (one of the names names() gave)
+        bitmap = bitmaps[bitmap_name]
         return bitmap.dirty_runs(query.offset, query.length, query.limit)  # values: 1 dirty, 0 clean
 
 
