@@ -247,7 +247,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 monitor = QmpMonitor(qmp_socket, standard_registry(), PYNBD_QMP_VERSION, server=server,
                                      request_stop=server.stop)
                 server.add_service(monitor)
-                server.add_event_listener(monitor.emit_event)
             try:
                 await server.serve()
             finally:

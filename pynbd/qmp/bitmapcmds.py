@@ -137,10 +137,7 @@ async def run_actions(context: CommandContext, steps: Sequence[tuple[str, dict[s
         for node, actions in grouped.items():
             await _run(loop, recorders[node], node, actions, dry_run=False)
             for export in table.exports_of(recorders[node].image):
-                export.refresh_bitmaps()
-                refresh = getattr(context.server, "refresh_export", None)
-                if refresh is not None:
-                    refresh(export)
+                context.server.refresh_export(export)
 
 
 async def _run(loop: asyncio.AbstractEventLoop, recorder: BitmapRecorder, node: str, actions: list[BitmapAction],

@@ -191,14 +191,12 @@ def query_named_block_nodes(nodes: Sequence[BlockNode], flat: bool = False) -> l
     return [block_device_info(node, flat) for node in reversed(nodes)]
 
 
-def block_device_info(node: BlockNode, flat: bool = False,
-                      dirty_bitmaps: Sequence[BitmapInfo] | None = None) -> dict[str, Any]:
+def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
     """One node's BlockDeviceInfo (QEMU's qapi/block-core.json), as
     qemu-storage-daemon 7.2 fills it.
 
-    ``dirty_bitmaps``: the node's bitmaps, oldest first (default: the persistent
-    bitmaps of its image, :func:`dirty_bitmap_infos`); listed newest first, and the
-    key is left out when there are none. ``backing_file_depth`` is 0 when ``flat``, as
+    The node's bitmaps (:func:`dirty_bitmap_infos`, oldest first) are listed newest
+    first, and the key is left out when there are none. ``backing_file_depth`` is 0 when ``flat``, as
     QEMU counts the depth while it nests the backing images. Raises OSError if a host
     file cannot be stat'ed, ImageError if a snapshot table cannot be read.
     """
@@ -222,8 +220,7 @@ def block_device_info(node: BlockNode, flat: bool = False,
     info["image"] = image_info(node, flat)
     info["cache"] = dict(CACHE_MODE)
     info["write_threshold"] = 0
-    if dirty_bitmaps is None:
-        dirty_bitmaps = dirty_bitmap_infos(node)
+    dirty_bitmaps = dirty_bitmap_infos(node)
     if dirty_bitmaps:
         info["dirty-bitmaps"] = [block_dirty_info(bitmap) for bitmap in reversed(dirty_bitmaps)]
     return info

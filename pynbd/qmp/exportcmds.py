@@ -94,7 +94,7 @@ def block_export_add(context: CommandContext, type: str, id: str, node_name: str
         raise QmpError(f"NBD server already has export named '{export_name}'")
     names = None
     if bitmaps is not None:
-        available = {b.name: b for b in served.image.bitmaps().values()}
+        available = served.image.bitmaps()
         names = []
         for source in bitmaps:
             bitmap_name = source if isinstance(source, str) else source["name"]

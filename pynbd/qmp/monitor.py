@@ -35,7 +35,7 @@ from typing import Any
 
 from pynbd.qmp.registry import CommandRegistry, QmpError
 from pynbd.qmp.session import Call, CommandContext, QmpSession, QmpVersion, Reply, encode_event
-from pynbd.qmp.stream import JsonStream, StreamItem
+from pynbd.qmp.stream import StreamItem
 from pynbd.server.server import ListenError
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,7 @@ class QmpMonitor:
 
     def __init__(self, listener: MonitorSocket, registry: CommandRegistry, version: QmpVersion, *,
                  server: Any = None, request_stop: Callable[[], None] = lambda: None,
-                 output_limit: int = DEFAULT_OUTPUT_LIMIT,
-                 stream_factory: Callable[[], JsonStream] = JsonStream) -> None:
+                 output_limit: int = DEFAULT_OUTPUT_LIMIT) -> None:
         self.listener = listener
         self.path = listener.path
         self.registry = registry
@@ -152,7 +151,6 @@ class QmpMonitor:
         self.server = server
         self.request_stop = request_stop
         self.output_limit = output_limit
-        self.stream_factory = stream_factory
         self.clients: set[_Client] = set()
         self._numbers = 0
         self._command_lock = asyncio.Lock()
@@ -197,7 +195,7 @@ class QmpMonitor:
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._numbers += 1
-        session = QmpSession(self.registry, self.version, self.stream_factory())
+        session = QmpSession(self.registry, self.version)
         client = _Client(self._numbers, session, reader, writer)
         self.clients.add(client)
         log.info("%s: connected", client.name)

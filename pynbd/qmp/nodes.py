@@ -178,9 +178,6 @@ class NodeTable:
         served = self.served_image(image)
         return served.exports if served is not None else ()
 
-    def export_id(self, export: Export) -> str:
-        return next(key for key, value in self.exports.items() if value is export)
-
     # -- blockdev-add, blockdev-del --
 
     def check_new_name(self, name: str | None) -> str:
@@ -209,9 +206,8 @@ class NodeTable:
         if isinstance(file, str):
             standalone = next((f for f in self.files if f.node.node_name == file), None)
             if standalone is None:
-                self.find(file)  # a node of another kind: "in use" as QEMU's permissions say
-                raise QmpError(f"Node '{file}' is in use by another image; pynbd opens a host file once")
-            if standalone.users:
+                self.find(file)  # (unknown: its error; else a node of another kind, "in use" as QEMU says)
+            if standalone is None or standalone.users:
                 raise QmpError(f"Node '{file}' is in use by another image; pynbd opens a host file once")
             if standalone.node.read_only and not read_only:
                 raise QmpError("Block node is read-only")

@@ -411,13 +411,6 @@ class CommandRegistry:
         self._commands[name] = command
         return command
 
-    def command(self, name: str, *arguments: Member) -> Callable[[Handler], Handler]:
-        """Decorator form of :meth:`add`."""
-        def register(handler: Handler) -> Handler:
-            self.add(name, handler, arguments)
-            return handler
-        return register
-
     def get(self, name: str) -> Command | None:
         return self._commands.get(name)
 

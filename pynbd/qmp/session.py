@@ -100,10 +100,10 @@ class Call:
 class QmpSession:
     """The protocol state of one monitor client."""
 
-    def __init__(self, registry: CommandRegistry, version: QmpVersion, stream: JsonStream | None = None) -> None:
+    def __init__(self, registry: CommandRegistry, version: QmpVersion) -> None:
         self.registry = registry
         self.version = version
-        self.stream = stream if stream is not None else JsonStream()
+        self.stream = JsonStream()
         #: qmp_capabilities succeeded: all commands exist, events are sent.
         self.negotiated = False
         #: The client enabled the ``oob`` capability (``exec-oob`` is accepted).

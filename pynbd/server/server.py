@@ -126,10 +126,6 @@ class Service(Protocol):
     async def close(self) -> None: ...
 
 
-#: ``listener(name, data)``: told of each event :meth:`NbdServer.emit_event` emits.
-EventListener = Callable[[str, "dict[str, Any] | None"], None]
-
-
 class NbdServer:
     def __init__(self, exports: Sequence[Export], listeners: Sequence[socket.socket],
                  settings: ConnectionSettings, max_connections: int = 0,
@@ -147,10 +143,10 @@ class NbdServer:
         #: The block nodes of the served images, named for the QMP monitor
         #: (pynbd.qmp.nodes.NodeTable); None without a monitor.
         self.nodes: Any = None
-        self._event_listeners: list[EventListener] = []
 
     def refresh_export(self, export: Export) -> None:
-        """Offer ``export`` as it is now to new clients (its bitmaps changed)."""
+        """Offer ``export`` as it is now to new clients (its image's bitmaps changed)."""
+        export.refresh_bitmaps()
         self.catalog.replace(export.describe())
 
     def add_export(self, export: Export) -> None:
@@ -175,15 +171,6 @@ class NbdServer:
     def add_service(self, service: Service) -> None:
         """Run ``service`` with the server (call before :meth:`serve`)."""
         self.services.append(service)
-
-    def add_event_listener(self, listener: EventListener) -> None:
-        self._event_listeners.append(listener)
-
-    def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
-        """Tell the event listeners (the QMP monitor's clients) of event ``name``; on the
-        event loop's thread. Without listeners nothing happens."""
-        for listener in self._event_listeners:
-            listener(name, data)
 
     async def serve(self) -> None:
         """Accept until stop(); then finish in-flight requests and close everything."""
