@@ -28,8 +28,6 @@ from pynbd.image.qcow2.refcounts import Refcounts
 
 #: The keys of one bitmap in ``--output json``: QEMU's BlockDirtyInfo.
 JSON_KEYS = ("name", "count", "granularity", "recording", "busy", "persistent", "inconsistent")
-#: ``qemu-img bitmap``'s operations, as spelled on its command line.
-OPERATIONS = ("add", "remove", "clear", "enable", "disable", "merge")
 
 
 def format_bitmaps_json(infos: Sequence[BitmapInfo]) -> str:
@@ -66,7 +64,8 @@ class BitmapRequest:
 
     image: str
     bitmap: str | None
-    #: (operation of :data:`OPERATIONS`, its argument: the source bitmap of ``merge``, else None).
+    #: (operation, as qemu-img spells it: add, remove, clear, enable, disable, merge; its
+    #: argument: the source bitmap of ``merge``, else None).
     operations: Sequence[tuple[str, str | None]]
     fmt: str | None = None
     #: ``-g`` as typed (qemu-img's size syntax), None when not given.

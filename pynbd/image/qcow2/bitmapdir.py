@@ -142,10 +142,6 @@ class DirectoryEdit:
     # -- what the edit holds --
 
     @property
-    def names(self) -> list[str]:
-        return [p.entry.name for p in self._pending]
-
-    @property
     def changed(self) -> bool:
         """Whether committing would change the file."""
         return bool(self._removed) or any(p.stored is None or p.rewrite or p.entry != p.stored.entry

@@ -44,9 +44,6 @@ from pynbd.image.qcow2.recording import BitmapRecorder
 
 log = logging.getLogger(__name__)
 
-#: The QMP commands an action stands for.
-OPS = ("add", "remove", "clear", "enable", "disable", "merge")
-
 
 @dataclass(frozen=True, slots=True)
 class BitmapAction:

@@ -15,8 +15,6 @@ lock the :class:`~pynbd.image.qcow2.refcounts.Refcounts` it allocates from needs
 from __future__ import annotations
 
 import os
-import sys
-from array import array
 from collections.abc import Iterable, Sequence
 
 from bitarray import bitarray
@@ -28,6 +26,7 @@ from pynbd.image.qcow2.bitmaps import (
     DIRECTORY_ENTRY,
     DirectoryEntry,
 )
+from pynbd.image.qcow2.census import u64s_be
 from pynbd.image.qcow2.refcounts import Refcounts
 
 
@@ -45,14 +44,6 @@ def encode_directory(entries: Sequence[DirectoryEntry]) -> bytes:
     return bytes(out)
 
 
-def table_bytes(table: Sequence[int]) -> bytes:
-    """A bitmap table's entries as stored: big-endian u64."""
-    raw = array("Q", table)
-    if sys.byteorder == "little":
-        raw.byteswap()
-    return raw.tobytes()
-
-
 class BitmapStore:
     """Writes bitmap data, tables and directories into one qcow2 file.
 
@@ -67,14 +58,6 @@ class BitmapStore:
         self.path = path
         self.cluster_size = cluster_size
         self.refcounts = refcounts
-
-    def slots_of(self, granularity: int, offset: int, length: int) -> range:
-        """The table slots (data clusters) holding the bits of guest bytes
-        ``[offset, offset+length)`` of a bitmap of ``granularity``."""
-        bits_per_cluster = self.cluster_size * 8
-        first = offset // granularity // bits_per_cluster
-        last = (offset + length - 1) // granularity // bits_per_cluster
-        return range(first, last + 1)
 
     def write_bits(self, table: list[int], bits: bitarray, slots: Iterable[int] | None = None) -> list[int]:
         """Write the data clusters of ``slots`` (every slot when None) of a bitmap whose
@@ -107,7 +90,7 @@ class BitmapStore:
 
     def write_table(self, table_offset: int, table: Sequence[int]) -> None:
         """Write a bitmap table in place at ``table_offset``."""
-        self.pwrite(table_bytes(table), table_offset, "bitmap table")
+        self.pwrite(u64s_be(table), table_offset, "bitmap table")
 
     def write_directory_in_place(self, directory_offset: int, entries: Sequence[DirectoryEntry]) -> None:
         """Rewrite the directory at ``directory_offset`` with ``entries``, which must encode

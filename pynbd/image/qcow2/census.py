@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, count
 
@@ -332,6 +332,14 @@ class Census:
         part = self.counts[start:stop]
         part.frombytes(bytes(4 * (stop - start - len(part))))
         return part
+
+
+def u64s_be(values: Sequence[int]) -> bytes:
+    """``values`` as big-endian u64 words (the inverse of :func:`be_u64s`)."""
+    out = array("Q", values)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
 
 
 def be_u64s(raw: bytes) -> array:

@@ -33,7 +33,7 @@ from itertools import repeat
 from operator import gt, lt
 
 from pynbd.image.base import ImageError
-from pynbd.image.qcow2.census import U32, Census, batches, be_u64s, pread_padded, scan_tables
+from pynbd.image.qcow2.census import U32, Census, batches, be_u64s, pread_padded, scan_tables, u64s_be
 from pynbd.image.qcow2.header import INCOMPAT_DIRTY, Qcow2Header, parse_header, pread_exact
 from pynbd.image.qcow2.layer import L1E_OFFSET_MASK, OFLAG_COPIED
 from pynbd.image.qcow2.refcounts import REFT_RESERVED, REFTABLE_FIELDS, REFTABLE_FIELDS_OFFSET
@@ -216,7 +216,7 @@ class _RefcountStructure:
             entries.extend(repeat(0, clusters * self.cs // 8 - len(entries)))
             for slot, cluster in new_blocks.items():
                 entries[slot] = cluster << self.cb
-            plan.new_table = (start, clusters, _be_bytes(entries))
+            plan.new_table = (start, clusters, u64s_be(entries))
         return plan
 
     def _place(self, census: Census) -> tuple[dict[int, int], tuple[int, int] | None]:
@@ -306,17 +306,10 @@ def _fix_copied(census: Census) -> int:
                 changed[table] = be_u64s(pread_padded(path, fd, cs, offset, f"the L2 table at {offset:#x}"))
             changed[table][stride * k] ^= OFLAG_COPIED
             fixed += 1
-        writes += [(_be_bytes(entries), batch[table], f"the L2 table at {batch[table]:#x}")
+        writes += [(u64s_be(entries), batch[table], f"the L2 table at {batch[table]:#x}")
                    for table, entries in changed.items()]
     _write_synced(path, fd, writes)
     return fixed
-
-
-def _be_bytes(values: array) -> bytes:
-    out = array("Q", values)
-    if sys.byteorder == "little":
-        out.byteswap()
-    return out.tobytes()
 
 
 def _write_synced(path: str, fd: int, writes: list[tuple[bytes, int, str]]) -> None:

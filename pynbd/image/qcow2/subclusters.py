@@ -28,7 +28,6 @@ under the mapping lock, entries read and changed under the metadata lock).
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from pynbd.image.base import STATE_DATA, FastZeroUnsupported, ImageIOError
@@ -42,8 +41,6 @@ if TYPE_CHECKING:
     from array import array
 
     from pynbd.image.qcow2.image import Qcow2Image
-
-log = logging.getLogger(__name__)
 
 #: The alloc half of a subcluster bitmap, all set; the zero half is this shifted up.
 ALL_ALLOCATED = (1 << SUBCLUSTERS) - 1

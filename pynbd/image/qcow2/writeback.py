@@ -11,23 +11,19 @@ under the image's metadata lock) and say which locks they take or need.
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import threading
-from array import array
 from typing import TYPE_CHECKING
 
 from pynbd.image.base import ImageIOError
 from pynbd.image.qcow2 import datafile
+from pynbd.image.qcow2.census import u64s_be
 from pynbd.image.qcow2.l2cache import Table, TableCache
 from pynbd.image.qcow2.layer import L1E_OFFSET_MASK, OFLAG_COPIED, Qcow2Layer
 from pynbd.image.qcow2.refcounts import Refcounts
 
 if TYPE_CHECKING:
     from pynbd.image.qcow2.image import Qcow2Image
-
-log = logging.getLogger(__name__)
 
 #: An L2 entry and its subcluster bitmap (0 in a standard image).
 Pair = tuple[int, int]
@@ -182,12 +178,7 @@ class MetadataWriteBack:
         with self.lock:
             dirty = list(self._dirty_tables.values())
             self._dirty_tables.clear()
-            images = []
-            for table in dirty:
-                entries = array("Q", table.entries)
-                if sys.byteorder == "little":
-                    entries.byteswap()
-                images.append((entries.tobytes(), table.key[1], table))
+            images = [(u64s_be(table.entries), table.key[1], table) for table in dirty]
         for raw, l2_offset, table in images:
             self._write_meta(raw, l2_offset)
             self.cache.unpin(table)
