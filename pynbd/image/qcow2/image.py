@@ -43,6 +43,7 @@ from pynbd.image.qcow2.layer import Qcow2Layer
 from pynbd.image.qcow2.recording import BitmapRecorder
 from pynbd.image.qcow2.tableruns import ALLOCATION_OF_KIND, TOP_DEPTH_OF_KIND
 from pynbd.image.qcow2.repair import repair_refcounts
+from pynbd.image.qcow2.subclusters import ExtendedL2Writer
 from pynbd.image.qcow2.writer import Qcow2Writer
 from pynbd.runlength import Runs
 
@@ -200,7 +201,7 @@ class Qcow2Image(Image):
             raise ImageError(f"{self.path}: its dirty bit is set: open it with open_qcow2, which repairs it")
         fd = open_locked_for_writing(self.path, QCOW2_WRITABLE)
         try:
-            writer = Qcow2Writer(self, fd)
+            writer = (ExtendedL2Writer if self.top.extended_l2 else Qcow2Writer)(self, fd)
             self.recorder = BitmapRecorder(self, writer)
             self.writer = writer
         except BaseException:

@@ -53,8 +53,7 @@ def subcluster_bits(first: int, stop: int) -> int:
 
 
 class ExtendedL2Writer(Qcow2Writer):
-    """The write path of an image with extended L2 entries (see the module doc); made by
-    constructing a :class:`~pynbd.image.qcow2.writer.Qcow2Writer` for such an image."""
+    """The write path of an image with extended L2 entries (see the module doc)."""
 
     def __init__(self, image: Qcow2Image, fd: int) -> None:
         super().__init__(image, fd)

@@ -14,8 +14,7 @@ Data clusters live in the qcow2 file, refcounted, or in an external data file
 cluster N is at N * cluster_size, not refcounted, its L2 entry still COPIED, and a
 cluster the mapping drops is discarded from the data file at once (with
 ``data_file_raw``, zeroed: that file stays the guest's raw image). Images with
-extended L2 entries are written by the subclass in :mod:`pynbd.image.qcow2.subclusters`
-(constructing a Qcow2Writer for one gives that).
+extended L2 entries are written by the subclass in :mod:`pynbd.image.qcow2.subclusters`.
 
 Crash safety: changed L2 tables and L1 entries stay in memory (L2 tables pinned in
 the cache) until :meth:`Qcow2Writer.flush` (:mod:`pynbd.image.qcow2.writeback`),
@@ -29,7 +28,6 @@ pins it (:mod:`pynbd.image.leases`). Backing files are never written.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -42,23 +40,12 @@ from pynbd.image.qcow2.writeback import MetadataWriteBack, Pair
 if TYPE_CHECKING:
     from array import array
 
-    from pynbd.image.qcow2.image import Qcow2Image
-
-log = logging.getLogger(__name__)
-
 
 class Qcow2Writer(MetadataWriteBack):
     """The write path of one qcow2 image (see the module doc). ``image`` is the
     :class:`~pynbd.image.qcow2.image.Qcow2Image` whose top layer it writes; ``fd`` a
     read-write descriptor of the top file (the writer owns it). An external data file
     is opened for writing and locked here (ImageError when it cannot be)."""
-
-    def __new__(cls, image: Qcow2Image, fd: int) -> Qcow2Writer:
-        if cls is Qcow2Writer and image.top.extended_l2:
-            # (imported here: that module builds on this one)
-            from pynbd.image.qcow2.subclusters import ExtendedL2Writer
-            cls = ExtendedL2Writer
-        return super().__new__(cls)
 
     # -- mapping ----------------------------------------------------------------------------
 
