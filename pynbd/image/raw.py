@@ -63,6 +63,26 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+#: fallocate errors that mean "this file system cannot do that mode": another way is tried.
+FALLOCATE_CANNOT = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def zero_by_fallocate(fd: int, offset: int, length: int, may_trim: bool) -> bool:
+    """Make ``[offset, offset+length)`` of ``fd`` read as zeros without writing them: a
+    hole when ``may_trim``, else zeroed blocks that stay allocated. True when done; False
+    when the file system can do neither (the caller writes zeros). Other errors: OSError."""
+    modes = ([FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if may_trim else []) + \
+        [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
+    for mode in modes:
+        try:
+            fallocate(fd, mode, offset, length)
+            return True
+        except OSError as exc:
+            if exc.errno not in FALLOCATE_CANNOT:
+                raise
+    return False
+
+
 def seek_runs(fd: int, offset: int, end: int, limit: int | None = None) -> Runs:
     """Allocation runs (STATE_DATA / STATE_HOLE_ZERO) of ``[offset, end)`` from SEEK_DATA/SEEK_HOLE.
 
@@ -282,17 +302,8 @@ class RawImage(Image):
     def write_zeroes(self, offset: int, length: int, may_trim: bool, fast: bool = False) -> None:
         self._check_writable()
         self._unflushed = True
-        modes = []
-        if may_trim and not self.is_block_device:
-            modes.append(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
-        modes.append(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-        for mode in modes:
-            try:
-                fallocate(self.fd, mode, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
+        if zero_by_fallocate(self.fd, offset, length, may_trim and not self.is_block_device):
+            return
         if fast:
             raise FastZeroUnsupported(f"{self.path}: cannot zero quickly")
         zeros = bytes(min(length, _ZERO_CHUNK))

@@ -15,18 +15,21 @@ on the thread that makes the image writable) and makes a few system calls.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 
 from pynbd.image.base import FastZeroUnsupported, ImageIOError
 from pynbd.image.locking import DATA_FILE_WRITABLE, open_locked_for_writing
-from pynbd.image.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+from pynbd.image.raw import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOCATE_CANNOT,
+    fallocate,
+    zero_by_fallocate,
+)
 
 log = logging.getLogger(__name__)
 
-#: fallocate errors that mean "this file system cannot do that mode": another way is tried.
-_CANNOT = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 #: Zeros are written in pieces of at most this size where no hole can be made.
 _ZERO_CHUNK = 1 << 20
 
@@ -57,16 +60,11 @@ def zero_range(fd: int, path: str, offset: int, length: int, *, may_trim: bool, 
     ``may_trim``, else zeroed blocks that stay allocated (as QEMU's write-zeroes on a
     file), else written zeros. With ``fast``, FastZeroUnsupported instead of writing
     zeros (nothing changed). ImageIOError on other failures."""
-    modes = ([FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if may_trim else []) + \
-        [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
-    for mode in modes:
-        try:
-            fallocate(fd, mode, offset, length)
+    try:
+        if zero_by_fallocate(fd, offset, length, may_trim):
             return
-        except OSError as exc:
-            if exc.errno not in _CANNOT:
-                raise ImageIOError(f"{path}: cannot zero {offset:#x}+{length:#x}: {exc.strerror}",
-                                   exc.errno) from None
+    except OSError as exc:
+        raise ImageIOError(f"{path}: cannot zero {offset:#x}+{length:#x}: {exc.strerror}", exc.errno) from None
     if fast:
         raise FastZeroUnsupported(f"{path}: zeroing {offset}+{length} means writing zeros")
     _write_zeros(fd, path, offset, length)
@@ -82,7 +80,7 @@ def discard_range(fd: int, path: str, offset: int, length: int, *, must_zero: bo
         return
     except OSError as exc:
         if must_zero:
-            if exc.errno not in _CANNOT:
+            if exc.errno not in FALLOCATE_CANNOT:
                 raise ImageIOError(f"{path}: cannot discard {offset:#x}+{length:#x}: {exc.strerror}",
                                    exc.errno) from None
             _write_zeros(fd, path, offset, length)
